@@ -1,0 +1,129 @@
+"""A preallocated KV cache that speculative decoding can roll back and prune in place.
+
+HF's DynamicCache grows with torch.cat, which copies the whole context on every step. Speculation
+appends a block of guesses each round and then keeps only the accepted ones, so we need:
+  * append  - write the new entries into free slots (O(new tokens)),
+  * rollback - forget everything after a length (O(1): just move the length),
+  * commit_path - keep a non-contiguous subset of the block just appended (the accepted branch of a
+    tree) by moving those few entries down to be contiguous (O(accepted tokens)).
+The buffers double when full, so appends are amortised O(new tokens) as well.
+
+This is the only module that touches transformers' cache internals (`Cache`, `CacheLayerMixin`);
+a change in those classes between transformers versions is absorbed here.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotLayer(CacheLayerMixin):
+    """One attention layer's keys and values in [batch, kv_heads, capacity, head_dim] buffers."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = max(int(capacity), 1)
+        self.length = 0
+        self._key_buf: torch.Tensor | None = None
+        self._value_buf: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        self.device = key_states.device
+        self._key_buf = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self._value_buf = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        # HF code reads `layer.keys` / `layer.values` as "everything cached so far".
+        self.keys = self._key_buf[:, :, : self.length]
+        self.values = self._value_buf[:, :, : self.length]
+
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_capacity = max(needed, 2 * self.capacity)
+        for name in ("_key_buf", "_value_buf"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:2], new_capacity, old.shape[-1])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+        self.capacity = new_capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, n = self.length, key_states.shape[-2]
+        self._reserve(start + n)
+        self._key_buf[:, :, start : start + n] = key_states
+        self._value_buf[:, :, start : start + n] = value_states
+        self.length = start + n
+        self._refresh_views()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # HF semantics: a negative number removes that many tokens, a non-negative one is the new length.
+        self.rollback(self.length + tokens_to_remove if tokens_to_remove < 0 else tokens_to_remove)
+
+    def rollback(self, length: int) -> None:
+        self.length = min(self.length, length)
+        if self.is_initialized:
+            self._refresh_views()
+
+    def commit_path(self, start: int, keep: torch.Tensor) -> None:
+        """Keep entries start+keep[i] at slots start+i and drop everything after them."""
+        if self.is_initialized:
+            src = keep + start
+            # index_select copies first, so overlapping source and destination ranges are safe.
+            self._key_buf[:, :, start : start + len(keep)] = self._key_buf.index_select(2, src)
+            self._value_buf[:, :, start : start + len(keep)] = self._value_buf.index_select(2, src)
+        self.length = start + len(keep)
+        if self.is_initialized:
+            self._refresh_views()
+
+    def reset(self) -> None:
+        self.rollback(0)
+
+
+class SpeculativeCache(Cache):
+    """A transformers `Cache` of SlotLayers that all hold the same number of tokens."""
+
+    def __init__(self, num_layers: int, capacity: int = 256):
+        super().__init__(layers=[SlotLayer(capacity) for _ in range(num_layers)])
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def rollback(self, length: int) -> None:
+        """Forget every entry at index >= length."""
+        for layer in self.layers:
+            layer.rollback(length)
+
+    def commit_path(self, start: int, keep) -> None:
+        """Of the entries appended at start, start+1, ..., keep those at start+keep[i], in order.
+
+        `keep` must be increasing (a root-to-node path in a tree is), so moving entries down never
+        overwrites one that is still to be read.
+        """
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        if keep.numel() and (keep[1:] <= keep[:-1]).any():
+            raise ValueError(f"commit_path needs increasing indices, got {keep.tolist()}")
+        for layer in self.layers:
+            layer.commit_path(start, keep.to(layer.device if layer.is_initialized else keep.device))

@@ -1,0 +1,107 @@
+"""ModelRunner: one HF causal LM, its KV cache, and forwards with explicit positions and masks.
+
+Every engine talks to models only through this class. A forward takes new tokens plus the tree
+they form (a chain by default) and returns their logits; the runner builds position ids
+(context length + depth) and a 4D mask (each new token sees the whole committed context and its
+tree ancestors) so that HF's own attention code runs a tree verification unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .cache import SpeculativeCache
+from .tree import TokenTree
+
+
+def _num_layers(config) -> int:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(f"cannot find the number of layers in config of type {type(config).__name__}")
+
+
+def _cache_keyword(model) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated, not gone).
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class ModelRunner:
+    """Runs `model` over new tokens on top of the tokens already in its cache."""
+
+    def __init__(self, model, capacity: int = 256):
+        if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
+            raise TypeError(
+                f"{type(model).__name__} is not a decoder-only causal LM; load the model with "
+                "AutoModelForCausalLM (encoder-decoder and encoder-only models are not supported)"
+            )
+        self.model = model
+        self.config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.cache = SpeculativeCache(_num_layers(model.config), capacity)
+        self._cache_keyword = _cache_keyword(model)
+        self._sliding_window = getattr(model.config, "sliding_window", None)
+        layer_types = getattr(model.config, "layer_types", None) or []
+        self._layer_types = sorted(set(layer_types))
+
+    @property
+    def length(self) -> int:
+        """Number of tokens in the KV cache."""
+        return self.cache.length
+
+    def rollback(self, length: int) -> None:
+        self.cache.rollback(length)
+
+    def commit_path(self, start: int, keep) -> None:
+        self.cache.commit_path(start, keep)
+
+    def reset(self) -> None:
+        self.cache.rollback(0)
+
+    @torch.no_grad()
+    def forward(self, tokens, tree: TokenTree | None = None, last_only: bool = False) -> torch.Tensor:
+        """Append `tokens` ([T] ids, forming `tree`; a chain if None) and return logits [T, V].
+
+        With `last_only`, only the last token's logits are computed ([1, V]): a prefill needs no
+        more, and the LM head over a large vocabulary is a sizable share of a forward.
+        """
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        tree = tree or TokenTree.chain(len(tokens))
+        if len(tree) != len(tokens):
+            raise ValueError(f"{len(tokens)} tokens but a tree of {len(tree)} nodes")
+        past = self.length
+        depths = torch.tensor(tree.depths(), device=self.device)
+        positions = past + depths
+        mask = self._attention_mask(past, positions, tree)
+        out = self.model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=1 if last_only else 0,
+            **{self._cache_keyword: self.cache},
+        )
+        return out.logits[0]
+
+    def _attention_mask(self, past: int, positions: torch.Tensor, tree: TokenTree):
+        """Additive float mask [1, 1, T, past + T], or a dict of them per HF layer type.
+
+        Additive (0 / most negative float) rather than boolean because eager attention adds the mask
+        to the scores, and SDPA accepts both.
+        """
+        visible = torch.ones(len(tree), past + len(tree), dtype=torch.bool, device=self.device)
+        visible[:, past:] = tree.ancestor_mask().to(self.device)
+        if self._sliding_window and (not self._layer_types or "sliding_attention" in self._layer_types):
+            key_positions = torch.cat([torch.arange(past, device=self.device), positions])
+            windowed = visible & (positions[:, None] - key_positions[None, :] < self._sliding_window)
+            if not self._layer_types:
+                return self._additive(windowed)
+            return {t: self._additive(windowed if t == "sliding_attention" else visible) for t in self._layer_types}
+        return self._additive(visible)
+
+    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        return mask[None, None]

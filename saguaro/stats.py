@@ -1,0 +1,49 @@
+"""What a generation did, for users (`.stats`) and for the benchmark."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    method: str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0  # target forwards after the prefill
+    drafted: int = 0
+    accepted: int = 0
+    accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that accepted n drafts
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    def record_round(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        if len(self.accepted_histogram) <= accepted:
+            self.accepted_histogram += [0] * (accepted + 1 - len(self.accepted_histogram))
+        self.accepted_histogram[accepted] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the target kept."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per target forward (accepted drafts + the target's own token)."""
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "tokens_per_second": self.tokens_per_second,
+        }

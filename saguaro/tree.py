@@ -1,0 +1,66 @@
+"""Token trees: the shape of a speculation, as a parent array.
+
+Node i of a tree of T nodes has parent `parents[i]` < i, or -1 when it hangs directly off the
+committed context. From the parent array follow everything a forward pass needs:
+  * depth    - the node's distance from the context (0 for the first level); its position id is
+               context length + depth,
+  * ancestor mask - node i may attend node j iff j is i itself or one of its ancestors,
+  * paths    - the nodes from the first level down to a node; verifying a tree means choosing one
+               such path, and committing it keeps exactly those nodes' KV entries.
+A chain of K tokens is the tree with parents [-1, 0, 1, ..., K-2]; every engine goes through this
+one representation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    parents: tuple[int, ...]
+
+    def __post_init__(self):
+        for i, p in enumerate(self.parents):
+            if not -1 <= p < i:
+                raise ValueError(f"tree node {i} has parent {p}; parents must be -1 or an earlier node")
+
+    @classmethod
+    def chain(cls, length: int) -> "TokenTree":
+        return cls(tuple(range(-1, length - 1)))
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents == tuple(range(-1, len(self) - 1))
+
+    def depths(self) -> list[int]:
+        depth: list[int] = []
+        for p in self.parents:
+            depth.append(0 if p < 0 else depth[p] + 1)
+        return depth
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[T, T] bool: row i is True at i and at each ancestor of i."""
+        size = len(self)
+        mask = torch.zeros(size, size, dtype=torch.bool)
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                mask[i] = mask[p]
+            mask[i, i] = True
+        return mask
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the first level down to `node` (inclusive); [] for node -1."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def children(self, node: int) -> list[int]:
+        """Children of `node` (-1 for the first level), in index order."""
+        return [i for i, p in enumerate(self.parents) if p == node]

@@ -1,0 +1,54 @@
+"""Tiny random-weight models built from configs: fast, exact, no model hub."""
+import pytest
+import torch
+import transformers
+
+SPECIAL_TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+ARCHITECTURES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox", "phi3"]
+
+
+def _config(arch: str, vocab: int, layers: int, hidden: int, init: float):
+    heads, kv_heads = 4, 2
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads,
+                                       n_positions=512, initializer_range=init, **SPECIAL_TOKENS)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                          num_attention_heads=heads, intermediate_size=2 * hidden,
+                                          max_position_embeddings=512, initializer_range=init, **SPECIAL_TOKENS)
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig,
+               "phi3": transformers.Phi3Config}
+    extra = {"head_dim": hidden // heads} if arch == "gemma" else {}
+    if arch == "mistral":
+        extra["sliding_window"] = 24  # short enough that the tests cross it
+    return classes[arch](vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=512, initializer_range=init, **SPECIAL_TOKENS, **extra)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, layers: int = 2, hidden: int = 32,
+               init: float = 0.2, dtype=torch.float32):
+    """A random model; same (arch, seed, sizes) -> same weights."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_config(arch, vocab, layers, hidden, init))
+    return model.to(dtype).eval()
+
+
+def perturbed_copy(model, noise: float, seed: int = 123):
+    """A draft that agrees with `model` often but not always."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise)
+    return draft
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Deterministic and fair on a 2-core machine; tests never assert timings.
+    torch.set_num_threads(1)
+    yield

@@ -1,0 +1,111 @@
+"""do_sample=True output is distributed exactly as the target's own sampling (chi-square tests).
+
+Each test also plants the classic mistake (HF #47932: the draft token is not drawn from the q
+used in the acceptance ratio) and checks that the same test then fails, so a pass means something.
+"""
+import pytest
+import torch
+from conftest import tiny_model
+from stats_helpers import chi_square_pvalue, reference_probs
+
+import saguaro
+from saguaro.drafters import ModelDrafter, Proposal
+from saguaro.sampling import SamplingConfig, TokenSampler
+from saguaro.verify import verify_sampled
+
+PASS_P = 1e-3  # a correct sampler fails this once in a thousand seeds; our seeds are fixed
+FAIL_P = 1e-6
+
+
+def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0):
+    """Verify K=3 drafts against fixed p's; return counts of the first and second emitted tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.6, 0.1, 0.1],
+                      [0.3, 0.3, 0.2, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    q = torch.tensor([[0.1, 0.6, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2], [0.05, 0.05, 0.1, 0.3, 0.5]])
+    sampler = TokenSampler(SamplingConfig(do_sample=True), gen)
+    first, second = torch.zeros(5), torch.zeros(5)
+    for _ in range(trials):
+        drafts = q.argmax(-1) if draw_greedy else torch.multinomial(q, 1, generator=gen).flatten()
+        accepted, token = verify_sampled(p, q, drafts, sampler)
+        emitted = drafts[:accepted].tolist() + [token]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            second[emitted[1]] += 1
+    return p, first, second
+
+
+def test_chain_verification_is_exact():
+    p, first, second = synthetic_round(draw_greedy=False, trials=20000)
+    assert chi_square_pvalue(first, p[0]) > PASS_P
+    # Given that the first draft was accepted, the next token is again target-distributed.
+    assert chi_square_pvalue(second, p[1]) > PASS_P
+
+
+def test_chain_verification_test_catches_greedy_drafts():
+    p, first, _ = synthetic_round(draw_greedy=True, trials=20000)
+    assert chi_square_pvalue(first, p[0]) < FAIL_P
+
+
+VOCAB = 6
+PROMPT = [1, 4, 3]
+
+
+def exact_joint(model, length: int, **shaping) -> torch.Tensor:
+    """The target's exact probability of every continuation of `length` tokens, [V]*length."""
+    joint = torch.ones(1, dtype=torch.double)
+    prefixes = [[]]
+    for _ in range(length):
+        with torch.no_grad():
+            logits = model(torch.tensor([PROMPT + c for c in prefixes])).logits[:, -1]
+        step = reference_probs(logits, **shaping)
+        joint = (joint[:, None] * step).flatten()
+        prefixes = [c + [t] for c in prefixes for t in range(VOCAB)]
+    return joint.reshape([VOCAB] * length)
+
+
+def sample_counts(target, draft, samples: int, seed: int, **shaping) -> torch.Tensor:
+    counts = torch.zeros([VOCAB] * 3)
+    torch.manual_seed(seed)
+    for _ in range(samples):
+        # max_new_tokens=4: the first token comes from the prefill, the next three from one round
+        # of two drafts (accept both + bonus, accept one + correction, or a correction at once).
+        out = saguaro.generate(target, torch.tensor([PROMPT]), draft_model=draft, max_new_tokens=4,
+                               do_sample=True, num_speculative_tokens=2, eos_token_id=[], **shaping)
+        counts[tuple(out[0, len(PROMPT) : len(PROMPT) + 3].tolist())] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def pair():
+    # Large init scale: peaked, clearly different target and draft distributions, so drafts are
+    # often rejected and the residual path carries real weight.
+    target = tiny_model("llama", seed=0, vocab=VOCAB, layers=1, hidden=16, init=0.6)
+    draft = tiny_model("llama", seed=5, vocab=VOCAB, layers=1, hidden=16, init=0.6)
+    return target, draft
+
+
+SHAPINGS = [dict(temperature=1.0), dict(temperature=0.7, top_k=3), dict(temperature=1.3, top_p=0.8)]
+
+
+@pytest.mark.parametrize("shaping", SHAPINGS, ids=["temperature", "top_k", "top_p"])
+def test_speculative_sampling_matches_target_distribution(pair, shaping):
+    target, draft = pair
+    counts = sample_counts(target, draft, samples=1500, seed=11, **shaping)
+    assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
+
+
+def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
+    target, draft = pair
+    real_propose = ModelDrafter.propose
+
+    def greedy_draft_sampled_q(self, num_tokens):
+        # The HF #47932 mistake: report the sampled q but propose the draft's argmax.
+        proposal = real_propose(self, num_tokens)
+        if proposal.probs is None:
+            return proposal
+        return Proposal(proposal.probs.argmax(-1), proposal.probs)
+
+    monkeypatch.setattr(ModelDrafter, "propose", greedy_draft_sampled_q)
+    counts = sample_counts(target, draft, samples=1500, seed=11)
+    assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
