@@ -11,8 +11,10 @@ from .engines import StopRule, autoregressive, speculative
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
+from .tree import static_tree
 
-METHODS = ("autoregressive", "speculative")
+METHODS = ("autoregressive", "speculative", "tree")
+DEFAULT_TREE = (2, 2, 1, 1)
 
 
 @dataclass
@@ -58,12 +60,16 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     num_speculative_tokens: int = 4,
+    tree_branching: list[int] | tuple[int, ...] = DEFAULT_TREE,
     eos_token_id: int | list[int] | None = None,
     return_dict_in_generate: bool = False,
     generator: torch.Generator | None = None,
 ):
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
+    method: "autoregressive" (no draft), "speculative" (a chain of num_speculative_tokens drafts per
+    round) or "tree" (a draft tree with tree_branching[d] children per node at depth d, verified
+    in one target forward with a tree attention mask).
     Greedy output is token-for-token the target's greedy `generate()`; with do_sample=True the
     output has exactly the target's sampling distribution (temperature / top_k / top_p as in HF).
     Returns a LongTensor [1, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
@@ -78,10 +84,15 @@ def generate(
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
         raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
+    if method == "tree" and (not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching)):
+        raise ValueError(f"tree_branching must be a non-empty list of positive ints, got {tree_branching!r}")
     prompt = _prompt_ids(input_ids)
     sampler = TokenSampler(SamplingConfig(do_sample, temperature, top_k, top_p), generator)
     stop = StopRule(max_new_tokens, _eos_ids(eos_token_id, target))
-    capacity = len(prompt) + max_new_tokens + num_speculative_tokens + 1
+    branching = list(tree_branching) if method == "tree" else None
+    max_depth = len(branching) if branching else num_speculative_tokens
+    tree_size = len(static_tree(branching)) if branching else max_depth
+    capacity = len(prompt) + max_new_tokens + tree_size + 1
     runner = ModelRunner(target, capacity)
     stats = GenerationStats(method=method, prompt_tokens=len(prompt))
 
@@ -89,8 +100,8 @@ def generate(
     if method == "autoregressive":
         new = autoregressive(runner, prompt, sampler, stop, stats)
     else:
-        drafter = ModelDrafter(draft_model, sampler, target.config.vocab_size, capacity)
-        new = speculative(runner, drafter, prompt, sampler, stop, stats, num_speculative_tokens)
+        drafter = ModelDrafter(draft_model, sampler, target.config.vocab_size, capacity, branching)
+        new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth)
     stats.total_seconds = time.perf_counter() - start
     stats.new_tokens = len(new)
 

@@ -2,11 +2,11 @@
 would produce them (greedy) or distributed as the target alone would sample them.
 
 Round structure of `speculative` (positions are explicit: the target cache holds the committed
-sequence minus its last token `token`, which every round feeds first):
-    drafts  = drafter.propose(k)                       # d_1..d_k continuing ... token
-    logits  = target.forward([token, d_1..d_k])         # p_1..p_{k+1}, one forward
-    n, next = verify(...)                               # accept d_1..d_n, then the target's `next`
-    target keeps token, d_1..d_n; `next` becomes the new `token`
+sequence minus its last token `token`, which every round feeds first, as the root of the tree):
+    draft      = drafter.propose(k)                    # a tree (or chain) of depth <= k
+    logits     = target.forward([token, *draft])        # the root and every node, one forward
+    path, next = verify(...)                            # accepted nodes, then the target's `next`
+    target keeps token + the path's entries; `next` becomes the new `token`
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafters import Drafter
+from .drafters import Drafter, Proposal
 from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
 from .stats import GenerationStats
-from .verify import one_hot_probs, verify_greedy, verify_sampled
+from .verify import one_hot_probs, verify_tree_greedy, verify_tree_sampled
 
 
 @dataclass(frozen=True)
@@ -64,39 +64,38 @@ def speculative(
     sampler: TokenSampler,
     stop: StopRule,
     stats: GenerationStats,
-    num_speculative_tokens: int,
+    max_depth: int,
 ) -> list[int]:
-    """Chain speculative decoding: the drafter proposes k tokens, the target checks them in one forward."""
+    """Speculative decoding: the drafter proposes a chain or tree, the target checks it in one forward."""
     start = time.perf_counter()
     logits = target.forward(prompt, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits)]
     drafter.reset(prompt + generated)
     while not stop.finished(generated):
-        # Never draft past max_new_tokens: a round emits at most k + 1 tokens.
-        k = min(num_speculative_tokens, stop.remaining(generated) - 1)
+        # Never draft past max_new_tokens: a round emits at most depth + 1 tokens.
         tick = time.perf_counter()
-        proposal = drafter.propose(k)
+        proposal = drafter.propose(min(max_depth, stop.remaining(generated) - 1))
         tock = time.perf_counter()
         base = target.length
-        logits = target.forward([generated[-1], *proposal.tokens.tolist()])
-        accepted, next_token = verify_proposal(logits, proposal.tokens, proposal.probs, sampler)
-        target.rollback(base + 1 + accepted)
-        drafter.commit(accepted, next_token)
-        generated += proposal.tokens[:accepted].tolist() + [next_token]
+        logits = target.forward([generated[-1], *proposal.tokens.tolist()], proposal.tree.under_root())
+        path, next_token = verify_proposal(logits, proposal, sampler)
+        target.commit_path(base, [0] + [1 + node for node in path])
+        drafter.commit(path, next_token)
+        generated += proposal.tokens[path].tolist() + [next_token]
         stats.draft_seconds += tock - tick
         stats.verify_seconds += time.perf_counter() - tock
-        stats.record_round(len(proposal.tokens), accepted)
+        stats.record_round(len(proposal.tokens), len(path))
     return stop.trim(generated)
 
 
-def verify_proposal(
-    target_logits: torch.Tensor, tokens: torch.Tensor, draft_probs: torch.Tensor | None, sampler: TokenSampler
-) -> tuple[int, int]:
-    """Greedy or sampled chain verification of `tokens` against target logits [k+1, V]."""
+def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: TokenSampler) -> tuple[list[int], int]:
+    """Greedy or sampled verification of a proposal against target logits [1 + T, V]."""
     if sampler.greedy:
-        return verify_greedy(target_logits, tokens)
+        return verify_tree_greedy(target_logits, proposal.tokens, proposal.tree)
     p = sampler.probs(target_logits)
-    q = one_hot_probs(tokens, p.shape[-1]) if draft_probs is None else draft_probs
+    q = proposal.probs
+    if q is None:
+        q = one_hot_probs(proposal.tokens, max([p.shape[-1], *(proposal.tokens + 1).tolist()]))
     width = max(p.shape[-1], q.shape[-1])
-    return verify_sampled(pad_vocab(p, width), pad_vocab(q.to(p.device), width), tokens, sampler)
+    return verify_tree_sampled(pad_vocab(p, width), pad_vocab(q.to(p.device), width), proposal.tokens, proposal.tree, sampler)

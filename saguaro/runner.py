@@ -61,20 +61,24 @@ class ModelRunner:
         self.cache.rollback(0)
 
     @torch.no_grad()
-    def forward(self, tokens, tree: TokenTree | None = None, last_only: bool = False) -> torch.Tensor:
-        """Append `tokens` ([T] ids, forming `tree`; a chain if None) and return logits [T, V].
+    def forward(self, tokens, tree: TokenTree | None = None, cached_nodes: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Append `tokens` ([T] ids) and return their logits [T, V].
 
+        The tokens are the last T nodes of `tree` (a chain if None); its first `cached_nodes` nodes
+        are the newest entries already in the cache (a tree drafted level by level feeds one level
+        per call). Everything in the cache before those nodes is committed context, seen by all.
         With `last_only`, only the last token's logits are computed ([1, V]): a prefill needs no
         more, and the LM head over a large vocabulary is a sizable share of a forward.
         """
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
         tree = tree or TokenTree.chain(len(tokens))
-        if len(tree) != len(tokens):
-            raise ValueError(f"{len(tokens)} tokens but a tree of {len(tree)} nodes")
-        past = self.length
-        depths = torch.tensor(tree.depths(), device=self.device)
+        if len(tree) != cached_nodes + len(tokens):
+            raise ValueError(f"{cached_nodes} cached + {len(tokens)} new tokens but a tree of {len(tree)} nodes")
+        past = self.length - cached_nodes  # committed context
+        depths = torch.tensor(tree.depths()[cached_nodes:], device=self.device)
         positions = past + depths
-        mask = self._attention_mask(past, positions, tree)
+        mask = self._attention_mask(past, positions, tree, cached_nodes)
         out = self.model(
             input_ids=tokens[None],
             position_ids=positions[None],
@@ -85,16 +89,17 @@ class ModelRunner:
         )
         return out.logits[0]
 
-    def _attention_mask(self, past: int, positions: torch.Tensor, tree: TokenTree):
-        """Additive float mask [1, 1, T, past + T], or a dict of them per HF layer type.
+    def _attention_mask(self, past: int, positions: torch.Tensor, tree: TokenTree, cached_nodes: int):
+        """Additive float mask [1, 1, T, past + len(tree)], or a dict of them per HF layer type.
 
         Additive (0 / most negative float) rather than boolean because eager attention adds the mask
         to the scores, and SDPA accepts both.
         """
-        visible = torch.ones(len(tree), past + len(tree), dtype=torch.bool, device=self.device)
-        visible[:, past:] = tree.ancestor_mask().to(self.device)
+        visible = torch.ones(len(positions), past + len(tree), dtype=torch.bool, device=self.device)
+        visible[:, past:] = tree.ancestor_mask()[cached_nodes:].to(self.device)
         if self._sliding_window and (not self._layer_types or "sliding_attention" in self._layer_types):
-            key_positions = torch.cat([torch.arange(past, device=self.device), positions])
+            tree_positions = past + torch.tensor(tree.depths(), device=self.device)
+            key_positions = torch.cat([torch.arange(past, device=self.device), tree_positions])
             windowed = visible & (positions[:, None] - key_positions[None, :] < self._sliding_window)
             if not self._layer_types:
                 return self._additive(windowed)

@@ -64,3 +64,25 @@ class TokenTree:
     def children(self, node: int) -> list[int]:
         """Children of `node` (-1 for the first level), in index order."""
         return [i for i, p in enumerate(self.parents) if p == node]
+
+    def under_root(self) -> "TokenTree":
+        """This tree hung below one new root node 0: the shape the target verifies, whose root is the
+        last committed token (its logits judge the first level)."""
+        return TokenTree((-1,) + tuple(p + 1 for p in self.parents))
+
+    def extend(self, parents) -> "TokenTree":
+        return TokenTree(self.parents + tuple(parents))
+
+
+def static_tree(branching: list[int]) -> TokenTree:
+    """Every node at depth d gets branching[d] children: [4, 2, 1] -> 4 + 8 + 8 nodes."""
+    parents: list[int] = []
+    frontier = [-1]
+    for width in branching:
+        level = []
+        for node in frontier:
+            for _ in range(width):
+                parents.append(node)
+                level.append(len(parents) - 1)
+        frontier = level
+    return TokenTree(tuple(parents))

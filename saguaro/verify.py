@@ -1,58 +1,79 @@
 """Lossless verification of drafted tokens against the target's distributions.
 
-Chain (Leviathan et al. 2023; Chen et al. 2023). The draft proposed x_1..x_K, x_i drawn from q_i;
-the target scored every prefix in one forward, giving p_1..p_{K+1}.
-  * Greedy: accept while x_i == argmax p_i; the first mismatch is replaced by argmax p_i, and if
-    all match, argmax p_{K+1} is a free bonus token. The output is exactly greedy decoding.
-  * Sampling: accept x_i with probability min(1, p_i(x_i) / q_i(x_i)). On the first rejection
-    draw from the residual r_i = norm(max(0, p_i - q_i)) and stop; if all K are accepted draw the
-    bonus from p_{K+1}. Per position, P(emit t) = min(p, q)(t) + (1 - sum min(p, q)) * r(t) = p(t),
-    so the output has exactly the target's distribution, whatever q is - provided x_i really was
-    drawn from q_i.
-  * Deterministic proposals (prompt lookup, cached branches used while sampling) are the special
-    case q_i = one-hot(x_i): accept with p_i(x_i), else draw from p_i with x_i removed.
+The draft is a token tree (a chain is a tree with one child per node). The target scored the last
+committed token (the root) and every node in one forward: row 0 of its output judges the first
+level, row 1 + i judges the children of node i. Verification walks down from the root:
+
+  * Greedy: move to the child whose token equals the target's argmax; when no child matches,
+    emit the argmax itself and stop. On a chain this is the classic rule - accept while the draft
+    equals argmax p_i, then the target's own token (a free bonus when all K match) - and the output
+    is exactly greedy decoding.
+  * Sampling (Leviathan et al. 2023; Chen et al. 2023; for siblings, SpecInfer / EAGLE's recursive
+    rejection sampling). Node children x_1..x_m were drawn one after another, x_i from q_i (the
+    draft's q with x_1..x_{i-1} removed and renormalised). With target distribution p_1 = p:
+    accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); on rejection continue with the
+    residual p_{i+1} = norm(max(0, p_i - q_i)); if every child is rejected, draw from the last
+    residual. Per sibling, P(emit t) = min(p_i, q_i)(t) + (1 - sum min(p_i, q_i)) p_{i+1}(t) = p_i(t),
+    so by induction the emitted token has exactly distribution p, whatever the q_i - provided x_i
+    really was drawn from q_i.
+  * Deterministic proposals (top-k children, prompt lookup) are the case q_i = one-hot(x_i):
+    accept with p_i(x_i), else remove x_i from p_i. Verifying them by "argmax match" while
+    sampling would not be exact.
 """
 from __future__ import annotations
 
 import torch
 
 from .sampling import TokenSampler
+from .tree import TokenTree
 
 
-def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> tuple[int, int]:
-    """target_logits [K+1, V], draft_tokens [K] -> (accepted count, token that follows them)."""
-    choice = target_logits.argmax(-1)
-    k = len(draft_tokens)
-    mismatch = (choice[:k] != draft_tokens.to(choice.device)).nonzero()
-    accepted = int(mismatch[0]) if len(mismatch) else k
-    return accepted, int(choice[accepted])
+def verify_tree_greedy(target_logits: torch.Tensor, tokens: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
+    """target_logits [1 + T, V], tokens [T] -> (accepted node path, token that follows it)."""
+    choice = target_logits.argmax(-1).tolist()
+    tokens = tokens.tolist()
+    path, node = [], -1
+    while True:
+        want = choice[node + 1]
+        node = next((c for c in tree.children(node) if tokens[c] == want), None)
+        if node is None:
+            return path, want
+        path.append(node)
+
+
+def verify_tree_sampled(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    tokens: torch.Tensor,
+    tree: TokenTree,
+    sampler: TokenSampler,
+) -> tuple[list[int], int]:
+    """target_probs [1 + T, V]; draft_probs [T, V], row i = the q_i node i was drawn from."""
+    tokens = tokens.tolist()
+    path, node = [], -1
+    while True:
+        p = target_probs[node + 1]
+        for child in tree.children(node):
+            x, q = tokens[child], draft_probs[child]
+            # u < p/q written as u*q < p: no division by a zero q.
+            if sampler.uniform() * q[x] < p[x]:
+                path.append(child)
+                node = child
+                break
+            p = residual(p, q)
+        else:
+            return path, int(sampler.draw(p))
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """norm(max(0, p - q)): the part of p that a rejected proposal drawn from q did not cover."""
+    rest = (p - q).clamp_min_(0)
+    total = rest.sum()
+    # A rejection means p(x) < q(x), so the residual has mass sum(max(0, p-q)) = TV(p, q) > 0;
+    # only float rounding can make it vanish, and then p itself is the right distribution.
+    return rest / total if total > 0 else p
 
 
 def one_hot_probs(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The 'distribution' a deterministic proposal was drawn from."""
     return torch.nn.functional.one_hot(tokens.long(), vocab_size).float()
-
-
-def verify_sampled(
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
-    draft_tokens: torch.Tensor,
-    sampler: TokenSampler,
-) -> tuple[int, int]:
-    """target_probs [K+1, V], draft_probs [K, V] (what each draft token was drawn from), draft_tokens [K]."""
-    for i, x in enumerate(draft_tokens.tolist()):
-        p, q = target_probs[i], draft_probs[i]
-        # u < p/q written as u*q < p: no division by a zero q.
-        if sampler.uniform() * q[x] < p[x]:
-            continue
-        return i, residual_draw(p, q, sampler)
-    return len(draft_tokens), int(sampler.draw(target_probs[len(draft_tokens)]))
-
-
-def residual_draw(p: torch.Tensor, q: torch.Tensor, sampler: TokenSampler) -> int:
-    """Draw from norm(max(0, p - q)), the part of p the rejected proposal did not cover."""
-    residual = (p - q).clamp_min_(0)
-    total = residual.sum()
-    # A rejection means p(x) < q(x), so the residual has mass sum(max(0, p-q)) = TV(p, q) > 0;
-    # only float rounding can make it vanish, and then p itself is the right distribution.
-    return int(sampler.draw(residual / total if total > 0 else p))

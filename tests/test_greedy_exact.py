@@ -56,3 +56,27 @@ def test_draft_with_larger_vocabulary():
     expected = hf_greedy(target, PROMPT, 30, eos_token_id=[])
     out = saguaro.generate(target, PROMPT, draft_model=draft, max_new_tokens=30, eos_token_id=[])
     assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("branching", [[3, 2, 1], [1, 1, 1, 1], [4]])
+def test_tree_greedy_matches_target(arch, branching):
+    target = tiny_model(arch, seed=0)
+    draft = perturbed_copy(target, 0.01)
+    expected = hf_greedy(target, PROMPT, 40, eos_token_id=[])
+    out = saguaro.generate(target, PROMPT, draft_model=draft, method="tree", tree_branching=branching,
+                           max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    assert out.sequences.tolist() == expected.tolist()
+    assert max(len(out.stats.accepted_histogram) - 1, 0) <= len(branching)
+
+
+def test_tree_accepts_more_than_chain_with_a_weak_draft():
+    # Siblings give the target more chances to find its token: a behavioural check that the tree is
+    # really searched, not only its first branch.
+    target = tiny_model("llama", seed=0)
+    draft = perturbed_copy(target, 0.03)
+    kwargs = dict(draft_model=draft, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
+    chain = saguaro.generate(target, PROMPT, method="tree", tree_branching=[1, 1, 1], **kwargs)
+    tree = saguaro.generate(target, PROMPT, method="tree", tree_branching=[4, 2, 1], **kwargs)
+    assert tree.sequences.tolist() == chain.sequences.tolist()
+    assert tree.stats.mean_accepted_length > chain.stats.mean_accepted_length

@@ -11,7 +11,8 @@ from stats_helpers import chi_square_pvalue, reference_probs
 import saguaro
 from saguaro.drafters import ModelDrafter, Proposal
 from saguaro.sampling import SamplingConfig, TokenSampler
-from saguaro.verify import verify_sampled
+from saguaro.tree import TokenTree
+from saguaro.verify import verify_tree_sampled
 
 PASS_P = 1e-3  # a correct sampler fails this once in a thousand seeds; our seeds are fixed
 FAIL_P = 1e-6
@@ -27,8 +28,8 @@ def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0):
     first, second = torch.zeros(5), torch.zeros(5)
     for _ in range(trials):
         drafts = q.argmax(-1) if draw_greedy else torch.multinomial(q, 1, generator=gen).flatten()
-        accepted, token = verify_sampled(p, q, drafts, sampler)
-        emitted = drafts[:accepted].tolist() + [token]
+        path, token = verify_tree_sampled(p, q, drafts, TokenTree.chain(3), sampler)
+        emitted = drafts[path].tolist() + [token]
         first[emitted[0]] += 1
         if len(emitted) > 1:
             second[emitted[1]] += 1
@@ -64,14 +65,16 @@ def exact_joint(model, length: int, **shaping) -> torch.Tensor:
     return joint.reshape([VOCAB] * length)
 
 
-def sample_counts(target, draft, samples: int, seed: int, **shaping) -> torch.Tensor:
+def sample_counts(target, draft, samples: int, seed: int, method="speculative", **shaping) -> torch.Tensor:
     counts = torch.zeros([VOCAB] * 3)
     torch.manual_seed(seed)
     for _ in range(samples):
         # max_new_tokens=4: the first token comes from the prefill, the next three from one round
         # of two drafts (accept both + bonus, accept one + correction, or a correction at once).
+        # With method="tree", that round is a tree of 3 siblings, each with one child.
         out = saguaro.generate(target, torch.tensor([PROMPT]), draft_model=draft, max_new_tokens=4,
-                               do_sample=True, num_speculative_tokens=2, eos_token_id=[], **shaping)
+                               do_sample=True, num_speculative_tokens=2, eos_token_id=[], method=method,
+                               tree_branching=[3, 1], **shaping)
         counts[tuple(out[0, len(PROMPT) : len(PROMPT) + 3].tolist())] += 1
     return counts
 
@@ -109,3 +112,55 @@ def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
     monkeypatch.setattr(ModelDrafter, "propose", greedy_draft_sampled_q)
     counts = sample_counts(target, draft, samples=1500, seed=11)
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
+
+
+def synthetic_tree_round(keep_original_q: bool, trials: int, seed: int = 0):
+    """Three root siblings drawn without replacement, each with one child; the target's distribution
+    after token t is P2[t]. Returns p0, P2, counts of the first token, counts of (first, second)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = 5
+    p0 = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
+    P2 = torch.softmax(torch.randn(vocab, vocab, generator=gen) * 1.5, -1)
+    q0 = torch.tensor([0.05, 0.15, 0.5, 0.1, 0.2])
+    Q2 = torch.softmax(torch.randn(vocab, vocab, generator=gen) * 1.5, -1)
+    tree = TokenTree((-1, -1, -1, 0, 1, 2))
+    sampler = TokenSampler(SamplingConfig(do_sample=True), gen)
+    first, pairs = torch.zeros(vocab), torch.zeros(vocab, vocab)
+    for _ in range(trials):
+        q, siblings, sibling_q = q0.clone(), [], []
+        for _ in range(3):  # without replacement: each sibling from q minus the earlier ones
+            x = int(torch.multinomial(q, 1, generator=gen))
+            siblings.append(x)
+            sibling_q.append(q0 if keep_original_q else q)
+            q = q.clone()
+            q[x] = 0
+            q = q / q.sum()
+        children = [int(torch.multinomial(Q2[x], 1, generator=gen)) for x in siblings]
+        tokens = torch.tensor(siblings + children)
+        draft_probs = torch.stack(sibling_q + [Q2[x] for x in siblings])
+        target_probs = torch.stack([p0] + [P2[t] for t in tokens.tolist()])
+        path, token = verify_tree_sampled(target_probs, draft_probs, tokens, tree, sampler)
+        emitted = tokens[path].tolist() + [token]
+        first[emitted[0]] += 1
+        if len(emitted) > 1:
+            pairs[emitted[0], emitted[1]] += 1
+    return p0, P2, first, pairs
+
+
+def test_tree_verification_is_exact():
+    p0, P2, first, pairs = synthetic_tree_round(keep_original_q=False, trials=20000)
+    assert chi_square_pvalue(first, p0) > PASS_P
+    for t in range(3):  # after an accepted first token t, the next is distributed as P2[t]
+        assert chi_square_pvalue(pairs[t], P2[t]) > PASS_P
+
+
+def test_tree_verification_test_catches_unrenormalised_sibling_q():
+    p0, _, first, _ = synthetic_tree_round(keep_original_q=True, trials=20000)
+    assert chi_square_pvalue(first, p0) < FAIL_P
+
+
+def test_tree_sampling_matches_target_distribution(pair):
+    target, draft = pair
+    shaping = dict(temperature=0.9, top_k=4)
+    counts = sample_counts(target, draft, samples=1500, seed=12, method="tree", **shaping)
+    assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
