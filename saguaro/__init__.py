@@ -1,6 +1,10 @@
 """saguaro: lossless speculative (and speculative speculative) decoding for Hugging Face causal LMs."""
-from .api import METHODS, GenerateOutput, generate
+from .api import METHODS, GenerateOutput, SpeculativeGenerator, generate
+from .kernels.hf_attention import TREE_ATTENTION, register_hf_attention
 from .stats import GenerationStats
 
-__all__ = ["generate", "GenerateOutput", "GenerationStats", "METHODS"]
+# Makes attn_implementation="saguaro_tree" available to from_pretrained once saguaro is imported.
+register_hf_attention()
+
+__all__ = ["generate", "SpeculativeGenerator", "TREE_ATTENTION", "GenerateOutput", "GenerationStats", "METHODS"]
 __version__ = "0.1.0"

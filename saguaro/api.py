@@ -1,19 +1,21 @@
-"""`saguaro.generate`: HF-style generation with a choice of decoding method."""
+"""`saguaro.generate` and `SpeculativeGenerator`: HF-style generation with a choice of decoding method."""
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from .drafters import ModelDrafter
-from .engines import StopRule, autoregressive, speculative
+from .engines import StopRule, autoregressive, saguaro, speculative
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
 from .tree import static_tree
+from .workers import DraftWorker
 
-METHODS = ("autoregressive", "speculative", "tree")
+METHODS = ("autoregressive", "speculative", "tree", "saguaro")
 DEFAULT_TREE = (2, 2, 1, 1)
 
 
@@ -49,6 +51,92 @@ def _prompt_ids(input_ids) -> list[int]:
     return ids[0].tolist()
 
 
+class SpeculativeGenerator:
+    """A target, its draft model and a decoding method, reusable across generate() calls.
+
+    For method="saguaro" it owns the drafter worker (a process on CPU, a thread on GPU), started
+    on the first call and stopped by close(), by leaving a `with` block, or when the generator is
+    garbage collected or the interpreter exits - never left behind.
+    """
+
+    def __init__(self, target, draft_model=None, method: str = "speculative", num_speculative_tokens: int = 4,
+                 tree_branching=DEFAULT_TREE, placement: str | None = None, saguaro_budget: int | None = None,
+                 saguaro_reshape: float = 1.0, worker_timeout: float = 60.0):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method != "autoregressive" and draft_model is None:
+            raise ValueError(f"method={method!r} needs a draft_model (or use method='autoregressive')")
+        if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
+        if method == "tree" and (not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching)):
+            raise ValueError(f"tree_branching must be a non-empty list of positive ints, got {tree_branching!r}")
+        if not 0 < saguaro_reshape <= 1:
+            raise ValueError(f"saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], got {saguaro_reshape}")
+        self.target, self.draft_model, self.method = target, draft_model, method
+        self.num_speculative_tokens = num_speculative_tokens
+        self.branching = list(tree_branching) if method == "tree" else None
+        self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
+        self.worker_timeout = worker_timeout
+        self._speculator_kwargs = dict(lookahead=num_speculative_tokens, budget=saguaro_budget,
+                                       vocab_size=target.config.vocab_size, reshape_c=saguaro_reshape)
+        self._worker: DraftWorker | None = None
+        self._finalizer = None
+
+    def _draft_worker(self) -> DraftWorker:
+        if self._worker is None:
+            self._worker = DraftWorker(self.draft_model, self.placement, self.worker_timeout, **self._speculator_kwargs)
+            self._finalizer = weakref.finalize(self, self._worker.close)
+        return self._worker
+
+    def _inline_worker(self) -> DraftWorker:
+        """After a worker failure: stop what is left of it and draft in this process from now on."""
+        if self._worker is not None:
+            self._finalizer()
+        self._worker = DraftWorker(self.draft_model, "inline", **self._speculator_kwargs)
+        return self._worker
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+        self._worker = self._finalizer = None
+
+    def __enter__(self) -> "SpeculativeGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, input_ids, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
+                 return_dict_in_generate: bool = False, generator: torch.Generator | None = None):
+        """See `saguaro.generate`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        prompt = _prompt_ids(input_ids)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        sampler = TokenSampler(sampling, generator)
+        stop = StopRule(max_new_tokens, _eos_ids(eos_token_id, self.target))
+        max_depth = len(self.branching) if self.branching else self.num_speculative_tokens
+        tree_size = len(static_tree(self.branching)) if self.branching else max_depth
+        capacity = len(prompt) + max_new_tokens + tree_size + 1
+        runner = ModelRunner(self.target, capacity)
+        stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
+
+        start = time.perf_counter()
+        if self.method == "autoregressive":
+            new = autoregressive(runner, prompt, sampler, stop, stats)
+        elif self.method == "saguaro":
+            new = saguaro(runner, self._draft_worker(), prompt, sampler, stop, stats, self._inline_worker)
+        else:
+            drafter = ModelDrafter(self.draft_model, sampler, self.target.config.vocab_size, capacity, self.branching)
+            new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth)
+        stats.total_seconds = time.perf_counter() - start
+        stats.new_tokens = len(new)
+
+        sequences = torch.tensor([prompt + new], dtype=torch.long, device=torch.as_tensor(input_ids).device)
+        return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences
+
+
 def generate(
     target,
     input_ids,
@@ -64,46 +152,23 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     return_dict_in_generate: bool = False,
     generator: torch.Generator | None = None,
+    **saguaro_options,
 ):
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
     method: "autoregressive" (no draft), "speculative" (a chain of num_speculative_tokens drafts per
-    round) or "tree" (a draft tree with tree_branching[d] children per node at depth d, verified
-    in one target forward with a tree attention mask).
+    round), "tree" (a draft tree with tree_branching[d] children per node at depth d, verified
+    in one target forward with a tree attention mask) or "saguaro" (speculative speculative
+    decoding: the drafter prepares the next draft for the likely verification outcomes while the
+    target verifies; options placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=).
     Greedy output is token-for-token the target's greedy `generate()`; with do_sample=True the
     output has exactly the target's sampling distribution (temperature / top_k / top_p as in HF).
     Returns a LongTensor [1, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible.
+    For many calls with method="saguaro", keep one `SpeculativeGenerator`: its worker starts once.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method != "autoregressive" and draft_model is None:
-        raise ValueError(f"method={method!r} needs a draft_model (or use method='autoregressive')")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
-        raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
-    if method == "tree" and (not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching)):
-        raise ValueError(f"tree_branching must be a non-empty list of positive ints, got {tree_branching!r}")
-    prompt = _prompt_ids(input_ids)
-    sampler = TokenSampler(SamplingConfig(do_sample, temperature, top_k, top_p), generator)
-    stop = StopRule(max_new_tokens, _eos_ids(eos_token_id, target))
-    branching = list(tree_branching) if method == "tree" else None
-    max_depth = len(branching) if branching else num_speculative_tokens
-    tree_size = len(static_tree(branching)) if branching else max_depth
-    capacity = len(prompt) + max_new_tokens + tree_size + 1
-    runner = ModelRunner(target, capacity)
-    stats = GenerationStats(method=method, prompt_tokens=len(prompt))
-
-    start = time.perf_counter()
-    if method == "autoregressive":
-        new = autoregressive(runner, prompt, sampler, stop, stats)
-    else:
-        drafter = ModelDrafter(draft_model, sampler, target.config.vocab_size, capacity, branching)
-        new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth)
-    stats.total_seconds = time.perf_counter() - start
-    stats.new_tokens = len(new)
-
-    sequences = torch.tensor([prompt + new], dtype=torch.long, device=torch.as_tensor(input_ids).device)
-    return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences
+    with SpeculativeGenerator(target, draft_model, method, num_speculative_tokens, tree_branching,
+                              **saguaro_options) as speculative_generator:
+        return speculative_generator.generate(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                              eos_token_id, return_dict_in_generate, generator)

@@ -19,6 +19,8 @@ from .drafters import Drafter, Proposal
 from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
 from .stats import GenerationStats
+from .workers import WorkerFailed
+from .tree import TokenTree
 from .verify import one_hot_probs, verify_tree_greedy, verify_tree_sampled
 
 
@@ -99,3 +101,58 @@ def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: To
         q = one_hot_probs(proposal.tokens, max([p.shape[-1], *(proposal.tokens + 1).tolist()]))
     width = max(p.shape[-1], q.shape[-1])
     return verify_tree_sampled(pad_vocab(p, width), pad_vocab(q.to(p.device), width), proposal.tokens, proposal.tree, sampler)
+
+
+def saguaro(
+    target: ModelRunner,
+    worker,
+    prompt: list[int],
+    sampler: TokenSampler,
+    stop: StopRule,
+    stats: GenerationStats,
+    fallback,
+) -> list[int]:
+    """Speculative speculative decoding: the next draft was prepared while the target verified.
+
+    `worker` (a workers.DraftWorker) hands over a draft for the committed sequence and, after each
+    verification, the next one: from its speculation cache on a hit, drafted afresh on a miss.
+    If it fails, `fallback()` returns an inline worker, reset to the committed sequence, and
+    generation goes on with no token lost: the target's state never depends on the worker.
+    """
+    start = time.perf_counter()
+    logits = target.forward(prompt, last_only=True)[-1]
+    stats.prefill_seconds = time.perf_counter() - start
+    generated = [sampler.choose(logits)]
+    seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))  # the drafter's own RNG
+
+    def ask(call, *args):
+        nonlocal worker
+        tick = time.perf_counter()
+        try:
+            draft = call(worker)(*args)
+        except WorkerFailed:
+            stats.worker_failures += 1
+            worker = fallback()
+            draft = worker.reset(prompt + generated, sampler.config, seed)
+        stats.draft_seconds += time.perf_counter() - tick  # time the target waited for a draft
+        stats.drafter_busy_seconds += draft.busy_seconds
+        return draft
+
+    draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
+    while not stop.finished(generated):
+        depth = min(len(draft.tokens), stop.remaining(generated) - 1)
+        tree = TokenTree.chain(depth)
+        probs = None if draft.probs is None else draft.probs[:depth]
+        proposal = Proposal(torch.tensor(draft.tokens[:depth], dtype=torch.long), probs, tree)
+        tick = time.perf_counter()
+        base = target.length
+        logits = target.forward([generated[-1], *draft.tokens[:depth]], tree.under_root())
+        path, next_token = verify_proposal(logits, proposal, sampler)
+        target.rollback(base + 1 + len(path))
+        verify_seconds = time.perf_counter() - tick
+        stats.verify_seconds += verify_seconds
+        stats.record_round(depth, len(path), hit=draft.hit)
+        generated += draft.tokens[: len(path)] + [next_token]
+        if not stop.finished(generated):
+            draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds)
+    return stop.trim(generated)

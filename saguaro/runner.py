@@ -12,6 +12,8 @@ import inspect
 import torch
 
 from .cache import SpeculativeCache
+from .kernels import pack_tree_mask
+from .kernels.hf_attention import TREE_ATTENTION
 from .tree import TokenTree
 
 
@@ -45,6 +47,9 @@ class ModelRunner:
         self._sliding_window = getattr(model.config, "sliding_window", None)
         layer_types = getattr(model.config, "layer_types", None) or []
         self._layer_types = sorted(set(layer_types))
+        # Models loaded with attn_implementation="saguaro_tree" verify trees with our kernel,
+        # which does not implement sliding windows: those keep the dense mask.
+        self._tree_kernel = model.config._attn_implementation == TREE_ATTENTION and not self._sliding_window
 
     @property
     def length(self) -> int:
@@ -78,7 +83,11 @@ class ModelRunner:
         past = self.length - cached_nodes  # committed context
         depths = torch.tensor(tree.depths()[cached_nodes:], device=self.device)
         positions = past + depths
-        mask = self._attention_mask(past, positions, tree, cached_nodes)
+        if self._tree_kernel and cached_nodes == 0:
+            # The tree-attention backend takes the tree bit-packed; the prefix needs no mask.
+            mask = pack_tree_mask(tree.ancestor_mask()).to(self.device)
+        else:
+            mask = self._attention_mask(past, positions, tree, cached_nodes)
         out = self.model(
             input_ids=tokens[None],
             position_ids=positions[None],

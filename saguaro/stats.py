@@ -13,13 +13,17 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that accepted n drafts
+    hits: int = 0  # rounds whose draft came from the speculation cache (method "saguaro")
+    worker_failures: int = 0
     prefill_seconds: float = 0.0
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # the target waiting for drafts
+    drafter_busy_seconds: float = 0.0  # drafter compute, overlapped or not (method "saguaro")
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
 
-    def record_round(self, drafted: int, accepted: int) -> None:
+    def record_round(self, drafted: int, accepted: int, hit: bool = False) -> None:
         self.rounds += 1
+        self.hits += hit
         self.drafted += drafted
         self.accepted += accepted
         if len(self.accepted_histogram) <= accepted:
@@ -37,6 +41,22 @@ class GenerationStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
     @property
+    def hit_rate(self) -> float:
+        """Share of rounds (after the first) whose draft was ready from the speculation cache."""
+        return self.hits / (self.rounds - 1) if self.rounds > 1 else 0.0
+
+    @property
+    def target_idle_fraction(self) -> float:
+        """Share of the decoding time the target spent waiting for drafts."""
+        decode = self.total_seconds - self.prefill_seconds
+        return self.draft_seconds / decode if decode > 0 else 0.0
+
+    @property
+    def drafter_idle_fraction(self) -> float:
+        decode = self.total_seconds - self.prefill_seconds
+        return max(0.0, 1 - self.drafter_busy_seconds / decode) if decode > 0 else 0.0
+
+    @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.total_seconds if self.total_seconds else 0.0
 
@@ -46,4 +66,7 @@ class GenerationStats:
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "tokens_per_second": self.tokens_per_second,
+            "hit_rate": self.hit_rate,
+            "target_idle_fraction": self.target_idle_fraction,
+            "drafter_idle_fraction": self.drafter_idle_fraction,
         }

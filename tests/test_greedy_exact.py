@@ -80,3 +80,15 @@ def test_tree_accepts_more_than_chain_with_a_weak_draft():
     tree = saguaro.generate(target, PROMPT, method="tree", tree_branching=[4, 2, 1], **kwargs)
     assert tree.sequences.tolist() == chain.sequences.tolist()
     assert tree.stats.mean_accepted_length > chain.stats.mean_accepted_length
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_tree_with_tree_attention_kernel_matches_target(arch):
+    # The target verifies through the "saguaro_tree" backend: packed tree mask, our kernel
+    # (its SDPA fallback on CPU without the Triton interpreter).
+    target = tiny_model(arch, seed=0)
+    expected = hf_greedy(target, PROMPT, 40, eos_token_id=[])
+    target.set_attn_implementation(saguaro.TREE_ATTENTION)
+    out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.01), method="tree",
+                           tree_branching=[3, 2, 1], max_new_tokens=40, eos_token_id=[])
+    assert out.tolist() == expected.tolist()

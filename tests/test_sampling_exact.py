@@ -10,6 +10,7 @@ from stats_helpers import chi_square_pvalue, reference_probs
 
 import saguaro
 from saguaro.drafters import ModelDrafter, Proposal
+from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig, TokenSampler
 from saguaro.tree import TokenTree
 from saguaro.verify import verify_tree_sampled
@@ -65,17 +66,24 @@ def exact_joint(model, length: int, **shaping) -> torch.Tensor:
     return joint.reshape([VOCAB] * length)
 
 
-def sample_counts(target, draft, samples: int, seed: int, method="speculative", **shaping) -> torch.Tensor:
+def sample_counts(target, draft, samples: int, seed: int, method="speculative", options=None,
+                  **shaping) -> torch.Tensor:
+    """Counts of the first three generated tokens.
+
+    max_new_tokens=4: the first token comes from the prefill, the next from a round of two drafts
+    (accept both + bonus, accept one + correction, or a correction at once) and, after a
+    rejection, from the next round. With method="tree" the first round is a tree of 3 siblings,
+    each with one child; with method="saguaro" the next round's draft comes from the speculation
+    cache on a hit.
+    """
     counts = torch.zeros([VOCAB] * 3)
     torch.manual_seed(seed)
-    for _ in range(samples):
-        # max_new_tokens=4: the first token comes from the prefill, the next three from one round
-        # of two drafts (accept both + bonus, accept one + correction, or a correction at once).
-        # With method="tree", that round is a tree of 3 siblings, each with one child.
-        out = saguaro.generate(target, torch.tensor([PROMPT]), draft_model=draft, max_new_tokens=4,
-                               do_sample=True, num_speculative_tokens=2, eos_token_id=[], method=method,
-                               tree_branching=[3, 1], **shaping)
-        counts[tuple(out[0, len(PROMPT) : len(PROMPT) + 3].tolist())] += 1
+    with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=2,
+                                      tree_branching=[3, 1], **(options or {})) as generator:
+        for _ in range(samples):
+            out = generator.generate(torch.tensor([PROMPT]), max_new_tokens=4, do_sample=True, eos_token_id=[],
+                                     **shaping)
+            counts[tuple(out[0, len(PROMPT) : len(PROMPT) + 3].tolist())] += 1
     return counts
 
 
@@ -107,7 +115,7 @@ def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
         proposal = real_propose(self, num_tokens)
         if proposal.probs is None:
             return proposal
-        return Proposal(proposal.probs.argmax(-1), proposal.probs)
+        return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
 
     monkeypatch.setattr(ModelDrafter, "propose", greedy_draft_sampled_q)
     counts = sample_counts(target, draft, samples=1500, seed=11)
@@ -164,3 +172,30 @@ def test_tree_sampling_matches_target_distribution(pair):
     shaping = dict(temperature=0.9, top_k=4)
     counts = sample_counts(target, draft, samples=1500, seed=12, method="tree", **shaping)
     assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
+
+
+SAGUARO = dict(placement="process", saguaro_reshape=0.1, saguaro_budget=6)
+
+
+@pytest.mark.timeout(300)
+def test_saguaro_sampling_matches_target_distribution(pair):
+    # C = 0.1 reshapes every draft distribution: still exact, because verification divides by the
+    # reshaped q' the drafts were drawn from.
+    target, draft = pair
+    shaping = dict(temperature=1.0, top_p=0.9)
+    counts = sample_counts(target, draft, samples=1500, seed=13, method="saguaro", options=SAGUARO, **shaping)
+    assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
+
+
+@pytest.mark.timeout(300)
+def test_saguaro_test_catches_verifying_with_the_unreshaped_q(pair, monkeypatch):
+    real_draw = PreSpeculator._draw
+
+    def draw_reshaped_report_original(self, probs):
+        tokens, _ = real_draw(self, probs)
+        return tokens, None if self.sampler.greedy else probs
+
+    monkeypatch.setattr(PreSpeculator, "_draw", draw_reshaped_report_original)  # fork carries it to the worker
+    target, draft = pair
+    counts = sample_counts(target, draft, samples=1500, seed=13, method="saguaro", options=SAGUARO)
+    assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P

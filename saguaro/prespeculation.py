@@ -1,0 +1,177 @@
+"""The drafter side of Saguaro: pre-speculate the next draft for each likely verification outcome.
+
+While the target verifies draft d_1..d_K, the drafter already knows its own distributions at
+every position, so it can guess the outcome v = (k, t*): k drafts accepted, then the target's
+token t*. For each k it takes the top-F_k tokens of its distribution at position k, excluding
+d_{k+1} (a rejected draft can never be the correction: the residual max(0, p - q) is 0 there),
+and drafts K tokens continuing prefix + d_1..d_k + t for every such guess. All B branches advance
+together, one batched forward per step, each attending to the shared prefix up to its own k plus
+its own tokens (a tree mask over the drafter's cache). When the outcome arrives:
+  * hit  - the branch's K tokens are the next draft, ready now; its KV entries are kept;
+  * miss - the drafter rolls back to prefix + d_1..d_k + t* and drafts K tokens afresh (backup).
+Each draft carries the distributions its tokens were drawn from, which sampled verification needs.
+
+Saguaro sampling (do_sample=True): drafts are drawn from q' = q with its top-F tokens scaled by C
+and renormalised, so rejections leave residual mass on exactly the tokens cached as guesses.
+Verification uses q', the distribution actually sampled, so the output stays exact.
+
+This class is placement-agnostic: `workers.py` runs it in a process, a thread or inline.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .fanout import geometric_fanout
+from .runner import ModelRunner
+from .sampling import SamplingConfig, TokenSampler
+from .tree import TokenTree
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    probs: torch.Tensor | None  # [K, V]: what tokens[i] was drawn from (None when greedy)
+    hit: bool = False  # came from the speculation cache
+    busy_seconds: float = 0.0  # drafter compute since the previous draft was handed over
+
+
+class PreSpeculator:
+    def __init__(self, model, lookahead: int, budget: int | None = None,
+                 vocab_size: int | None = None, capacity: int = 256, reshape_c: float = 1.0,
+                 reshape_top: int = 3):
+        self.runner = ModelRunner(model, capacity)
+        self.sampler = TokenSampler(SamplingConfig())
+        self.lookahead = lookahead
+        self.budget = budget or 3 * (lookahead + 1)  # the paper's default fan-out of 3 per position
+        self.adaptive_budget = budget is None
+        self.vocab_size = vocab_size
+        self.reshape_c, self.reshape_top = reshape_c, reshape_top
+        self.accepted_total, self.rejected_total = 1, 1  # a weak prior: acceptance 0.5
+        self.committed: list[int] = []
+        self.draft: Draft | None = None
+        self._position_probs: list[torch.Tensor] = []  # shaped q at draft positions 0..K-1
+        self._branches: dict[tuple[int, int], int] = {}
+        self._branch_drafts: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
+        self._busy = 0.0
+        self.prespeculation_seconds = 0.0
+
+    # -- sequence control -------------------------------------------------------------------
+    def reset(self, committed: list[int], sampling: SamplingConfig, seed: int) -> Draft:
+        """A new sequence: `committed` tokens, drafts shaped by `sampling`, drawn with an RNG from `seed`."""
+        start = time.perf_counter()
+        self.sampler = TokenSampler(sampling, torch.Generator().manual_seed(seed))
+        self.runner.reset()
+        self.committed = list(committed)
+        self._branches = {}
+        return self._hand_over(self._chain_draft(), start)
+
+    def resolve(self, accepted: int, next_token: int, verify_seconds: float | None = None) -> Draft:
+        """The target accepted `accepted` drafts, then emitted `next_token`: return the next draft."""
+        start = time.perf_counter()
+        self._learn(accepted, verify_seconds)
+        branch = self._branches.get((accepted, next_token))
+        base = len(self.committed)
+        self.committed += self.draft.tokens[:accepted] + [next_token]
+        if branch is None:
+            self.runner.rollback(base + accepted)
+            self._branches = {}
+            return self._hand_over(self._chain_draft(), start)
+        tokens, probs, position_probs = self._branch_drafts[branch]
+        k, b = self.lookahead, len(self._branch_drafts)
+        # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{K-1}.
+        self.runner.commit_path(base, list(range(accepted)) + [k + step * b + branch for step in range(k)])
+        self._branches = {}
+        self._position_probs = position_probs
+        draft = Draft(tokens, torch.stack(probs) if probs else None, hit=True)
+        return self._hand_over(draft, start)
+
+    def _hand_over(self, draft: Draft, start: float) -> Draft:
+        draft.busy_seconds = self._busy + time.perf_counter() - start
+        self._busy = 0.0
+        self.draft = draft
+        return draft
+
+    def _learn(self, accepted: int, verify_seconds: float | None) -> None:
+        self.accepted_total += accepted
+        self.rejected_total += accepted < len(self.draft.tokens)
+        # Keep pre-speculation within one verification: that is what makes a hit free.
+        if self.adaptive_budget and verify_seconds and self.prespeculation_seconds:
+            if self.prespeculation_seconds > verify_seconds:
+                self.budget = max(self.lookahead + 1, self.budget - 1)
+            elif self.prespeculation_seconds < 0.8 * verify_seconds:
+                self.budget = min(8 * (self.lookahead + 1), self.budget + 1)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_total / (self.accepted_total + self.rejected_total)
+
+    # -- drafting ---------------------------------------------------------------------------
+    def _shaped(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sampler.probs(logits[..., : self.vocab_size])
+
+    def _draw(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens for rows of shaped q, and the (reshaped) rows they were drawn from."""
+        if self.sampler.greedy:
+            return probs.argmax(-1), None
+        if self.reshape_c < 1.0:
+            top = probs.topk(self.reshape_top, dim=-1).indices
+            probs = probs.scatter(-1, top, probs.gather(-1, top) * self.reshape_c)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return self.sampler.draw(probs), probs
+
+    def _chain_draft(self) -> Draft:
+        """The backup: K tokens, one drafter forward each, continuing the committed sequence."""
+        logits = self.runner.forward(self.committed[self.runner.length :], last_only=True)[-1]
+        tokens, probs, self._position_probs = [], [], []
+        for i in range(self.lookahead):
+            shaped = self._shaped(logits)
+            token, drawn_from = self._draw(shaped)
+            tokens.append(int(token))
+            probs.append(drawn_from)
+            self._position_probs.append(shaped)
+            if i + 1 < self.lookahead:
+                logits = self.runner.forward([tokens[-1]])[-1]
+        return Draft(tokens, None if self.sampler.greedy else torch.stack(probs))
+
+    def prespeculate(self, should_stop=lambda: False) -> None:
+        """Draft K tokens for each likely outcome of verifying self.draft; one batched forward per step.
+
+        `should_stop` is polled between steps: the caller aborts when the sequence is over.
+        """
+        start = time.perf_counter()
+        k_max, drafts = self.lookahead, self.draft.tokens
+        chain = TokenTree.chain(k_max)
+        # The drafter's distribution after d_K (d_1..d_{K-1} are already in its cache).
+        last = self._shaped(self.runner.forward(drafts[-1:], chain, cached_nodes=k_max - 1)[-1])
+        position_probs = self._position_probs + [last]
+        outcomes = []
+        for k, fan in enumerate(geometric_fanout(self.budget, k_max, self.acceptance)):
+            probs = position_probs[k].clone()
+            if k < k_max:
+                probs[drafts[k]] = 0  # a rejected d_{k+1} is never the correction
+            top = probs.topk(fan)
+            outcomes += [(k, int(t)) for t, p in zip(top.indices, top.values) if p > 0]
+        tree = chain.extend([k - 1 for k, _ in outcomes])
+        feed = [t for _, t in outcomes]
+        branches = [([], [], []) for _ in outcomes]
+        for step in range(k_max):
+            if should_stop():
+                return
+            shaped = self._shaped(self.runner.forward(feed, tree, cached_nodes=len(tree) - len(feed)))
+            tokens, drawn_from = self._draw(shaped)
+            for i, (branch_tokens, branch_probs, branch_position) in enumerate(branches):
+                branch_tokens.append(int(tokens[i]))
+                branch_position.append(shaped[i])
+                if drawn_from is not None:
+                    branch_probs.append(drawn_from[i])
+            if step + 1 < k_max:  # b_K is fed after a hit, with the next pre-speculation
+                first_new = len(tree)
+                tree = tree.extend(range(first_new - len(feed), first_new))
+                feed = tokens.tolist()
+        self._branches = {outcome: i for i, outcome in enumerate(outcomes)}
+        self._branch_drafts = branches
+        self.prespeculation_seconds = time.perf_counter() - start
+        self._busy += self.prespeculation_seconds

@@ -1,0 +1,142 @@
+"""Saguaro (speculative speculative decoding): exact output, a working speculation cache, and a
+drafter worker that never outlives its generator nor loses a token when it dies."""
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+
+import saguaro
+from saguaro import engines
+from saguaro.fanout import geometric_fanout
+
+PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
+pytestmark = pytest.mark.timeout(180)
+
+
+def hf_greedy(model, max_new_tokens):
+    return model.generate(PROMPT, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=0).tolist()
+
+
+def worker_process(generator):
+    return generator._worker._process
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+@pytest.mark.parametrize("draft_kind", ["agreeing", "disagreeing"])
+def test_saguaro_greedy_matches_target_with_process_worker(arch, draft_kind):
+    target = tiny_model(arch, seed=0)
+    draft = perturbed_copy(target, 0.005) if draft_kind == "agreeing" else tiny_model(arch, seed=1)
+    with saguaro.SpeculativeGenerator(target, draft, method="saguaro", placement="process") as generator:
+        out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+        assert worker_process(generator).is_alive()
+    assert out.sequences.tolist() == hf_greedy(target, 40)
+    assert out.stats.worker_failures == 0
+
+
+@pytest.mark.parametrize("placement", ["thread", "inline"])
+def test_saguaro_greedy_matches_target_in_other_placements(placement):
+    target = tiny_model("llama", seed=0)
+    out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.005), method="saguaro",
+                           placement=placement, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    assert out.sequences.tolist() == hf_greedy(target, 40)
+    if placement == "inline":  # no pre-speculation: every round is a backup draft
+        assert out.stats.hits == 0
+
+
+def test_perfect_drafter_always_hits_and_random_drafter_almost_never():
+    target = tiny_model("llama", seed=0)
+    with saguaro.SpeculativeGenerator(target, target, method="saguaro", placement="process") as generator:
+        perfect = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
+    # The drafter is the target: every draft is accepted and its bonus guess is the target's token.
+    assert perfect.stats.hit_rate == 1.0 and perfect.stats.acceptance_rate == 1.0
+    unrelated = tiny_model("llama", seed=7)
+    with saguaro.SpeculativeGenerator(target, unrelated, method="saguaro", placement="process") as generator:
+        random = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
+    assert random.stats.hit_rate < 0.15
+    assert random.sequences.tolist() == perfect.sequences.tolist() == hf_greedy(target, 60)
+
+
+def test_killing_the_worker_mid_generation_loses_nothing(monkeypatch):
+    target = tiny_model("qwen2", seed=0)
+    generator = saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="saguaro",
+                                             placement="process")
+    rounds = []
+    real_verify = engines.verify_proposal
+
+    def verify_then_kill(*args):
+        rounds.append(1)
+        if len(rounds) == 3:
+            os.kill(worker_process(generator).pid, signal.SIGKILL)
+        return real_verify(*args)
+
+    monkeypatch.setattr(engines, "verify_proposal", verify_then_kill)
+    with generator:
+        out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+        again = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[])  # inline from now on
+    assert out.sequences.tolist() == again.tolist() == hf_greedy(target, 40)
+    assert out.stats.worker_failures == 1
+    assert multiprocessing.active_children() == []
+
+
+def test_a_stalled_worker_times_out_and_is_killed_on_close():
+    target = tiny_model("llama", seed=0)
+    generator = saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="saguaro",
+                                             placement="process", worker_timeout=2.0)
+    with generator:
+        generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
+        stalled = worker_process(generator)
+        os.kill(stalled.pid, signal.SIGSTOP)
+        out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+    assert out.sequences.tolist() == hf_greedy(target, 30) and out.stats.worker_failures == 1
+    assert not stalled.is_alive() and multiprocessing.active_children() == []
+
+
+def test_fifty_calls_then_close_leave_no_process():
+    target = tiny_model("llama", seed=0)
+    generator = saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="saguaro",
+                                             placement="process")
+    for i in range(50):
+        generator.generate(PROMPT[:, : 3 + i % 6], max_new_tokens=6, eos_token_id=[])
+    process = worker_process(generator)
+    assert multiprocessing.active_children() == [process]  # one worker for all fifty calls
+    generator.close()
+    assert not process.is_alive() and multiprocessing.active_children() == []
+
+
+def test_context_manager_cleans_up_on_exception():
+    target = tiny_model("llama", seed=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with saguaro.SpeculativeGenerator(target, target, method="saguaro", placement="process") as generator:
+            generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
+            process = worker_process(generator)
+            raise RuntimeError("boom")
+    assert not process.is_alive() and multiprocessing.active_children() == []
+
+
+def test_saguaro_stats_are_reported():
+    target = tiny_model("llama", seed=0)
+    out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.005), method="saguaro",
+                           max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+    stats = out.stats.as_dict()
+    assert 0 <= stats["hit_rate"] <= 1 and stats["hits"] <= stats["rounds"]
+    assert 0 <= stats["target_idle_fraction"] <= 1 and 0 <= stats["drafter_idle_fraction"] <= 1
+    assert stats["accepted"] + stats["rounds"] + 1 == 30
+
+
+@pytest.mark.parametrize("acceptance", [0.2, 0.5, 0.9])
+@pytest.mark.parametrize("budget", [5, 8, 15, 40])
+def test_geometric_fanout_spends_the_budget(acceptance, budget):
+    fanout = geometric_fanout(budget, 4, acceptance)
+    assert len(fanout) == 5 and sum(fanout) == budget and min(fanout) >= 1
+
+
+def test_geometric_fanout_follows_acceptance():
+    low, high = geometric_fanout(30, 4, 0.2), geometric_fanout(30, 4, 0.9)
+    assert low[0] == max(low) and low[0] > high[0]  # rejections come early: guess there
+    assert high[-1] > low[-1]
+    with pytest.raises(ValueError, match="budget"):
+        geometric_fanout(3, 4, 0.5)
