@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
-DEFAULT_METHODS = HF_METHODS + ("autoregressive", "speculative")
+STAT_KEYS = ("mean_accepted_length", "acceptance_rate", "accepted_histogram", "hit_rate", "prefill_seconds",
+             "draft_seconds", "verify_seconds", "drafter_busy_seconds", "rounds", "target_idle_fraction")
+DEFAULT_METHODS = HF_METHODS + ("autoregressive", "speculative", "tree", "saguaro")
 
 
 def load_prompts(path: str | None, limit: int | None) -> list[dict]:
@@ -53,23 +55,26 @@ def plain_greedy_config(model):
                             pad_token_id=old.pad_token_id if old.pad_token_id is not None else old.eos_token_id)
 
 
-def run_method(method: str, target, draft, ids: torch.Tensor, args) -> tuple[list[int], float, dict]:
+def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int):
     """Returns (new token ids, seconds, saguaro stats or {})."""
-    import saguaro
-
+    # Saguaro's target runs on one core while its drafter process uses another; every other
+    # method gets all `threads`.
+    torch.set_num_threads(1 if method == "saguaro" else threads)
     start = time.perf_counter()
     if method in HF_METHODS:
+        target, draft = generators["models"]
         extra = {"assistant_model": draft} if method == "hf_assisted" else {}
-        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                               do_sample=False, **extra)
         return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start, {}
-    result = saguaro.generate(target, ids, draft_model=draft, method=method, max_new_tokens=args.max_new_tokens,
-                              num_speculative_tokens=args.num_speculative_tokens, return_dict_in_generate=True)
+    result = generators[method].generate(ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
     return result.sequences[0, ids.shape[1] :].tolist(), time.perf_counter() - start, result.stats.as_dict()
 
 
 def benchmark(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import saguaro
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -80,28 +85,38 @@ def benchmark(args) -> dict:
     draft.generation_config = plain_greedy_config(draft)
     prompts = load_prompts(args.prompts, args.num_prompts)
     methods = args.methods
+    generators = {"models": (target, draft)}
+    for method in methods:
+        if method not in HF_METHODS:
+            generators[method] = saguaro.SpeculativeGenerator(
+                target, draft, method=method, num_speculative_tokens=args.num_speculative_tokens,
+                tree_branching=args.tree_branching)
 
     warm = encode(tokenizer, "Say hello.")
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
-        run_method(method, target, draft, warm, argparse.Namespace(**{**vars(args), "max_new_tokens": 8}))
+        run_method(method, generators, warm, 8, args.threads)
 
     rows = {m: [] for m in methods}
     for i, prompt in enumerate(prompts):
         ids = encode(tokenizer, prompt["prompt"])
         reference = None
         for method in methods:
-            tokens, seconds, stats = run_method(method, target, draft, ids, args)
+            tokens, seconds, stats = run_method(method, generators, ids, args.max_new_tokens, args.threads)
             if method == "hf_greedy":
                 reference = tokens
             row = {"prompt": i, "kind": prompt["kind"], "new_tokens": len(tokens), "seconds": seconds,
                    "tokens_per_second": len(tokens) / seconds,
                    "matches_hf_greedy": None if reference is None else tokens == reference, **
-                   {k: stats[k] for k in ("mean_accepted_length", "acceptance_rate", "accepted_histogram") if k in stats}}
+                   {k: stats[k] for k in STAT_KEYS if k in stats}}
             rows[method].append(row)
             print(f"prompt {i:2d} {prompt['kind']:9s} {method:15s} {row['tokens_per_second']:6.2f} tok/s"
                   + (f"  accepted/round {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else "")
+                  + (f"  hit rate {row['hit_rate']:.2f}" if method == "saguaro" else "")
                   + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY"),
                   flush=True)
+    for generator in generators.values():
+        if isinstance(generator, saguaro.SpeculativeGenerator):
+            generator.close()
     return {"setup": setup_description(args), "summary": summarize(rows), "runs": rows}
 
 
@@ -116,6 +131,8 @@ def summarize(rows: dict[str, list[dict]]) -> dict:
                 entry[f"speedup_vs_{base}"] = statistics.median(ratios)
         if "mean_accepted_length" in runs[0]:
             entry["median_accepted_length"] = statistics.median(r["mean_accepted_length"] for r in runs)
+        if "hit_rate" in runs[0] and method == "saguaro":
+            entry["median_hit_rate"] = statistics.median(r["hit_rate"] for r in runs)
         checked = [r["matches_hf_greedy"] for r in runs if r["matches_hf_greedy"] is not None]
         if checked:
             entry["outputs_matching_hf_greedy"] = f"{sum(checked)}/{len(checked)}"
@@ -128,19 +145,22 @@ def setup_description(args) -> dict:
 
     return {"target": args.target, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
             "max_new_tokens": args.max_new_tokens, "num_speculative_tokens": args.num_speculative_tokens,
+            "tree_branching": args.tree_branching,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()}
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'method':15s} {'tok/s':>7s} {'vs HF greedy':>13s} {'vs HF assisted':>15s} {'acc. len':>9s} {'=HF greedy':>11s}")
+    print(f"\n{'method':15s} {'tok/s':>7s} {'vs HF greedy':>13s} {'vs HF assisted':>15s} {'acc. len':>9s} "
+          f"{'=HF greedy':>11s} {'hit rate':>9s}")
     for method, s in summary.items():
         cells = [f"{s['median_tokens_per_second']:7.2f}"]
         for key in ("speedup_vs_hf_greedy", "speedup_vs_hf_assisted"):
             cells.append(f"{s[key]:.2f}x" if key in s else "-")
         cells.append(f"{s['median_accepted_length']:.2f}" if "median_accepted_length" in s else "-")
         cells.append(s.get("outputs_matching_hf_greedy", "-"))
-        print(f"{method:15s} {cells[0]} {cells[1]:>13s} {cells[2]:>15s} {cells[3]:>9s} {cells[4]:>11s}")
+        cells.append(f"{s['median_hit_rate']:.2f}" if "median_hit_rate" in s else "-")
+        print(f"{method:15s} {cells[0]} {cells[1]:>13s} {cells[2]:>15s} {cells[3]:>9s} {cells[4]:>11s} {cells[5]:>9s}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=3, help="how many prompts to run (0 = all)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per round (K)")
+    parser.add_argument("--tree-branching", type=int, nargs="+", default=[2, 2, 1, 1],
+                        help="children per node at each depth, for method 'tree'")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--out", default="results.json", help="where to write the JSON results")
 
