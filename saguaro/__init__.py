@@ -2,9 +2,10 @@
 from .api import METHODS, GenerateOutput, SpeculativeGenerator, generate
 from .kernels.hf_attention import TREE_ATTENTION, register_hf_attention
 from .stats import GenerationStats
+from .tree import DynamicTree
 
 # Makes attn_implementation="saguaro_tree" available to from_pretrained once saguaro is imported.
 register_hf_attention()
 
-__all__ = ["generate", "SpeculativeGenerator", "TREE_ATTENTION", "GenerateOutput", "GenerationStats", "METHODS"]
+__all__ = ["generate", "SpeculativeGenerator", "DynamicTree", "TREE_ATTENTION", "GenerateOutput", "GenerationStats", "METHODS"]
 __version__ = "0.1.0"

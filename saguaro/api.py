@@ -7,15 +7,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafters import ModelDrafter
+from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
-from .tree import static_tree
+from .tree import DynamicTree, static_tree
 from .workers import DraftWorker
 
-METHODS = ("autoregressive", "speculative", "tree", "saguaro")
+METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup")
+MODEL_FREE = ("autoregressive", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
 
 
@@ -64,17 +65,25 @@ class SpeculativeGenerator:
                  saguaro_reshape: float = 1.0, worker_timeout: float = 60.0):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if method != "autoregressive" and draft_model is None:
-            raise ValueError(f"method={method!r} needs a draft_model (or use method='autoregressive')")
+        if method not in MODEL_FREE and draft_model is None:
+            raise ValueError(
+                f"method={method!r} needs a draft_model (or use a model-free method: {', '.join(MODEL_FREE)})"
+            )
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
-        if method == "tree" and (not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching)):
-            raise ValueError(f"tree_branching must be a non-empty list of positive ints, got {tree_branching!r}")
+        if method == "tree" and not isinstance(tree_branching, DynamicTree) and (
+            not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching)
+        ):
+            raise ValueError(
+                f"tree_branching must be a non-empty list of positive ints or a saguaro.DynamicTree, got {tree_branching!r}"
+            )
         if not 0 < saguaro_reshape <= 1:
             raise ValueError(f"saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], got {saguaro_reshape}")
         self.target, self.draft_model, self.method = target, draft_model, method
         self.num_speculative_tokens = num_speculative_tokens
-        self.branching = list(tree_branching) if method == "tree" else None
+        self.tree_shape = None
+        if method == "tree":
+            self.tree_shape = tree_branching if isinstance(tree_branching, DynamicTree) else list(tree_branching)
         self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
         self.worker_timeout = worker_timeout
         self._speculator_kwargs = dict(lookahead=num_speculative_tokens, budget=saguaro_budget,
@@ -94,6 +103,14 @@ class SpeculativeGenerator:
             self._finalizer()
         self._worker = DraftWorker(self.draft_model, "inline", **self._speculator_kwargs)
         return self._worker
+
+    def _tree_extent(self) -> tuple[int, int]:
+        """(deepest draft, most draft nodes) per round."""
+        if isinstance(self.tree_shape, DynamicTree):
+            return self.tree_shape.depth, self.tree_shape.budget
+        if self.tree_shape:
+            return len(self.tree_shape), len(static_tree(self.tree_shape))
+        return self.num_speculative_tokens, self.num_speculative_tokens
 
     def close(self) -> None:
         if self._finalizer is not None:
@@ -116,8 +133,7 @@ class SpeculativeGenerator:
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         sampler = TokenSampler(sampling, generator)
         stop = StopRule(max_new_tokens, _eos_ids(eos_token_id, self.target))
-        max_depth = len(self.branching) if self.branching else self.num_speculative_tokens
-        tree_size = len(static_tree(self.branching)) if self.branching else max_depth
+        max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + max_new_tokens + tree_size + 1
         runner = ModelRunner(self.target, capacity)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
@@ -125,10 +141,12 @@ class SpeculativeGenerator:
         start = time.perf_counter()
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
+        elif self.method == "prompt_lookup":
+            new = speculative(runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth)
         elif self.method == "saguaro":
             new = saguaro(runner, self._draft_worker(), prompt, sampler, stop, stats, self._inline_worker)
         else:
-            drafter = ModelDrafter(self.draft_model, sampler, self.target.config.vocab_size, capacity, self.branching)
+            drafter = ModelDrafter(self.draft_model, sampler, self.target.config.vocab_size, capacity, self.tree_shape)
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
@@ -157,8 +175,9 @@ def generate(
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
     method: "autoregressive" (no draft), "speculative" (a chain of num_speculative_tokens drafts per
-    round), "tree" (a draft tree with tree_branching[d] children per node at depth d, verified
-    in one target forward with a tree attention mask) or "saguaro" (speculative speculative
+    round), "prompt_lookup" (model-free: drafts copied from the sequence itself), "tree" (a draft tree with tree_branching[d] children per node at depth d, or a
+    saguaro.DynamicTree grown where the drafter is confident; verified in one target forward
+    with a tree attention mask) or "saguaro" (speculative speculative
     decoding: the drafter prepares the next draft for the likely verification outcomes while the
     target verifies; options placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=).
     Greedy output is token-for-token the target's greedy `generate()`; with do_sample=True the

@@ -22,7 +22,7 @@ import torch
 HF_METHODS = ("hf_greedy", "hf_assisted")
 STAT_KEYS = ("mean_accepted_length", "acceptance_rate", "accepted_histogram", "hit_rate", "prefill_seconds",
              "draft_seconds", "verify_seconds", "drafter_busy_seconds", "rounds", "target_idle_fraction")
-DEFAULT_METHODS = HF_METHODS + ("autoregressive", "speculative", "tree", "saguaro")
+DEFAULT_METHODS = HF_METHODS + ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro")
 
 
 def load_prompts(path: str | None, limit: int | None) -> list[dict]:

@@ -9,6 +9,7 @@ The engines never look inside; later drafters (prompt lookup, the Saguaro pool) 
 """
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 
 from .runner import ModelRunner
 from .sampling import TokenSampler
-from .tree import TokenTree
+from .tree import DynamicTree, TokenTree
 
 
 @dataclass
@@ -45,22 +46,22 @@ class Drafter(ABC):
 class ModelDrafter(Drafter):
     """Drafts with a small causal LM, level by level, reusing its KV cache across rounds.
 
-    `branching[d]` children per node at depth d: [1, 1, 1, 1] is a chain of 4 (the default when
-    branching is None), [4, 2, 1] a tree. Each level is one batched forward of the draft model
-    with a tree mask. Greedy drafting takes the top tokens; sampling draws siblings one after
-    another without replacement and keeps each sibling's distribution for verification.
+    `shape` is None (a chain), a list of branching factors (`[4, 2, 1]`: every node at depth d
+    gets shape[d] children) or a `DynamicTree`. Each level is one batched forward of the draft
+    model with a tree mask. Greedy drafting offers the top tokens; sampling draws siblings one
+    after another without replacement and keeps each sibling's distribution for verification.
     The cache holds the committed tokens, then the tree levels fed during the last propose();
     commit() keeps the fed nodes of the accepted path and drops the rest.
     """
 
     def __init__(self, model, sampler: TokenSampler, vocab_size: int | None = None, capacity: int = 256,
-                 branching: list[int] | None = None):
+                 shape: list[int] | DynamicTree | None = None):
         self.runner = ModelRunner(model, capacity)
         self.sampler = sampler
         # Ids the target cannot emit (a draft embedding padded beyond the target's) are never
         # proposed: they could only be rejected. q is then the distribution over the rest.
         self.vocab_size = vocab_size
-        self.branching = branching
+        self.shape = shape
         self.committed: list[int] = []
         self._last = Proposal.empty()
         self._fed_nodes = 0
@@ -70,45 +71,59 @@ class ModelDrafter(Drafter):
         self.committed = list(tokens)
         self._last, self._fed_nodes = Proposal.empty(), 0
 
+    def _levels(self, max_depth: int) -> list[tuple[int, int | None]]:
+        """Per level: (children offered per node, most nodes kept; None = all offered)."""
+        if isinstance(self.shape, DynamicTree):
+            return [(self.shape.top_k, self.shape.top_k)] * min(max_depth, self.shape.depth)
+        return [(width, None) for width in (self.shape or [1] * max_depth)[:max_depth]]
+
     def propose(self, max_depth: int) -> Proposal:
-        widths = (self.branching or [1] * max_depth)[:max_depth]
+        levels = self._levels(max_depth)
         self._fed_nodes = 0
-        if not widths:
+        if not levels:
             self._last = Proposal.empty()
             return self._last
+        budget = self.shape.budget if isinstance(self.shape, DynamicTree) else None
         pending = self.committed[self.runner.length :]
         level_logits = self.runner.forward(pending, last_only=True)[-1:, : self.vocab_size]
-        tree, tokens, probs, frontier = TokenTree(()), [], [], [-1]
-        for depth, width in enumerate(widths):
-            parents = []
-            for node, logits in zip(frontier, level_logits):
-                for token, q in self._children(logits, width):
-                    parents.append(node)
-                    tokens.append(token)
-                    probs.append(q)
-            frontier = list(range(len(tree), len(tree) + len(parents)))
+        tree, tokens, probs, frontier, scores = TokenTree(()), [], [], [-1], [1.0]
+        for depth, (offered, kept) in enumerate(levels):
+            offers = [self._children(logits, offered) for logits in level_logits]
+            if kept is not None:
+                kept = min(kept, budget - len(tree))
+            chosen = best_prefixes(offers, scores, kept)
+            if not chosen:
+                break
+            parents = [frontier[i] for i, _ in chosen]
+            tokens += [offers[i][j][0] for i, j in chosen]
+            probs += [offers[i][j][1] for i, j in chosen]
+            scores = [scores[i] * offers[i][j][2] for i, j in chosen]
+            frontier = list(range(len(tree), len(tree) + len(chosen)))
             tree = tree.extend(parents)
-            if depth + 1 < len(widths):  # the last level is fed next round, once we know what survived
-                level_logits = self.runner.forward(tokens[-len(parents) :], tree, cached_nodes=self._fed_nodes)
+            # The last level is fed next round, once we know what survived.
+            if depth + 1 < len(levels) and (budget is None or len(tree) < budget):
+                level_logits = self.runner.forward(tokens[-len(chosen) :], tree, cached_nodes=self._fed_nodes)
                 level_logits = level_logits[:, : self.vocab_size]
                 self._fed_nodes = len(tree)
         self._last = Proposal(torch.tensor(tokens), None if self.sampler.greedy else torch.stack(probs), tree)
         return self._last
 
-    def _children(self, logits: torch.Tensor, width: int):
-        """`width` distinct child tokens, each with the distribution it was drawn from (None if greedy)."""
-        if self.sampler.greedy:
-            return [(int(t), None) for t in logits.topk(width).indices]
+    def _children(self, logits: torch.Tensor, width: int) -> list[tuple[int, torch.Tensor | None, float]]:
+        """Up to `width` distinct children in draw order: (token, distribution it was drawn from
+        (None when greedy), its draft probability)."""
         q = self.sampler.probs(logits)
-        children = []
+        if self.sampler.greedy:
+            top = q.topk(width)
+            return [(int(t), None, float(p)) for t, p in zip(top.indices, top.values)]
+        children, remaining = [], q
         for _ in range(width):
-            if q.sum() <= 0:  # fewer tokens with mass than siblings asked for
+            if remaining.sum() <= 0:  # fewer tokens with mass than siblings asked for
                 break
-            token = int(self.sampler.draw(q))
-            children.append((token, q))
-            q = q.clone()
-            q[token] = 0
-            q = q / q.sum() if q.sum() > 0 else q
+            token = int(self.sampler.draw(remaining))
+            children.append((token, remaining, float(q[token])))
+            remaining = remaining.clone()
+            remaining[token] = 0
+            remaining = remaining / remaining.sum() if remaining.sum() > 0 else remaining
         return children
 
     def commit(self, path: list[int], next_token: int) -> None:
@@ -116,3 +131,55 @@ class ModelDrafter(Drafter):
             self.runner.commit_path(len(self.committed), [n for n in path if n < self._fed_nodes])
         self.committed += self._last.tokens[path].tolist() + [next_token]
         self._last, self._fed_nodes = Proposal.empty(), 0
+
+
+def best_prefixes(offers: list[list[tuple]], parent_scores: list[float], limit: int | None) -> list[tuple[int, int]]:
+    """(node, sibling) pairs of the `limit` offers with the highest cumulative probability.
+
+    A node's siblings are taken in draw order only: a sampled sibling's q excludes the siblings
+    drawn before it, so verification is exact only for a prefix of the draw sequence. The result is
+    sorted by node, then sibling, which keeps every node's children in draw order.
+    """
+    if limit is None:
+        return [(i, j) for i, kids in enumerate(offers) for j in range(len(kids))]
+    heap = [(-parent_scores[i] * kids[0][2], i, 0) for i, kids in enumerate(offers) if kids]
+    heapq.heapify(heap)
+    chosen = []
+    while heap and len(chosen) < limit:
+        _, i, j = heapq.heappop(heap)
+        chosen.append((i, j))
+        if j + 1 < len(offers[i]):
+            heapq.heappush(heap, (-parent_scores[i] * offers[i][j + 1][2], i, j + 1))
+    return sorted(chosen)
+
+
+def lookup_continuation(tokens: list[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's own
+    last n tokens (longest n first, up to max_ngram). Code, summaries and chat about a given text
+    repeat themselves, so this model-free proposal is often right and costs nothing."""
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        suffix = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + max_tokens]
+    return []
+
+
+class PromptLookupDrafter(Drafter):
+    """Drafts by copying from the sequence itself (no model). Proposals are deterministic:
+    verified as q = one-hot, which keeps sampling exact."""
+
+    def __init__(self, max_ngram: int = 3):
+        self.max_ngram = max_ngram
+        self.committed: list[int] = []
+        self._last: list[int] = []
+
+    def reset(self, tokens: list[int]) -> None:
+        self.committed, self._last = list(tokens), []
+
+    def propose(self, max_depth: int) -> Proposal:
+        self._last = lookup_continuation(self.committed, max_depth, self.max_ngram)
+        return Proposal(torch.tensor(self._last, dtype=torch.long), None, TokenTree.chain(len(self._last)))
+
+    def commit(self, path: list[int], next_token: int) -> None:
+        self.committed += [self._last[i] for i in path] + [next_token]

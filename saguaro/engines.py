@@ -100,7 +100,8 @@ def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: To
     if q is None:
         q = one_hot_probs(proposal.tokens, max([p.shape[-1], *(proposal.tokens + 1).tolist()]))
     width = max(p.shape[-1], q.shape[-1])
-    return verify_tree_sampled(pad_vocab(p, width), pad_vocab(q.to(p.device), width), proposal.tokens, proposal.tree, sampler)
+    p, q = pad_vocab(p, width), pad_vocab(q.to(p.device), width)
+    return verify_tree_sampled(p, q, proposal.tokens, proposal.tree, sampler)
 
 
 def saguaro(
@@ -151,7 +152,7 @@ def saguaro(
         target.rollback(base + 1 + len(path))
         verify_seconds = time.perf_counter() - tick
         stats.verify_seconds += verify_seconds
-        stats.record_round(depth, len(path), hit=draft.hit)
+        stats.record_round(depth, len(path), draft.source)
         generated += draft.tokens[: len(path)] + [next_token]
         if not stop.finished(generated):
             draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds)

@@ -8,7 +8,9 @@ and drafts K tokens continuing prefix + d_1..d_k + t for every such guess. All B
 together, one batched forward per step, each attending to the shared prefix up to its own k plus
 its own tokens (a tree mask over the drafter's cache). When the outcome arrives:
   * hit  - the branch's K tokens are the next draft, ready now; its KV entries are kept;
-  * miss - the drafter rolls back to prefix + d_1..d_k + t* and drafts K tokens afresh (backup).
+  * miss - the drafter rolls back to prefix + d_1..d_k + t* and a backup proposes the next draft:
+    prompt lookup (copying from the sequence, free) or the model drafting K tokens afresh,
+    whichever has given more tokens per second so far.
 Each draft carries the distributions its tokens were drawn from, which sampled verification needs.
 
 Saguaro sampling (do_sample=True): drafts are drawn from q' = q with its top-F tokens scaled by C
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .drafters import lookup_continuation
 from .fanout import geometric_fanout
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
@@ -33,9 +36,13 @@ from .tree import TokenTree
 @dataclass
 class Draft:
     tokens: list[int]
-    probs: torch.Tensor | None  # [K, V]: what tokens[i] was drawn from (None when greedy)
-    hit: bool = False  # came from the speculation cache
+    probs: torch.Tensor | None  # [len, V]: what tokens[i] was drawn from; None when greedy or copied
+    source: str = "model"  # "cache" (a pre-speculated branch), "model" or "lookup" (backups)
     busy_seconds: float = 0.0  # drafter compute since the previous draft was handed over
+
+    @property
+    def hit(self) -> bool:
+        return self.source == "cache"
 
 
 class PreSpeculator:
@@ -50,9 +57,13 @@ class PreSpeculator:
         self.vocab_size = vocab_size
         self.reshape_c, self.reshape_top = reshape_c, reshape_top
         self.accepted_total, self.rejected_total = 1, 1  # a weak prior: acceptance 0.5
+        # Per backup kind: [rounds, accepted drafts], with one optimistic pseudo-round each.
+        self.backup_record = {"lookup": [1, 1.0], "model": [1, 1.0]}
+        self.verify_seconds = self.model_draft_seconds = 0.0
         self.committed: list[int] = []
         self.draft: Draft | None = None
-        self._position_probs: list[torch.Tensor] = []  # shaped q at draft positions 0..K-1
+        self._position_probs: list[torch.Tensor] = []  # shaped q at the draft positions the drafter made
+        self._chain_len = 0  # draft tokens that pre-speculation hung the branches on
         self._branches: dict[tuple[int, int], int] = {}
         self._branch_drafts: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
         self._busy = 0.0
@@ -66,7 +77,7 @@ class PreSpeculator:
         self.runner.reset()
         self.committed = list(committed)
         self._branches = {}
-        return self._hand_over(self._chain_draft(), start)
+        return self._hand_over(self._model_draft(), start)
 
     def resolve(self, accepted: int, next_token: int, verify_seconds: float | None = None) -> Draft:
         """The target accepted `accepted` drafts, then emitted `next_token`: return the next draft."""
@@ -75,18 +86,16 @@ class PreSpeculator:
         branch = self._branches.get((accepted, next_token))
         base = len(self.committed)
         self.committed += self.draft.tokens[:accepted] + [next_token]
+        self._branches, branches = {}, self._branch_drafts
         if branch is None:
             self.runner.rollback(base + accepted)
-            self._branches = {}
-            return self._hand_over(self._chain_draft(), start)
-        tokens, probs, position_probs = self._branch_drafts[branch]
-        k, b = self.lookahead, len(self._branch_drafts)
+            return self._hand_over(self._backup(), start)
+        tokens, probs, position_probs = branches[branch]
         # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{K-1}.
-        self.runner.commit_path(base, list(range(accepted)) + [k + step * b + branch for step in range(k)])
-        self._branches = {}
+        fed = [self._chain_len + step * len(branches) + branch for step in range(self.lookahead)]
+        self.runner.commit_path(base, list(range(accepted)) + fed)
         self._position_probs = position_probs
-        draft = Draft(tokens, torch.stack(probs) if probs else None, hit=True)
-        return self._hand_over(draft, start)
+        return self._hand_over(Draft(tokens, torch.stack(probs) if probs else None, "cache"), start)
 
     def _hand_over(self, draft: Draft, start: float) -> Draft:
         draft.busy_seconds = self._busy + time.perf_counter() - start
@@ -97,12 +106,18 @@ class PreSpeculator:
     def _learn(self, accepted: int, verify_seconds: float | None) -> None:
         self.accepted_total += accepted
         self.rejected_total += accepted < len(self.draft.tokens)
-        # Keep pre-speculation within one verification: that is what makes a hit free.
-        if self.adaptive_budget and verify_seconds and self.prespeculation_seconds:
-            if self.prespeculation_seconds > verify_seconds:
-                self.budget = max(self.lookahead + 1, self.budget - 1)
-            elif self.prespeculation_seconds < 0.8 * verify_seconds:
-                self.budget = min(8 * (self.lookahead + 1), self.budget + 1)
+        if self.draft.source in self.backup_record:
+            record = self.backup_record[self.draft.source]
+            record[0] += 1
+            record[1] += accepted
+        if verify_seconds:
+            self.verify_seconds = verify_seconds
+            # Keep pre-speculation within one verification: that is what makes a hit free.
+            if self.adaptive_budget and self.prespeculation_seconds:
+                if self.prespeculation_seconds > verify_seconds:
+                    self.budget = max(self.lookahead + 1, self.budget - 1)
+                elif self.prespeculation_seconds < 0.8 * verify_seconds:
+                    self.budget = min(8 * (self.lookahead + 1), self.budget + 1)
 
     @property
     def acceptance(self) -> float:
@@ -122,8 +137,23 @@ class PreSpeculator:
             probs = probs / probs.sum(-1, keepdim=True)
         return self.sampler.draw(probs), probs
 
-    def _chain_draft(self) -> Draft:
-        """The backup: K tokens, one drafter forward each, continuing the committed sequence."""
+    def _backup(self) -> Draft:
+        """After a miss: copy from the sequence (free) or draft with the model (K drafter steps),
+        whichever has given more tokens per second: (accepted per round + 1) / round time."""
+        copied = lookup_continuation(self.committed, self.lookahead)
+
+        def rate(kind: str, cost: float) -> float:
+            rounds, accepted = self.backup_record[kind]
+            return (accepted / rounds + 1) / (self.verify_seconds + cost + 1e-9)
+
+        if copied and rate("lookup", 0.0) >= rate("model", self.model_draft_seconds):
+            self._position_probs = []
+            return Draft(copied, None, "lookup")
+        return self._model_draft()
+
+    def _model_draft(self) -> Draft:
+        """K tokens, one drafter forward each, continuing the committed sequence."""
+        start = time.perf_counter()
         logits = self.runner.forward(self.committed[self.runner.length :], last_only=True)[-1]
         tokens, probs, self._position_probs = [], [], []
         for i in range(self.lookahead):
@@ -134,7 +164,20 @@ class PreSpeculator:
             self._position_probs.append(shaped)
             if i + 1 < self.lookahead:
                 logits = self.runner.forward([tokens[-1]])[-1]
-        return Draft(tokens, None if self.sampler.greedy else torch.stack(probs))
+        self.model_draft_seconds = time.perf_counter() - start
+        return Draft(tokens, None if self.sampler.greedy else torch.stack(probs), "model")
+
+    def _distributions_along_draft(self) -> list[torch.Tensor]:
+        """The drafter's shaped q at positions 0..len(draft): after the last committed token and
+        after each draft token. Feeds whatever the cache lacks (all of it for a copied draft)."""
+        drafts = self.draft.tokens
+        known = self._position_probs
+        pending = self.committed[self.runner.length :]
+        if pending:
+            known = [self._shaped(self.runner.forward(pending, last_only=True)[-1])]
+        fed = self.runner.length - len(self.committed)
+        logits = self.runner.forward(drafts[fed:], TokenTree.chain(len(drafts)), cached_nodes=fed)
+        return known[: fed + 1] + list(self._shaped(logits))
 
     def prespeculate(self, should_stop=lambda: False) -> None:
         """Draft K tokens for each likely outcome of verifying self.draft; one batched forward per step.
@@ -142,22 +185,20 @@ class PreSpeculator:
         `should_stop` is polled between steps: the caller aborts when the sequence is over.
         """
         start = time.perf_counter()
-        k_max, drafts = self.lookahead, self.draft.tokens
-        chain = TokenTree.chain(k_max)
-        # The drafter's distribution after d_K (d_1..d_{K-1} are already in its cache).
-        last = self._shaped(self.runner.forward(drafts[-1:], chain, cached_nodes=k_max - 1)[-1])
-        position_probs = self._position_probs + [last]
+        drafts = self.draft.tokens
+        position_probs = self._distributions_along_draft()
+        self._chain_len = len(drafts)
         outcomes = []
-        for k, fan in enumerate(geometric_fanout(self.budget, k_max, self.acceptance)):
+        for k, fan in enumerate(geometric_fanout(self.budget, len(drafts), self.acceptance)):
             probs = position_probs[k].clone()
-            if k < k_max:
+            if k < len(drafts):
                 probs[drafts[k]] = 0  # a rejected d_{k+1} is never the correction
             top = probs.topk(fan)
             outcomes += [(k, int(t)) for t, p in zip(top.indices, top.values) if p > 0]
-        tree = chain.extend([k - 1 for k, _ in outcomes])
+        tree = TokenTree.chain(len(drafts)).extend([k - 1 for k, _ in outcomes])
         feed = [t for _, t in outcomes]
         branches = [([], [], []) for _ in outcomes]
-        for step in range(k_max):
+        for step in range(self.lookahead):
             if should_stop():
                 return
             shaped = self._shaped(self.runner.forward(feed, tree, cached_nodes=len(tree) - len(feed)))
@@ -167,7 +208,7 @@ class PreSpeculator:
                 branch_position.append(shaped[i])
                 if drawn_from is not None:
                     branch_probs.append(drawn_from[i])
-            if step + 1 < k_max:  # b_K is fed after a hit, with the next pre-speculation
+            if step + 1 < self.lookahead:  # b_K is fed after a hit, with the next pre-speculation
                 first_new = len(tree)
                 tree = tree.extend(range(first_new - len(feed), first_new))
                 feed = tokens.tolist()

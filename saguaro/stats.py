@@ -14,6 +14,7 @@ class GenerationStats:
     accepted: int = 0
     accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that accepted n drafts
     hits: int = 0  # rounds whose draft came from the speculation cache (method "saguaro")
+    lookup_backups: int = 0  # rounds whose draft was copied from the sequence after a miss
     worker_failures: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # the target waiting for drafts
@@ -21,9 +22,10 @@ class GenerationStats:
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
 
-    def record_round(self, drafted: int, accepted: int, hit: bool = False) -> None:
+    def record_round(self, drafted: int, accepted: int, source: str = "model") -> None:
         self.rounds += 1
-        self.hits += hit
+        self.hits += source == "cache"
+        self.lookup_backups += source == "lookup"
         self.drafted += drafted
         self.accepted += accepted
         if len(self.accepted_histogram) <= accepted:

@@ -74,6 +74,24 @@ class TokenTree:
         return TokenTree(self.parents + tuple(parents))
 
 
+@dataclass(frozen=True)
+class DynamicTree:
+    """A tree shaped while drafting, where the drafter is confident (EAGLE-2 style).
+
+    Level by level, every frontier node offers its top_k children; the offers with the highest
+    cumulative draft probability (the product of q along the path) are kept: at most top_k per
+    level, at most budget nodes in all, over at most `depth` levels.
+    """
+
+    depth: int = 4
+    top_k: int = 4
+    budget: int = 16
+
+    def __post_init__(self):
+        if min(self.depth, self.top_k, self.budget) < 1:
+            raise ValueError(f"DynamicTree needs depth, top_k and budget >= 1, got {self}")
+
+
 def static_tree(branching: list[int]) -> TokenTree:
     """Every node at depth d gets branching[d] children: [4, 2, 1] -> 4 + 8 + 8 nodes."""
     parents: list[int] = []

@@ -59,7 +59,8 @@ def test_draft_with_larger_vocabulary():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("branching", [[3, 2, 1], [1, 1, 1, 1], [4]])
+@pytest.mark.parametrize("branching", [[3, 2, 1], [1, 1, 1, 1], [4], saguaro.DynamicTree(4, 3, 10)],
+                         ids=["static", "chain", "one-level", "dynamic"])
 def test_tree_greedy_matches_target(arch, branching):
     target = tiny_model(arch, seed=0)
     draft = perturbed_copy(target, 0.01)
@@ -67,7 +68,8 @@ def test_tree_greedy_matches_target(arch, branching):
     out = saguaro.generate(target, PROMPT, draft_model=draft, method="tree", tree_branching=branching,
                            max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
     assert out.sequences.tolist() == expected.tolist()
-    assert max(len(out.stats.accepted_histogram) - 1, 0) <= len(branching)
+    depth = branching.depth if isinstance(branching, saguaro.DynamicTree) else len(branching)
+    assert len(out.stats.accepted_histogram) - 1 <= depth
 
 
 def test_tree_accepts_more_than_chain_with_a_weak_draft():
@@ -92,3 +94,33 @@ def test_tree_with_tree_attention_kernel_matches_target(arch):
     out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.01), method="tree",
                            tree_branching=[3, 2, 1], max_new_tokens=40, eos_token_id=[])
     assert out.tolist() == expected.tolist()
+
+
+def test_best_prefixes_keeps_siblings_in_draw_order():
+    from saguaro.drafters import best_prefixes
+
+    offers = [[(10, None, 0.2), (11, None, 0.7)], [(20, None, 0.5), (21, None, 0.4)]]
+    # Sibling 11 scores best but comes after 10 in draw order: it can only follow 10.
+    assert best_prefixes(offers, [1.0, 1.0], 1) == [(1, 0)]
+    assert best_prefixes(offers, [1.0, 1.0], 3) == [(0, 0), (1, 0), (1, 1)]
+    assert best_prefixes(offers, [1.0, 0.1], 2) == [(0, 0), (0, 1)]
+    assert best_prefixes(offers, [1.0, 1.0], None) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_prompt_lookup_greedy_matches_target(arch):
+    target = tiny_model(arch, seed=0)
+    expected = hf_greedy(target, PROMPT, 48, eos_token_id=[])
+    out = saguaro.generate(target, PROMPT, method="prompt_lookup", max_new_tokens=48, eos_token_id=[],
+                           return_dict_in_generate=True)
+    assert out.sequences.tolist() == expected.tolist()
+    assert out.stats.accepted > 0  # random tiny models loop, so copying from the sequence pays
+
+
+def test_lookup_continuation_prefers_the_longest_latest_match():
+    from saguaro.drafters import lookup_continuation
+
+    tokens = [5, 6, 7, 1, 5, 6, 8, 2, 6, 7, 3, 5, 6]
+    assert lookup_continuation(tokens, 3) == [8, 2, 6]  # "5 6" last seen before "8 2 6"
+    assert lookup_continuation(tokens + [7], 2) == [1, 5]  # "5 6 7" (at the start) beats the later "6 7"
+    assert lookup_continuation([1, 2, 3], 4) == []

@@ -140,3 +140,13 @@ def test_geometric_fanout_follows_acceptance():
     assert high[-1] > low[-1]
     with pytest.raises(ValueError, match="budget"):
         geometric_fanout(3, 4, 0.5)
+
+
+def test_misses_fall_back_to_prompt_lookup_when_it_pays():
+    # Tiny random models loop, so copying from the sequence is often right: after a miss the
+    # drafter should use it, and the output must stay the target's.
+    target = tiny_model("llama", seed=0)
+    out = saguaro.generate(target, PROMPT, draft_model=tiny_model("llama", seed=7), method="saguaro",
+                           max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
+    assert out.sequences.tolist() == hf_greedy(target, 60)
+    assert out.stats.lookup_backups > 0

@@ -9,6 +9,7 @@ from conftest import tiny_model
 from stats_helpers import chi_square_pvalue, reference_probs
 
 import saguaro
+from saguaro import engines
 from saguaro.drafters import ModelDrafter, Proposal
 from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig, TokenSampler
@@ -67,19 +68,19 @@ def exact_joint(model, length: int, **shaping) -> torch.Tensor:
 
 
 def sample_counts(target, draft, samples: int, seed: int, method="speculative", options=None,
-                  **shaping) -> torch.Tensor:
+                  tree=(3, 1), **shaping) -> torch.Tensor:
     """Counts of the first three generated tokens.
 
     max_new_tokens=4: the first token comes from the prefill, the next from a round of two drafts
     (accept both + bonus, accept one + correction, or a correction at once) and, after a
-    rejection, from the next round. With method="tree" the first round is a tree of 3 siblings,
-    each with one child; with method="saguaro" the next round's draft comes from the speculation
+    rejection, from the next round. With method="tree" the first round is a tree of shape `tree`
+    (by default 3 siblings, each with one child); with method="saguaro" the next round's draft comes from the speculation
     cache on a hit.
     """
     counts = torch.zeros([VOCAB] * 3)
     torch.manual_seed(seed)
     with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=2,
-                                      tree_branching=[3, 1], **(options or {})) as generator:
+                                      tree_branching=tree, **(options or {})) as generator:
         for _ in range(samples):
             out = generator.generate(torch.tensor([PROMPT]), max_new_tokens=4, do_sample=True, eos_token_id=[],
                                      **shaping)
@@ -167,10 +168,12 @@ def test_tree_verification_test_catches_unrenormalised_sibling_q():
     assert chi_square_pvalue(first, p0) < FAIL_P
 
 
-def test_tree_sampling_matches_target_distribution(pair):
+@pytest.mark.parametrize("tree", [[3, 1], saguaro.DynamicTree(depth=2, top_k=3, budget=4)], ids=["static", "dynamic"])
+def test_tree_sampling_matches_target_distribution(pair, tree):
+    # The dynamic tree keeps the likeliest sampled siblings, always a prefix of each node's draws.
     target, draft = pair
     shaping = dict(temperature=0.9, top_k=4)
-    counts = sample_counts(target, draft, samples=1500, seed=12, method="tree", **shaping)
+    counts = sample_counts(target, draft, samples=1500, seed=12, method="tree", tree=tree, **shaping)
     assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
 
 
@@ -198,4 +201,19 @@ def test_saguaro_test_catches_verifying_with_the_unreshaped_q(pair, monkeypatch)
     monkeypatch.setattr(PreSpeculator, "_draw", draw_reshaped_report_original)  # fork carries it to the worker
     target, draft = pair
     counts = sample_counts(target, draft, samples=1500, seed=13, method="saguaro", options=SAGUARO)
+    assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
+
+
+def test_prompt_lookup_sampling_matches_target_distribution(pair):
+    # Copied drafts are deterministic proposals, verified as q = one-hot(x).
+    target, _ = pair
+    counts = sample_counts(target, None, samples=1500, seed=14, method="prompt_lookup")
+    assert chi_square_pvalue(counts, exact_joint(target, 3)) > PASS_P
+
+
+def test_prompt_lookup_test_catches_argmax_style_verification(pair, monkeypatch):
+    # Treating a copied token as if drawn from the uniform distribution is one way to get it wrong.
+    monkeypatch.setattr(engines, "one_hot_probs", lambda tokens, width: torch.full((len(tokens), width), 1 / width))
+    target, _ = pair
+    counts = sample_counts(target, None, samples=1500, seed=14, method="prompt_lookup")
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
