@@ -52,6 +52,8 @@ def _serve(conn: Connection, make_speculator) -> None:
             speculator.prespeculate(sequence_over)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the generator is gone
+    finally:
+        conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
 
 
 def _process_main(conn, threads, model, speculator_kwargs) -> None:
