@@ -13,7 +13,7 @@ from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
 from .tree import DynamicTree, static_tree
-from .workers import DraftWorker
+from .workers import PLACEMENTS, DraftWorker
 
 METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup")
 MODEL_FREE = ("autoregressive", "prompt_lookup")
@@ -77,6 +77,8 @@ class SpeculativeGenerator:
             raise ValueError(
                 f"tree_branching must be a non-empty list of positive ints or a saguaro.DynamicTree, got {tree_branching!r}"
             )
+        if placement not in (None, *PLACEMENTS):
+            raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
         if not 0 < saguaro_reshape <= 1:
             raise ValueError(f"saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], got {saguaro_reshape}")
         self.target, self.draft_model, self.method = target, draft_model, method

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -147,7 +148,15 @@ def setup_description(args) -> dict:
             "max_new_tokens": args.max_new_tokens, "num_speculative_tokens": args.num_speculative_tokens,
             "tree_branching": args.tree_branching,
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()}
+            "machine": f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} logical CPUs)"}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def print_table(summary: dict) -> None:

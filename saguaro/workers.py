@@ -23,6 +23,9 @@ from .prespeculation import Draft, PreSpeculator
 from .sampling import SamplingConfig
 
 
+PLACEMENTS = ("process", "thread", "inline")
+
+
 class WorkerFailed(RuntimeError):
     """The drafter worker died, or did not answer within its timeout."""
 
@@ -75,8 +78,8 @@ class DraftWorker:
 
     def __init__(self, model, placement: str = "process", timeout: float = 60.0, threads: int = 1,
                  start_method: str | None = None, **speculator_kwargs):
-        if placement not in ("process", "thread", "inline"):
-            raise ValueError(f"unknown placement {placement!r}; use 'process', 'thread' or 'inline'")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
         self.placement, self.timeout = placement, timeout
         self._inline = PreSpeculator(model, **speculator_kwargs) if placement == "inline" else None
         self._conn = self._process = self._thread = None
