@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.logits_process import LogitsProcessorList
 
+from .cost_model import LookaheadController
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
 from .runner import ModelRunner
@@ -16,6 +18,10 @@ from .tree import DynamicTree, static_tree
 from .workers import PLACEMENTS, DraftWorker
 
 METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup")
+SCHEDULES = ("adaptive", "constant")
+# How drafting time grows with the draft length, per method whose chain length adapts. Saguaro's
+# drafter works while the target verifies: the target waits once per round, whatever the length.
+ADAPTIVE_DRAFT_COST = {"speculative": "per_token", "prompt_lookup": "free", "saguaro": "per_round"}
 MODEL_FREE = ("autoregressive", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
 
@@ -23,7 +29,8 @@ DEFAULT_TREE = (2, 2, 1, 1)
 @dataclass
 class GenerateOutput:
     sequences: torch.LongTensor  # [batch, prompt + new], like HF generate()
-    stats: GenerationStats
+    stats: GenerationStats  # the row's, or all rows' merged
+    row_stats: list[GenerationStats] = field(default_factory=list)
 
 
 def _eos_ids(eos_token_id, model) -> frozenset[int]:
@@ -36,20 +43,60 @@ def _eos_ids(eos_token_id, model) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _prompt_ids(input_ids) -> list[int]:
+def _prompt_rows(input_ids, attention_mask) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+    """[batch, length] ids (+ mask) -> (ids, each row's prompt without padding, each row's pad count)."""
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
-    if ids.shape[0] != 1:
-        raise NotImplementedError(
-            f"saguaro.generate handles batch size 1 for now, got {ids.shape[0]} rows; "
-            "call it once per prompt"
-        )
     if ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
-    return ids[0].tolist()
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
+    rows, pads = [], []
+    for row, row_mask in zip(ids.tolist(), mask.tolist()):
+        pad = len(row_mask) - sum(row_mask)
+        if any(row_mask[:pad]) or not all(row_mask[pad:]):
+            raise ValueError(
+                "attention_mask must be left padding (zeros first, then ones): decoder-only generation appends "
+                "after the last token. Set tokenizer.padding_side = 'left' before tokenizing the batch"
+            )
+        if pad == len(row):
+            raise ValueError("a row of input_ids is all padding: every prompt needs at least one token")
+        rows.append(row[pad:])
+        pads.append(pad)
+    return ids, rows, pads
+
+
+def _check_pair(target, draft_model, draft_device) -> None:
+    """Clear errors for a draft model that cannot serve this target."""
+    if draft_model is None:
+        return
+    for model, role in ((target, "target"), (draft_model, "draft_model")):
+        if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
+            raise TypeError(f"{role} ({type(model).__name__}) is not a decoder-only causal LM; load it with "
+                            "AutoModelForCausalLM")
+    if draft_model.device != target.device and (draft_device is None or torch.device(draft_device) != draft_model.device):
+        raise ValueError(
+            f"draft_model is on {draft_model.device} but the target on {target.device}; move the draft with "
+            f".to('{target.device}'), or pass draft_device='{draft_model.device}' to draft there on purpose "
+            "(only token ids and draft probabilities cross devices)"
+        )
+    # Families pad their embedding tables differently (Qwen2.5: 151936 vs 152064 rows for one
+    # 151665-token tokenizer), so sizes may differ a little; a different tokenizer differs a lot,
+    # or in its special tokens.
+    sizes = target.config.vocab_size, draft_model.config.vocab_size
+    if min(sizes) < 0.95 * max(sizes):
+        raise ValueError(
+            f"target and draft vocabularies differ ({sizes[0]} vs {sizes[1]} entries): the draft must share "
+            "the target's tokenizer (e.g. a smaller model of the same family)"
+        )
+    for name in ("eos_token_id", "bos_token_id"):
+        ids = [getattr(getattr(m, "generation_config", None), name, None) for m in (target, draft_model)]
+        ids = [frozenset([i] if isinstance(i, int) else i) for i in ids if i is not None]
+        if len(ids) == 2 and not ids[0] & ids[1]:
+            raise ValueError(f"target and draft disagree on {name} ({set(ids[0])} vs {set(ids[1])}): "
+                             "they do not share a tokenizer")
 
 
 class SpeculativeGenerator:
@@ -62,13 +109,15 @@ class SpeculativeGenerator:
 
     def __init__(self, target, draft_model=None, method: str = "speculative", num_speculative_tokens: int = 4,
                  tree_branching=DEFAULT_TREE, placement: str | None = None, saguaro_budget: int | None = None,
-                 saguaro_reshape: float = 1.0, worker_timeout: float = 60.0):
+                 saguaro_reshape: float = 1.0, worker_timeout: float = 60.0, speculation_schedule: str = "adaptive",
+                 draft_device: str | torch.device | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in MODEL_FREE and draft_model is None:
             raise ValueError(
                 f"method={method!r} needs a draft_model (or use a model-free method: {', '.join(MODEL_FREE)})"
             )
+        _check_pair(target, draft_model if method not in MODEL_FREE else None, draft_device)
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
         if method == "tree" and not isinstance(tree_branching, DynamicTree) and (
@@ -79,6 +128,8 @@ class SpeculativeGenerator:
             )
         if placement not in (None, *PLACEMENTS):
             raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+        if speculation_schedule not in SCHEDULES:
+            raise ValueError(f"unknown speculation_schedule {speculation_schedule!r}; use one of {', '.join(SCHEDULES)}")
         if not 0 < saguaro_reshape <= 1:
             raise ValueError(f"saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], got {saguaro_reshape}")
         self.target, self.draft_model, self.method = target, draft_model, method
@@ -92,6 +143,10 @@ class SpeculativeGenerator:
                                        vocab_size=target.config.vocab_size, reshape_c=saguaro_reshape)
         self._worker: DraftWorker | None = None
         self._finalizer = None
+        # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
+        self.lookahead = None
+        if speculation_schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
+            self.lookahead = LookaheadController(num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
 
     def _draft_worker(self) -> DraftWorker:
         if self._worker is None:
@@ -127,34 +182,74 @@ class SpeculativeGenerator:
 
     def generate(self, input_ids, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 return_dict_in_generate: bool = False, generator: torch.Generator | None = None):
-        """See `saguaro.generate`."""
+                 return_dict_in_generate: bool = False, generator: torch.Generator | None = None, *,
+                 attention_mask=None, pad_token_id: int | None = None, logits_processor=None,
+                 stopping_criteria=None, streamer=None):
+        """See `saguaro.generate`. Rows of a batch (left-padded, per `attention_mask`) are generated
+        one after another, each exactly as alone; finished rows are padded with pad_token_id.
+        `logits_processor` (HF processors applied to the target's scores, each position with its own
+        history) is one LogitsProcessorList for all rows or a list of them, one per row."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        prompt = _prompt_ids(input_ids)
+        ids, prompts, pads = _prompt_rows(input_ids, attention_mask)
+        if streamer is not None and len(prompts) > 1:
+            raise ValueError("a streamer takes one sequence: stream with batch size 1, or drop streamer=")
+        limit = getattr(self.target.config, "max_position_embeddings", None)
+        longest = max(len(p) for p in prompts)
+        if limit and longest + max_new_tokens > limit:
+            raise ValueError(
+                f"a {longest}-token prompt + max_new_tokens={max_new_tokens} exceeds the target's "
+                f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+            )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-        sampler = TokenSampler(sampling, generator)
-        stop = StopRule(max_new_tokens, _eos_ids(eos_token_id, self.target))
+        eos = _eos_ids(eos_token_id, self.target)
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        if logits_processor is None or isinstance(logits_processor, LogitsProcessorList):
+            logits_processor = [logits_processor] * len(prompts)
+        results = []
+        for prompt, pad, processors in zip(prompts, pads, logits_processor):
+            sampler = TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
+            stop = StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
+            results.append(self._generate_one(prompt, sampler, stop))
+        if streamer is not None:
+            streamer.end()
+
+        width = max(len(new) for new, _ in results)
+        if width > min(len(new) for new, _ in results) and pad_token_id is None:
+            pad_token_id = next(iter(sorted(eos)), None)
+            if pad_token_id is None:
+                raise ValueError("rows ended at different lengths and there is no pad_token_id (or EOS) to fill "
+                                 "the shorter ones; pass pad_token_id=")
+        tail = torch.full((ids.shape[0], width), pad_token_id if pad_token_id is not None else 0, dtype=torch.long)
+        for row, (new, _) in enumerate(results):
+            tail[row, : len(new)] = torch.tensor(new, dtype=torch.long)
+        sequences = torch.cat([ids.cpu(), tail], dim=1).to(ids.device)
+        if not return_dict_in_generate:
+            return sequences
+        rows = [stats for _, stats in results]
+        return GenerateOutput(sequences, rows[0] if len(rows) == 1 else GenerationStats.merge(rows), rows)
+
+    def _generate_one(self, prompt: list[int], sampler: TokenSampler, stop: StopRule) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
-        capacity = len(prompt) + max_new_tokens + tree_size + 1
+        capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
         runner = ModelRunner(self.target, capacity)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
-
         start = time.perf_counter()
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
         elif self.method == "prompt_lookup":
-            new = speculative(runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth)
+            new = speculative(runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead)
         elif self.method == "saguaro":
-            new = saguaro(runner, self._draft_worker(), prompt, sampler, stop, stats, self._inline_worker)
+            new = saguaro(runner, self._draft_worker(), prompt, sampler, stop, stats, self._inline_worker,
+                          self.lookahead)
         else:
-            drafter = ModelDrafter(self.draft_model, sampler, self.target.config.vocab_size, capacity, self.tree_shape)
-            new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth)
+            drafter = ModelDrafter(self.draft_model, sampler.drafting(), self.target.config.vocab_size, capacity,
+                                   self.tree_shape)
+            new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
-
-        sequences = torch.tensor([prompt + new], dtype=torch.long, device=torch.as_tensor(input_ids).device)
-        return GenerateOutput(sequences, stats) if return_dict_in_generate else sequences
+        return new, stats
 
 
 def generate(
@@ -172,24 +267,36 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     return_dict_in_generate: bool = False,
     generator: torch.Generator | None = None,
+    *,
+    attention_mask=None,
+    pad_token_id: int | None = None,
+    streamer=None,
     **saguaro_options,
 ):
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
-    method: "autoregressive" (no draft), "speculative" (a chain of num_speculative_tokens drafts per
-    round), "prompt_lookup" (model-free: drafts copied from the sequence itself), "tree" (a draft tree with tree_branching[d] children per node at depth d, or a
-    saguaro.DynamicTree grown where the drafter is confident; verified in one target forward
-    with a tree attention mask) or "saguaro" (speculative speculative
-    decoding: the drafter prepares the next draft for the likely verification outcomes while the
-    target verifies; options placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=).
+    method: "autoregressive" (no draft), "speculative" (a chain of up to num_speculative_tokens
+    drafts per round), "prompt_lookup" (model-free: drafts copied from the sequence itself),
+    "tree" (a draft tree with tree_branching[d] children per node at depth d, or a
+    saguaro.DynamicTree grown where the drafter is confident; verified in one target forward with
+    a tree attention mask) or "saguaro" (speculative speculative decoding: the drafter prepares
+    the next draft for the likely verification outcomes while the target verifies; options
+    placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=, draft_device=).
+    With speculation_schedule="adaptive" (default) each round drafts the length that maximises
+    measured tokens/s (0 = a plain target step when speculation loses, as on CPUs where verifying
+    T tokens costs ~T steps); "constant" always drafts num_speculative_tokens.
     Greedy output is token-for-token the target's greedy `generate()`; with do_sample=True the
     output has exactly the target's sampling distribution (temperature / top_k / top_p as in HF).
-    Returns a LongTensor [1, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
+    A batch is left-padded per `attention_mask`; `streamer` gets tokens as rounds accept them.
+    Returns a LongTensor [batch, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible.
-    For many calls with method="saguaro", keep one `SpeculativeGenerator`: its worker starts once.
+    For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
+    the model with `saguaro.enable` and call `model.generate` as usual.
     """
     with SpeculativeGenerator(target, draft_model, method, num_speculative_tokens, tree_branching,
                               **saguaro_options) as speculative_generator:
         return speculative_generator.generate(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                              eos_token_id, return_dict_in_generate, generator)
+                                              eos_token_id, return_dict_in_generate, generator,
+                                              attention_mask=attention_mask, pad_token_id=pad_token_id,
+                                              streamer=streamer)

@@ -3,31 +3,42 @@
 All methods run in one process on the same prompts, interleaved per prompt, so the ratios compare
 like with like on a machine whose speed drifts. Greedy outputs are checked against HF greedy: in
 fp32 they must be identical; in bf16 a kernel's different summation order can flip a near-tie,
-and any such mismatch is reported, never hidden.
+and any such mismatch is reported, never hidden. Beside the runs it measures step costs (a
+forward over T tokens, per model and thread count) and checks the cost model against the runs:
+each run's time is predicted from those step costs and the forwards its acceptance led to.
 
     saguaro bench --target DIR --draft DIR [--dtype bfloat16] [--num-prompts 3] [--out results.json]
+    saguaro bench --random-weights --target CONFIG_DIR --draft CONFIG_DIR --device cuda \\
+                  --acceptance-from results.json     # GPU step costs + projected speedups
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from . import cost_model, report, step_costs
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
+SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro")
+SAMPLED = "+sample"  # suffix: the same method with do_sample=True
+DEFAULT_METHODS = HF_METHODS + SAGUARO_METHODS + ("speculative+sample", "saguaro+sample")
 STAT_KEYS = ("mean_accepted_length", "acceptance_rate", "accepted_histogram", "hit_rate", "prefill_seconds",
-             "draft_seconds", "verify_seconds", "drafter_busy_seconds", "rounds", "target_idle_fraction")
-DEFAULT_METHODS = HF_METHODS + ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro")
+             "draft_seconds", "verify_seconds", "drafter_busy_seconds", "rounds", "target_idle_fraction", "round_log")
+STEP_TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
+PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.jsonl"
 
 
 def load_prompts(path: str | None, limit: int | None) -> list[dict]:
-    text = Path(path).read_text() if path else resources.files("saguaro").joinpath("prompts.jsonl").read_text()
+    text = Path(path or PROMPTS_FILE).read_text()
     prompts = [json.loads(line) for line in text.splitlines() if line.strip()]
     if limit:
         # Round-robin over kinds so a short run still sees code, chat and summaries.
@@ -48,7 +59,7 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 def plain_greedy_config(model):
     """The model's generation config with its sampling defaults removed (Qwen ships top_p, top_k,
-    repetition_penalty): every method is measured on the same plain greedy decoding."""
+    repetition_penalty): every method is measured on the same plain decoding."""
     from transformers import GenerationConfig
 
     old = model.generation_config
@@ -56,20 +67,67 @@ def plain_greedy_config(model):
                             pad_token_id=old.pad_token_id if old.pad_token_id is not None else old.eos_token_id)
 
 
-def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int):
-    """Returns (new token ids, seconds, saguaro stats or {})."""
+@contextlib.contextmanager
+def forward_trace(**models):
+    """Records the new-token count of every forward of each named model: {"<name>_tokens": [T, ...]}."""
+    trace, handles = {}, []
+    for name, model in models.items():
+        counts = trace.setdefault(f"{name}_tokens", [])
+
+        def hook(module, args, kwargs, counts=counts):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None:
+                counts.append(int(ids.numel()))
+
+        handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def base_method(method: str) -> str:
+    return method.removesuffix(SAMPLED)
+
+
+def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int,
+               temperature: float):
+    """Returns (new token ids, seconds, saguaro stats or {}, forward trace)."""
     # Saguaro's target runs on one core while its drafter process uses another; every other
     # method gets all `threads`.
-    torch.set_num_threads(1 if method == "saguaro" else threads)
-    start = time.perf_counter()
-    if method in HF_METHODS:
-        target, draft = generators["models"]
-        extra = {"assistant_model": draft} if method == "hf_assisted" else {}
-        out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                              do_sample=False, **extra)
-        return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start, {}
-    result = generators[method].generate(ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True)
-    return result.sequences[0, ids.shape[1] :].tolist(), time.perf_counter() - start, result.stats.as_dict()
+    torch.set_num_threads(1 if base_method(method) == "saguaro" else threads)
+    target, draft = generators["models"]
+    sampling = {"do_sample": True, "temperature": temperature} if method.endswith(SAMPLED) else {}
+    traced = {"target": target} if base_method(method) == "saguaro" else {"target": target, "draft": draft}
+    with forward_trace(**traced) as trace:
+        start = time.perf_counter()
+        if method in HF_METHODS:
+            extra = {"assistant_model": draft} if method == "hf_assisted" else {}
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, **extra)
+            return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start, {}, trace
+        result = generators[method].generate(ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                             **sampling)
+        seconds = time.perf_counter() - start
+    return result.sequences[0, ids.shape[1] :].tolist(), seconds, result.stats.as_dict(), trace
+
+
+def measure_costs(target, draft, threads: int, repeats: int) -> dict[str, cost_model.CostCurve]:
+    """Step-cost curves at the thread counts the methods use: all threads, and one (Saguaro)."""
+    curves = {}
+    for name, model in (("target", target), ("draft", draft)):
+        for n in sorted({1, threads}):
+            torch.set_num_threads(n)
+            curves[f"{name}@{n}"] = step_costs.forward_costs(model, list(STEP_TOKENS), repeats)
+    torch.set_num_threads(threads)
+    return curves
+
+
+def predicted_seconds(method: str, trace: dict, stats: dict, curves: dict, threads: int, lookahead: int) -> float:
+    n = 1 if base_method(method) == "saguaro" else threads
+    trace = {**trace, "rounds": stats.get("round_log", []), "prompt_tokens": stats.get("prompt_tokens", 0)}
+    return cost_model.predict_run_seconds(base_method(method), trace, curves[f"target@{n}"], curves["draft@1" if n == 1 else f"draft@{n}"], lookahead)
 
 
 def benchmark(args) -> dict:
@@ -79,7 +137,7 @@ def benchmark(args) -> dict:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval()
     target.generation_config = plain_greedy_config(target)
@@ -88,51 +146,91 @@ def benchmark(args) -> dict:
     methods = args.methods
     generators = {"models": (target, draft)}
     for method in methods:
-        if method not in HF_METHODS:
-            generators[method] = saguaro.SpeculativeGenerator(
-                target, draft, method=method, num_speculative_tokens=args.num_speculative_tokens,
+        name = base_method(method)
+        if name not in HF_METHODS and name not in generators:
+            generators[name] = saguaro.SpeculativeGenerator(
+                target, draft, method=name, num_speculative_tokens=args.num_speculative_tokens,
                 tree_branching=args.tree_branching)
+        if name in generators:  # a sampled variant shares the greedy method's generator (and worker)
+            generators[method] = generators[name]
 
-    warm = encode(tokenizer, "Say hello.")
+    warm = encode(tokenizer, prompts[0]["prompt"])
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
-        run_method(method, generators, warm, 8, args.threads)
+        run_method(method, generators, warm, 8, args.threads, args.temperature)
+
+    print("measuring step costs (forward over T new tokens) ...", flush=True)
+    curves = measure_costs(target, draft, args.threads, args.step_repeats)
+    bandwidth = step_costs.copy_bandwidth("cpu")
+    target_bytes = step_costs.model_bytes(target)
 
     rows = {m: [] for m in methods}
-    for i, prompt in enumerate(prompts):
+    work = [(i, rep) for i in range(len(prompts)) for rep in range(args.repeats)]
+    for i, rep in tqdm(work, desc="prompts x repeats", unit="run", disable=not args.progress):
+        prompt = prompts[i]
         ids = encode(tokenizer, prompt["prompt"])
         reference = None
         for method in methods:
-            tokens, seconds, stats = run_method(method, generators, ids, args.max_new_tokens, args.threads)
+            torch.manual_seed(1000 * i + rep)
+            tokens, seconds, stats, trace = run_method(method, generators, ids, args.max_new_tokens, args.threads,
+                                                       args.temperature)
             if method == "hf_greedy":
                 reference = tokens
-            row = {"prompt": i, "kind": prompt["kind"], "new_tokens": len(tokens), "seconds": seconds,
-                   "tokens_per_second": len(tokens) / seconds,
-                   "matches_hf_greedy": None if reference is None else tokens == reference, **
-                   {k: stats[k] for k in STAT_KEYS if k in stats}}
+            greedy = not method.endswith(SAMPLED)
+            predicted = predicted_seconds(method, trace, {**stats, "prompt_tokens": ids.shape[1]}, curves,
+                                          args.threads, args.num_speculative_tokens)
+            row = {"prompt": i, "repeat": rep, "kind": prompt["kind"], "prompt_tokens": ids.shape[1],
+                   "new_tokens": len(tokens), "seconds": seconds, "tokens_per_second": len(tokens) / seconds,
+                   "predicted_tokens_per_second": len(tokens) / predicted,
+                   "matches_hf_greedy": None if reference is None or not greedy else tokens == reference,
+                   "target_forwards": len(trace["target_tokens"]),
+                   **{k: stats[k] for k in STAT_KEYS if k in stats}}
             rows[method].append(row)
-            print(f"prompt {i:2d} {prompt['kind']:9s} {method:15s} {row['tokens_per_second']:6.2f} tok/s"
-                  + (f"  accepted/round {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else "")
-                  + (f"  hit rate {row['hit_rate']:.2f}" if method == "saguaro" else "")
-                  + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY"),
-                  flush=True)
-    for generator in generators.values():
+            tqdm.write(f"prompt {i:2d} {prompt['kind']:9s} {method:18s} {row['tokens_per_second']:6.2f} tok/s "
+                       f"(model {row['predicted_tokens_per_second']:5.2f})"
+                       + (f"  accepted/round {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else "")
+                       + (f"  hit rate {row['hit_rate']:.2f}" if base_method(method) == "saguaro" else "")
+                       + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY"))
+    for generator in {id(g): g for g in generators.values()}.values():
         if isinstance(generator, saguaro.SpeculativeGenerator):
             generator.close()
-    return {"setup": setup_description(args), "summary": summarize(rows), "runs": rows}
+    summary = summarize(rows, target_bytes, bandwidth)
+    return {"setup": setup_description(args, target_bytes, bandwidth), "summary": summary,
+            "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
+            "observed_verify_seconds": observed_verify_seconds(rows),
+            "projection": projection(rows, curves, args), "runs": rows}
 
 
-def summarize(rows: dict[str, list[dict]]) -> dict:
-    """Median tokens/s per method, and median per-prompt ratios against the HF baselines."""
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) -> dict:
+    """Per method: median tokens/s and its spread over runs, median per-run ratios against the
+    HF baselines, the target's share of the memory-bandwidth limit, and the cost model's error."""
     summary = {}
     for method, runs in rows.items():
-        entry = {"median_tokens_per_second": statistics.median(r["tokens_per_second"] for r in runs)}
+        speeds = [r["tokens_per_second"] for r in runs]
+        median = statistics.median(speeds)
+        predicted = statistics.median(r["predicted_tokens_per_second"] for r in runs)
+        entry = {"median_tokens_per_second": median, "quartiles_tokens_per_second": quartiles(speeds),
+                 "runs": len(runs), "bandwidth_fraction": target_bytes * median / bandwidth,
+                 "predicted_tokens_per_second": predicted, "prediction_error": predicted / median - 1}
         for base in HF_METHODS:
             if base in rows and base != method:
                 ratios = [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(runs, rows[base])]
                 entry[f"speedup_vs_{base}"] = statistics.median(ratios)
         if "mean_accepted_length" in runs[0]:
             entry["median_accepted_length"] = statistics.median(r["mean_accepted_length"] for r in runs)
-        if "hit_rate" in runs[0] and method == "saguaro":
+            histogram = []
+            for r in runs:
+                for n, count in enumerate(r["accepted_histogram"]):
+                    histogram += [0] * (n + 1 - len(histogram))
+                    histogram[n] += count
+            entry["accepted_histogram"] = histogram
+        if base_method(method) == "saguaro":
             entry["median_hit_rate"] = statistics.median(r["hit_rate"] for r in runs)
         checked = [r["matches_hf_greedy"] for r in runs if r["matches_hf_greedy"] is not None]
         if checked:
@@ -141,13 +239,64 @@ def summarize(rows: dict[str, list[dict]]) -> dict:
     return summary
 
 
-def setup_description(args) -> dict:
+def observed_verify_seconds(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Median target verify time per number of verified tokens (drafts + 1), as seen inside the runs."""
+    observed = {}
+    for method, runs in rows.items():
+        by_tokens: dict[int, list[float]] = {}
+        for r in runs:
+            for entry in r.get("round_log", []):
+                by_tokens.setdefault(entry["drafted"] + 1, []).append(entry["verify_seconds"])
+        if by_tokens:
+            observed[method] = {str(t): statistics.median(v) for t, v in sorted(by_tokens.items())}
+    return observed
+
+
+def measured_acceptance(rows: dict[str, list[dict]], methods: tuple[str, ...], positions: int) -> list[float]:
+    """Per-position acceptance of the draft model's greedy chains, over every round that drafted."""
+    counter = cost_model.AcceptanceCounter(positions)
+    for method in methods:
+        for r in rows.get(method, []):
+            for entry in r.get("round_log", []):
+                if entry["drafted"]:
+                    counter.observe(entry["drafted"], entry["accepted"])
+    return counter.rates()
+
+
+def projection(rows: dict, curves: dict, args, ks=range(1, 9)) -> dict:
+    """Decode tokens/s the cost model projects per draft length K, from this run's acceptance."""
+    acceptance = measured_acceptance(rows, ("speculative", "saguaro"), max(ks))
+    saguaro_runs = rows.get("saguaro", [])
+    hit = statistics.median(r["hit_rate"] for r in saguaro_runs) if saguaro_runs else 0.0
+    return project(curves, args.threads, acceptance, hit, ks)
+
+
+def project(curves: dict, threads: int, acceptance: list[float], hit_rate: float, ks=range(1, 9)) -> dict:
+    target_n, draft_n = curves[f"target@{threads}"], curves[f"draft@{threads}"]
+    target_1, draft_1 = curves["target@1"], curves["draft@1"]
+    out = {"acceptance_per_position": acceptance, "hit_rate": hit_rate,
+           "autoregressive": cost_model.project_tokens_per_second("autoregressive", 0, target_n, draft_n, acceptance)}
+    for method, target, draft in (("speculative", target_n, draft_n), ("saguaro", target_1, draft_1)):
+        per_k = {}
+        for k in ks:
+            budget = 3 * (k + 1)
+            if method == "saguaro":  # the budget the engine adapts to: what fits in one verification
+                budget = max(k + 1, cost_model.largest_budget_within(target(k + 1), draft, k))
+            per_k[str(k)] = cost_model.project_tokens_per_second(method, k, target, draft, acceptance,
+                                                                 hit_rate=hit_rate, branches=budget)
+        best = max(per_k, key=per_k.get)
+        out[method] = {"tokens_per_second_by_k": per_k, "best_k": int(best), "best_tokens_per_second": per_k[best]}
+    return out
+
+
+def setup_description(args, target_bytes: int, bandwidth: float) -> dict:
     import transformers
 
     return {"target": args.target, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
             "max_new_tokens": args.max_new_tokens, "num_speculative_tokens": args.num_speculative_tokens,
-            "tree_branching": args.tree_branching,
+            "tree_branching": args.tree_branching, "repeats": args.repeats, "temperature": args.temperature,
             "torch": torch.__version__, "transformers": transformers.__version__,
+            "target_bytes": target_bytes, "copy_bandwidth_bytes_per_second": bandwidth,
             "machine": f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} logical CPUs)"}
 
 
@@ -159,46 +308,84 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def print_table(summary: dict) -> None:
-    print(f"\n{'method':15s} {'tok/s':>7s} {'vs HF greedy':>13s} {'vs HF assisted':>15s} {'acc. len':>9s} "
-          f"{'=HF greedy':>11s} {'hit rate':>9s}")
-    for method, s in summary.items():
-        cells = [f"{s['median_tokens_per_second']:7.2f}"]
-        for key in ("speedup_vs_hf_greedy", "speedup_vs_hf_assisted"):
-            cells.append(f"{s[key]:.2f}x" if key in s else "-")
-        cells.append(f"{s['median_accepted_length']:.2f}" if "median_accepted_length" in s else "-")
-        cells.append(s.get("outputs_matching_hf_greedy", "-"))
-        cells.append(f"{s['median_hit_rate']:.2f}" if "median_hit_rate" in s else "-")
-        print(f"{method:15s} {cells[0]} {cells[1]:>13s} {cells[2]:>15s} {cells[3]:>9s} {cells[4]:>11s} {cells[5]:>9s}")
+def random_weights_benchmark(args) -> dict:
+    """Step costs of same-shape random models on `args.device` (a GPU, typically), and the speedups
+    they imply with acceptance measured elsewhere (a CPU results.json): labelled projected."""
+    dtype = getattr(torch, args.dtype)
+    target = step_costs.random_weights_model(args.target, dtype, args.device)
+    draft = step_costs.random_weights_model(args.draft, dtype, args.device)
+    threads = torch.get_num_threads()
+    curves = {"target@1": step_costs.forward_costs(target, list(STEP_TOKENS), args.step_repeats),
+              "draft@1": step_costs.forward_costs(draft, list(STEP_TOKENS) + [48, 64], args.step_repeats)}
+    curves[f"target@{threads}"], curves[f"draft@{threads}"] = curves["target@1"], curves["draft@1"]
+    trees = [[1, 1, 1, 1], [2, 2, 1, 1], [4, 2, 2, 1], [4, 4, 2, 2, 1]]
+    attention = {"sdpa": step_costs.tree_verify_costs(target, trees, args.step_repeats)}
+    if args.device.startswith("cuda"):
+        import saguaro  # noqa: F401  (registers the saguaro_tree attention backend)
+
+        kernel_target = step_costs.random_weights_model(args.target, dtype, args.device, "saguaro_tree")
+        attention["saguaro_tree"] = step_costs.tree_verify_costs(kernel_target, trees, args.step_repeats)
+    measured = json.loads(Path(args.acceptance_from).read_text()) if args.acceptance_from else None
+    acceptance = measured["projection"]["acceptance_per_position"] if measured else [0.7] * 8
+    hit_rate = measured["projection"]["hit_rate"] if measured else 0.8
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
+    return {"setup": {"mode": "random weights (step costs only; speeds are projected)", "device": device_name,
+                      "target_config": args.target, "draft_config": args.draft, "dtype": args.dtype,
+                      "acceptance_from": args.acceptance_from or "assumed 0.7 per position, hit rate 0.8",
+                      "torch": torch.__version__,
+                      "copy_bandwidth_bytes_per_second": step_costs.copy_bandwidth(args.device),
+                      "target_bytes": step_costs.model_bytes(target)},
+            "step_costs": {name: curve.as_dict() for name, curve in curves.items() if name.endswith("@1")},
+            "tree_verify_seconds": attention,
+            "projection": project(curves, threads, acceptance, hit_rate)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="target model: local folder or hub id")
+    parser.add_argument("--target", required=True, help="target model folder or hub id (a config folder with --random-weights)")
     parser.add_argument("--draft", required=True, help="draft model sharing the target's tokenizer")
+    parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the target's)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                        help=f"methods to run, in order (default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--prompts", help="JSONL file with {'kind', 'prompt'} per line (default: the shipped set)")
+                        help=f"methods to run, in order; append {SAMPLED} to a saguaro method to sample "
+                             f"(default: {' '.join(DEFAULT_METHODS)})")
+    parser.add_argument("--prompts", help="JSONL file with {'kind', 'prompt'} per line (default: benchmarks/prompts.jsonl)")
     parser.add_argument("--num-prompts", type=int, default=3, help="how many prompts to run (0 = all)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per round (K)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per prompt and method (medians and quartiles over all)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
     parser.add_argument("--tree-branching", type=int, nargs="+", default=[2, 2, 1, 1],
                         help="children per node at each depth, for method 'tree'")
+    parser.add_argument("--temperature", type=float, default=0.7, help="for the +sample methods")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--out", default="results.json", help="where to write the JSON results")
+    parser.add_argument("--step-repeats", type=int, default=2, help="repeats per step-cost measurement")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="GPU mode: build random models from the --target/--draft configs, measure step costs "
+                             "and project speeds (no generation)")
+    parser.add_argument("--device", default="cpu", help="device for --random-weights (e.g. cuda)")
+    parser.add_argument("--acceptance-from", help="results.json of a real-model run, for --random-weights projections")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--out", default="results.json",
+                        help="JSON results; a Markdown table (.md) and a plot (.png) are written beside it")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="saguaro bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    missing = [m for m in args.methods if m not in DEFAULT_METHODS]
-    if missing:
-        parser.error(f"unknown method(s) {missing}; choose from {list(DEFAULT_METHODS)}")
-    results = benchmark(args)
-    print_table(results["summary"])
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    unknown = [m for m in args.methods if m not in HF_METHODS and base_method(m) not in SAGUARO_METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
+                     f"optionally with {SAMPLED}")
+    results = random_weights_benchmark(args) if args.random_weights else benchmark(args)
+    out = Path(args.out)
+    out.write_text(json.dumps(results, indent=2))
+    markdown = report.markdown(results)
+    out.with_suffix(".md").write_text(markdown)
+    written = [out, out.with_suffix(".md")]
+    if "runs" in results and report.plot(results, out.with_suffix(".png")):
+        written.append(out.with_suffix(".png"))
+    print("\n" + markdown)
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

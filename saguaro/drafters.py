@@ -25,6 +25,7 @@ class Proposal:
     tokens: torch.Tensor  # [T] token ids, the nodes of `tree`
     probs: torch.Tensor | None  # [T, V]: what tokens[i] was drawn from; None = deterministic
     tree: TokenTree  # a chain for plain speculative decoding
+    source: str = "model"  # or "lookup": copied from the sequence
 
     @classmethod
     def empty(cls) -> "Proposal":
@@ -179,7 +180,7 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, max_depth: int) -> Proposal:
         self._last = lookup_continuation(self.committed, max_depth, self.max_ngram)
-        return Proposal(torch.tensor(self._last, dtype=torch.long), None, TokenTree.chain(len(self._last)))
+        return Proposal(torch.tensor(self._last, dtype=torch.long), None, TokenTree.chain(len(self._last)), "lookup")
 
     def commit(self, path: list[int], next_token: int) -> None:
         self.committed += [self._last[i] for i in path] + [next_token]

@@ -11,36 +11,68 @@ sequence minus its last token `token`, which every round feeds first, as the roo
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
+from .cost_model import LookaheadController
 from .drafters import Drafter, Proposal
 from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
 from .stats import GenerationStats
+from .prespeculation import Draft
 from .workers import WorkerFailed
 from .tree import TokenTree
 from .verify import one_hot_probs, verify_tree_greedy, verify_tree_sampled
 
 
-@dataclass(frozen=True)
 class StopRule:
-    max_new_tokens: int
-    eos_token_ids: frozenset[int] = frozenset()
+    """When a generation ends: at max_new_tokens, after an end-of-sequence token, or where HF-style
+    stopping `criteria` (stop strings, the user's own) first fire, judged as HF does, on the
+    sequence after each new token. `streamer` (HF's streamer interface) receives the tokens that
+    are final, as rounds accept them.
+    """
+
+    def __init__(self, max_new_tokens: int, eos_token_ids=frozenset(), criteria=None, history: list[int] = (),
+                 streamer=None):
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.criteria = criteria  # (input_ids [1, L], scores) -> bool tensor, like StoppingCriteriaList
+        self.history = list(history)  # what precedes the new tokens: padding + prompt
+        self.streamer = streamer
+        self._scanned, self._stop_at, self._streamed = 0, None, 0
+
+    def _scan(self, generated: list[int]) -> None:
+        """Find the first new token that ends the sequence (each token is judged once)."""
+        while self._stop_at is None and self._scanned < min(len(generated), self.max_new_tokens):
+            i = self._scanned
+            self._scanned += 1
+            if generated[i] in self.eos_token_ids or (
+                self.criteria is not None
+                and bool(self.criteria(torch.tensor([self.history + generated[: i + 1]]), None).any())
+            ):
+                self._stop_at = i
 
     def remaining(self, generated: list[int]) -> int:
         return self.max_new_tokens - len(generated)
 
     def finished(self, generated: list[int]) -> bool:
-        return self.remaining(generated) <= 0 or bool(self.eos_token_ids.intersection(generated))
+        self._scan(generated)
+        return self.remaining(generated) <= 0 or self._stop_at is not None
 
     def trim(self, generated: list[int]) -> list[int]:
-        """Cut after the first end-of-sequence token and at max_new_tokens."""
-        for i, token in enumerate(generated[: self.max_new_tokens]):
-            if token in self.eos_token_ids:
-                return generated[: i + 1]
-        return generated[: self.max_new_tokens]
+        """Cut after the first token that ends the sequence, and at max_new_tokens."""
+        self._scan(generated)
+        end = self.max_new_tokens if self._stop_at is None else self._stop_at + 1
+        return generated[:end]
+
+    def stream(self, generated: list[int]) -> None:
+        """Push the tokens that became final since the last call to the streamer."""
+        if self.streamer is None:
+            return
+        final = self.trim(generated)
+        if len(final) > self._streamed:
+            self.streamer.put(torch.tensor(final[self._streamed :]))
+            self._streamed = len(final)
 
 
 def autoregressive(
@@ -50,12 +82,14 @@ def autoregressive(
     start = time.perf_counter()
     logits = target.forward(prompt, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - start
-    generated = [sampler.choose(logits)]
+    generated = [sampler.choose(logits, prompt)]
+    stop.stream(generated)
     while not stop.finished(generated):
+        tick = time.perf_counter()
         logits = target.forward(generated[-1:])[-1]
-        generated.append(sampler.choose(logits))
-        stats.record_round(0, 0)
-    stats.verify_seconds = time.perf_counter() - start - stats.prefill_seconds
+        generated.append(sampler.choose(logits, prompt + generated))
+        stop.stream(generated)
+        stats.record_round(0, 0, verify_seconds=time.perf_counter() - tick)
     return stop.trim(generated)
 
 
@@ -67,35 +101,56 @@ def speculative(
     stop: StopRule,
     stats: GenerationStats,
     max_depth: int,
+    lookahead: LookaheadController | None = None,
 ) -> list[int]:
-    """Speculative decoding: the drafter proposes a chain or tree, the target checks it in one forward."""
+    """Speculative decoding: the drafter proposes a chain or tree, the target checks it in one forward.
+
+    With a `lookahead` controller each round's depth is chosen from measured costs and acceptance
+    (0: this round is a plain target step); without one every round drafts max_depth.
+    """
     start = time.perf_counter()
     logits = target.forward(prompt, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - start
-    generated = [sampler.choose(logits)]
+    generated = [sampler.choose(logits, prompt)]
+    stop.stream(generated)
     drafter.reset(prompt + generated)
     while not stop.finished(generated):
         # Never draft past max_new_tokens: a round emits at most depth + 1 tokens.
+        depth = min(max_depth, stop.remaining(generated) - 1)
+        depth = lookahead.choose(depth) if lookahead else depth
         tick = time.perf_counter()
-        proposal = drafter.propose(min(max_depth, stop.remaining(generated) - 1))
+        proposal = drafter.propose(depth) if depth else Proposal.empty()
         tock = time.perf_counter()
         base = target.length
         logits = target.forward([generated[-1], *proposal.tokens.tolist()], proposal.tree.under_root())
-        path, next_token = verify_proposal(logits, proposal, sampler)
+        path, next_token = verify_proposal(logits, proposal, sampler, prompt + generated)
         target.commit_path(base, [0] + [1 + node for node in path])
         drafter.commit(path, next_token)
         generated += proposal.tokens[path].tolist() + [next_token]
-        stats.draft_seconds += tock - tick
-        stats.verify_seconds += time.perf_counter() - tock
-        stats.record_round(len(proposal.tokens), len(path))
+        stop.stream(generated)
+        verify_seconds = time.perf_counter() - tock
+        stats.record_round(len(proposal.tokens), len(path), proposal.source, tock - tick, verify_seconds)
+        if lookahead:
+            lookahead.observe(len(proposal.tokens), len(path), verify_seconds, tock - tick)
     return stop.trim(generated)
 
 
-def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: TokenSampler) -> tuple[list[int], int]:
-    """Greedy or sampled verification of a proposal against target logits [1 + T, V]."""
+def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: TokenSampler,
+                    history: list[int]) -> tuple[list[int], int]:
+    """Greedy or sampled verification of a proposal against target logits [1 + T, V].
+
+    `history` is the committed sequence (its last token is the root); logits processors that look
+    at earlier tokens score each node with history + the draft tokens down to it.
+    """
+    histories = None
+    if sampler.uses_history:
+        tokens = proposal.tokens.tolist()
+        histories = [history] + [history + [tokens[n] for n in proposal.tree.path_to(node)]
+                                 for node in range(len(tokens))]
     if sampler.greedy:
-        return verify_tree_greedy(target_logits, proposal.tokens, proposal.tree)
-    p = sampler.probs(target_logits)
+        scores = sampler.scores(target_logits, histories) if sampler.uses_history else target_logits
+        return verify_tree_greedy(scores, proposal.tokens, proposal.tree)
+    p = sampler.probs(target_logits, histories)
     q = proposal.probs
     if q is None:
         q = one_hot_probs(proposal.tokens, max([p.shape[-1], *(proposal.tokens + 1).tolist()]))
@@ -112,6 +167,7 @@ def saguaro(
     stop: StopRule,
     stats: GenerationStats,
     fallback,
+    lookahead: LookaheadController | None = None,
 ) -> list[int]:
     """Speculative speculative decoding: the next draft was prepared while the target verified.
 
@@ -119,15 +175,18 @@ def saguaro(
     verification, the next one: from its speculation cache on a hit, drafted afresh on a miss.
     If it fails, `fallback()` returns an inline worker, reset to the committed sequence, and
     generation goes on with no token lost: the target's state never depends on the worker.
+    A `lookahead` controller may verify only a prefix of each draft, or none (speculation off: the
+    worker idles, and catches up with the sequence when drafting pays again).
     """
     start = time.perf_counter()
     logits = target.forward(prompt, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - start
-    generated = [sampler.choose(logits)]
+    generated = [sampler.choose(logits, prompt)]
+    stop.stream(generated)
     seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))  # the drafter's own RNG
 
     def ask(call, *args):
-        nonlocal worker
+        nonlocal worker, waited
         tick = time.perf_counter()
         try:
             draft = call(worker)(*args)
@@ -135,10 +194,11 @@ def saguaro(
             stats.worker_failures += 1
             worker = fallback()
             draft = worker.reset(prompt + generated, sampler.config, seed)
-        stats.draft_seconds += time.perf_counter() - tick  # time the target waited for a draft
+        waited = time.perf_counter() - tick  # the target waiting for a draft
         stats.drafter_busy_seconds += draft.busy_seconds
         return draft
 
+    waited = 0.0
     draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
     while not stop.finished(generated):
         depth = min(len(draft.tokens), stop.remaining(generated) - 1)
@@ -148,12 +208,22 @@ def saguaro(
         tick = time.perf_counter()
         base = target.length
         logits = target.forward([generated[-1], *draft.tokens[:depth]], tree.under_root())
-        path, next_token = verify_proposal(logits, proposal, sampler)
+        path, next_token = verify_proposal(logits, proposal, sampler, prompt + generated)
         target.rollback(base + 1 + len(path))
         verify_seconds = time.perf_counter() - tick
-        stats.verify_seconds += verify_seconds
-        stats.record_round(depth, len(path), draft.source)
+        stats.record_round(depth, len(path), draft.source, waited, verify_seconds, draft.prepared_branches)
+        if lookahead:
+            lookahead.observe(depth, len(path), verify_seconds, waited)
         generated += draft.tokens[: len(path)] + [next_token]
+        stop.stream(generated)
         if not stop.finished(generated):
-            draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds)
+            # The next round's depth is chosen now, so the worker pre-speculates for that depth.
+            limit = stop.remaining(generated) - 1
+            depth = lookahead.choose(limit) if lookahead else limit
+            if depth == 0:  # speculation loses here: a plain target step; the worker idles
+                draft, waited = Draft([], None, "off"), 0.0
+            elif draft.source == "off":
+                draft = ask(lambda w: w.catch_up, prompt + generated, depth)
+            else:
+                draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds, depth)
     return stop.trim(generated)

@@ -39,6 +39,7 @@ class Draft:
     probs: torch.Tensor | None  # [len, V]: what tokens[i] was drawn from; None when greedy or copied
     source: str = "model"  # "cache" (a pre-speculated branch), "model" or "lookup" (backups)
     busy_seconds: float = 0.0  # drafter compute since the previous draft was handed over
+    prepared_branches: int = 0  # outcomes pre-speculated while the previous draft was verified
 
     @property
     def hit(self) -> bool:
@@ -79,25 +80,43 @@ class PreSpeculator:
         self._branches = {}
         return self._hand_over(self._model_draft(), start)
 
-    def resolve(self, accepted: int, next_token: int, verify_seconds: float | None = None) -> Draft:
-        """The target accepted `accepted` drafts, then emitted `next_token`: return the next draft."""
+    def resolve(self, accepted: int, next_token: int, verify_seconds: float | None = None,
+                depth: int | None = None) -> Draft:
+        """The target accepted `accepted` drafts, then emitted `next_token`: return the next draft,
+        cut to the `depth` the target will verify (pre-speculation then plans for that depth)."""
         start = time.perf_counter()
         self._learn(accepted, verify_seconds)
         branch = self._branches.get((accepted, next_token))
+        prepared = len(self._branches)
         base = len(self.committed)
         self.committed += self.draft.tokens[:accepted] + [next_token]
         self._branches, branches = {}, self._branch_drafts
         if branch is None:
             self.runner.rollback(base + accepted)
-            return self._hand_over(self._backup(), start)
-        tokens, probs, position_probs = branches[branch]
-        # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{K-1}.
-        fed = [self._chain_len + step * len(branches) + branch for step in range(self.lookahead)]
-        self.runner.commit_path(base, list(range(accepted)) + fed)
-        self._position_probs = position_probs
-        return self._hand_over(Draft(tokens, torch.stack(probs) if probs else None, "cache"), start)
+            draft = self._backup()
+        else:
+            tokens, probs, position_probs = branches[branch]
+            # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{K-1}.
+            fed = [self._chain_len + step * len(branches) + branch for step in range(self.lookahead)]
+            self.runner.commit_path(base, list(range(accepted)) + fed)
+            self._position_probs = position_probs
+            draft = Draft(tokens, torch.stack(probs) if probs else None, "cache")
+        draft.prepared_branches = prepared
+        return self._hand_over(draft, start, depth)
 
-    def _hand_over(self, draft: Draft, start: float) -> Draft:
+    def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
+        """The target went on without drafts (speculation was off): continue from `committed`, which
+        extends the sequence this drafter last saw, feeding only the tokens its cache lacks."""
+        start = time.perf_counter()
+        self.runner.rollback(min(self.runner.length, len(self.committed)))
+        self.committed = list(committed)
+        self._branches = {}
+        return self._hand_over(self._model_draft(), start, depth)
+
+    def _hand_over(self, draft: Draft, start: float, depth: int | None = None) -> Draft:
+        if depth is not None and depth < len(draft.tokens):
+            draft.tokens = draft.tokens[:depth]
+            draft.probs = None if draft.probs is None else draft.probs[:depth]
         draft.busy_seconds = self._busy + time.perf_counter() - start
         self._busy = 0.0
         self.draft = draft
@@ -176,6 +195,11 @@ class PreSpeculator:
         if pending:
             known = [self._shaped(self.runner.forward(pending, last_only=True)[-1])]
         fed = self.runner.length - len(self.committed)
+        if fed > len(drafts):  # a hit's branch fed more tokens than the target will verify
+            self.runner.rollback(len(self.committed) + len(drafts))
+            fed = len(drafts)
+        if fed == len(drafts):  # every position's distribution is known already
+            return known[: fed + 1]
         logits = self.runner.forward(drafts[fed:], TokenTree.chain(len(drafts)), cached_nodes=fed)
         return known[: fed + 1] + list(self._shaped(logits))
 

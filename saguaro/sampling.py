@@ -1,9 +1,12 @@
-"""From logits to the distribution a token is drawn from, identically for target and draft.
+"""From logits to the distribution a token is drawn from.
 
-Speculative sampling is exact only if the target's p and the draft's q are shaped by the same
-rules (temperature, top-k, top-p) and the draft token is drawn from the very q that verification
-later divides by. Both sides therefore go through one `TokenSampler`. The warpers are HF's own
-classes, so `do_sample=True` here means the same distribution as HF `generate()`.
+The target's p must be exactly what HF `generate()` would sample from (or take the argmax of), so
+the shaping is HF's own: its warpers (temperature, top-k, top-p) or, through the drop-in
+`generate`, the full `LogitsProcessorList` HF builds for the call (repetition penalty, minimum
+length, bad words, ...). Processors may look at the tokens before a position, so every scored row
+gets its own history: the committed sequence plus the draft tokens above it.
+Speculative sampling stays exact whatever the draft's q is, as long as each draft token is drawn
+from the very q verification divides by; the draft is shaped by the warpers only.
 """
 from __future__ import annotations
 
@@ -40,30 +43,49 @@ class SamplingConfig:
 
 
 class TokenSampler:
-    """Turns logits into choices: argmax when greedy, a draw from the shaped distribution otherwise."""
+    """Turns logits into choices: argmax when greedy, a draw from the shaped distribution otherwise.
 
-    def __init__(self, config: SamplingConfig, generator: torch.Generator | None = None):
+    `processors` (HF's list for a generate call, warpers included when sampling) replaces the
+    default warpers; `history_prefix` is what HF would have in input_ids before the prompt (the
+    left padding of a batch row), so processors see exactly HF's input_ids.
+    """
+
+    def __init__(self, config: SamplingConfig, generator: torch.Generator | None = None,
+                 processors: LogitsProcessorList | None = None, history_prefix: list[int] = ()):
         self.config = config
         self.generator = generator
-        self._warpers = LogitsProcessorList()
-        if config.do_sample:
+        self.history_prefix = list(history_prefix)
+        self.uses_history = bool(processors)
+        self._processors = processors if processors else LogitsProcessorList()
+        if config.do_sample and processors is None:
             if config.temperature != 1.0:
-                self._warpers.append(TemperatureLogitsWarper(config.temperature))
+                self._processors.append(TemperatureLogitsWarper(config.temperature))
             if config.top_k:
-                self._warpers.append(TopKLogitsWarper(config.top_k))
+                self._processors.append(TopKLogitsWarper(config.top_k))
             if config.top_p is not None and config.top_p < 1.0:
-                self._warpers.append(TopPLogitsWarper(config.top_p))
+                self._processors.append(TopPLogitsWarper(config.top_p))
 
     @property
     def greedy(self) -> bool:
         return not self.config.do_sample
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """[..., V] logits -> [..., V] float32 probabilities after temperature / top-k / top-p."""
+    def scores(self, logits: torch.Tensor, histories: list[list[int]] | None = None) -> torch.Tensor:
+        """[..., V] logits -> [..., V] float32 scores after the processors; row i has history i."""
         scores = logits.float().reshape(-1, logits.shape[-1])
-        # The warpers ignore input_ids; they only need a tensor with the batch dimension.
-        scores = self._warpers(scores.new_zeros(scores.shape[0], 0, dtype=torch.long), scores)
-        return torch.softmax(scores, dim=-1).reshape(logits.shape)
+        if not self.uses_history:
+            # The warpers ignore input_ids; they only need a tensor with the batch dimension.
+            return self._processors(scores.new_zeros(scores.shape[0], 0, dtype=torch.long), scores).reshape(logits.shape)
+        if histories is None or len(histories) != scores.shape[0]:
+            raise ValueError("these logits processors need the tokens before every scored position")
+        rows = []
+        for row, history in zip(scores, histories):
+            ids = torch.tensor([self.history_prefix + history], dtype=torch.long, device=scores.device)
+            rows.append(self._processors(ids, row[None].clone())[0])
+        return torch.stack(rows).reshape(logits.shape)
+
+    def probs(self, logits: torch.Tensor, histories: list[list[int]] | None = None) -> torch.Tensor:
+        """[..., V] logits -> [..., V] float32 probabilities after the processors."""
+        return torch.softmax(self.scores(logits, histories), dim=-1)
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """One token id per row of [..., V] probabilities."""
@@ -73,11 +95,18 @@ class TokenSampler:
     def uniform(self) -> float:
         return torch.rand((), generator=self.generator).item()
 
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token after a single position's logits [V]."""
+    def choose(self, logits: torch.Tensor, history: list[int] | None = None) -> int:
+        """The next token after a single position's logits [V], whose history is `history`."""
+        histories = None if history is None else [history]
         if self.greedy:
-            return int(logits.argmax(-1))
-        return int(self.draw(self.probs(logits)))
+            return int((self.scores(logits[None], histories) if self.uses_history else logits).argmax(-1))
+        return int(self.draw(self.probs(logits[None], histories)[0]))
+
+    def drafting(self) -> "TokenSampler":
+        """The sampler for the draft model: same warpers and RNG, no history-dependent processors."""
+        if not self.uses_history:
+            return self
+        return TokenSampler(self.config, self.generator)
 
 
 def pad_vocab(probs: torch.Tensor, size: int) -> torch.Tensor:

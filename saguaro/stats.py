@@ -14,15 +14,24 @@ class GenerationStats:
     accepted: int = 0
     accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that accepted n drafts
     hits: int = 0  # rounds whose draft came from the speculation cache (method "saguaro")
-    lookup_backups: int = 0  # rounds whose draft was copied from the sequence after a miss
+    lookup_backups: int = 0  # rounds whose draft was copied from the sequence (prompt lookup)
     worker_failures: int = 0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # the target waiting for drafts
     drafter_busy_seconds: float = 0.0  # drafter compute, overlapped or not (method "saguaro")
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
+    # One entry per round: drafted, accepted, source, draft_seconds (the target waiting for the
+    # draft), verify_seconds (the target forward and acceptance) and, for saguaro, branches (the
+    # outcomes pre-speculated while the previous round was verified).
+    round_log: list[dict] = field(default_factory=list)
 
-    def record_round(self, drafted: int, accepted: int, source: str = "model") -> None:
+    def record_round(self, drafted: int, accepted: int, source: str = "model", draft_seconds: float = 0.0,
+                     verify_seconds: float = 0.0, branches: int = 0) -> None:
+        self.round_log.append({"drafted": drafted, "accepted": accepted, "source": source, "branches": branches,
+                               "draft_seconds": draft_seconds, "verify_seconds": verify_seconds})
+        self.draft_seconds += draft_seconds
+        self.verify_seconds += verify_seconds
         self.rounds += 1
         self.hits += source == "cache"
         self.lookup_backups += source == "lookup"
@@ -31,6 +40,20 @@ class GenerationStats:
         if len(self.accepted_histogram) <= accepted:
             self.accepted_histogram += [0] * (accepted + 1 - len(self.accepted_histogram))
         self.accepted_histogram[accepted] += 1
+
+    @classmethod
+    def merge(cls, rows: list["GenerationStats"]) -> "GenerationStats":
+        """One record for a batch whose rows ran one after another: counts and times add up."""
+        merged = cls(method=rows[0].method)
+        for row in rows:
+            for name, value in vars(row).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    setattr(merged, name, getattr(merged, name) + value)
+            merged.round_log += row.round_log
+            for n, count in enumerate(row.accepted_histogram):
+                merged.accepted_histogram += [0] * (n + 1 - len(merged.accepted_histogram))
+                merged.accepted_histogram[n] += count
+        return merged
 
     @property
     def acceptance_rate(self) -> float:

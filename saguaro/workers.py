@@ -31,7 +31,7 @@ class WorkerFailed(RuntimeError):
 
 
 def _serve(conn: Connection, make_speculator) -> None:
-    """Worker loop: answer reset/outcome messages, pre-speculate while the target verifies."""
+    """Worker loop: answer reset/resolve/catch_up messages, pre-speculate while the target verifies."""
     speculator: PreSpeculator = make_speculator()
     inbox: list = []
 
@@ -43,14 +43,14 @@ def _serve(conn: Connection, make_speculator) -> None:
         # means the target has stopped: pre-speculating further is wasted work.
         while conn.poll():
             inbox.append(conn.recv())
-        return any(message[0] != "outcome" for message in inbox)
+        return any(message[0] != "resolve" for message in inbox)
 
     try:
         while True:
             kind, *args = next_message()
             if kind == "close":
                 return
-            draft = speculator.reset(*args) if kind == "reset" else speculator.resolve(*args)
+            draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
             conn.send(draft)
             speculator.prespeculate(sequence_over)
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
@@ -110,10 +110,15 @@ class DraftWorker:
             return self._inline.reset(committed, sampling, seed)
         return self._ask(("reset", committed, sampling, seed))
 
-    def resolve(self, accepted: int, next_token: int, verify_seconds: float) -> Draft:
+    def resolve(self, accepted: int, next_token: int, verify_seconds: float, depth: int | None = None) -> Draft:
         if self._inline:
-            return self._inline.resolve(accepted, next_token, verify_seconds)
-        return self._ask(("outcome", accepted, next_token, verify_seconds))
+            return self._inline.resolve(accepted, next_token, verify_seconds, depth)
+        return self._ask(("resolve", accepted, next_token, verify_seconds, depth))
+
+    def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
+        if self._inline:
+            return self._inline.catch_up(committed, depth)
+        return self._ask(("catch_up", committed, depth))
 
     def _ask(self, message) -> Draft:
         try:

@@ -47,6 +47,22 @@ def perturbed_copy(model, noise: float, seed: int = 123):
     return draft
 
 
+WORDS = [f"w{i}" for i in range(91)]
+
+
+def word_tokenizer():
+    """A tokenizer for the tiny models' 96 ids: specials 0-3, words "w0".."w90" (ids 4-94) and
+    "abcdef" (95), the prefix HF's StopStringCriteria tokenizes to learn how tokens decode."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}, "abcdef": 95}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   eos_token="</s>", model_input_names=["input_ids", "attention_mask"])
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Deterministic and fair on a 2-core machine; tests never assert timings.

@@ -76,8 +76,12 @@ def test_bad_input_raises_specific_errors(pair):
         saguaro.generate(target, PROMPT, method="speculative")
     with pytest.raises(ValueError, match="empty"):
         saguaro.generate(target, torch.zeros(1, 0, dtype=torch.long), draft_model=draft)
-    with pytest.raises(NotImplementedError, match="batch size 1"):
-        saguaro.generate(target, PROMPT.repeat(2, 1), draft_model=draft)
+    with pytest.raises(ValueError, match="left padding"):
+        saguaro.generate(target, PROMPT.repeat(2, 1), draft_model=draft, attention_mask=torch.tensor(
+            [[1] * 9, [1] * 8 + [0]]))
+    with pytest.raises(ValueError, match="all padding"):
+        saguaro.generate(target, PROMPT.repeat(2, 1), draft_model=draft, attention_mask=torch.tensor(
+            [[1] * 9, [0] * 9]))
     with pytest.raises(ValueError, match="temperature"):
         saguaro.generate(target, PROMPT, draft_model=draft, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -86,3 +90,19 @@ def test_bad_input_raises_specific_errors(pair):
         saguaro.generate(target, PROMPT, draft_model=draft, max_new_tokens=0)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         saguaro.generate(target, PROMPT, draft_model=draft, num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="speculation_schedule"):
+        saguaro.generate(target, PROMPT, draft_model=draft, speculation_schedule="sometimes")
+
+
+def test_batch_rows_equal_single_rows(pair):
+    target, draft = pair
+    rows = [PROMPT[0].tolist(), PROMPT[0, :4].tolist()]
+    ids = torch.tensor([rows[0], [0] * 5 + rows[1]])
+    mask = (ids != 0).long()
+    mask[0] = 1
+    out = saguaro.generate(target, ids, draft_model=draft, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                           pad_token_id=0, return_dict_in_generate=True)
+    for row, prompt in enumerate(rows):
+        alone = saguaro.generate(target, torch.tensor([prompt]), draft_model=draft, max_new_tokens=12, eos_token_id=[])
+        assert out.sequences[row, 9:].tolist() == alone[0, len(prompt):].tolist()
+    assert len(out.row_stats) == 2 and out.stats.new_tokens == 24

@@ -79,7 +79,7 @@ def sample_counts(target, draft, samples: int, seed: int, method="speculative", 
     """
     counts = torch.zeros([VOCAB] * 3)
     torch.manual_seed(seed)
-    with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=2,
+    with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=2, speculation_schedule="constant",
                                       tree_branching=tree, **(options or {})) as generator:
         for _ in range(samples):
             out = generator.generate(torch.tensor([PROMPT]), max_new_tokens=4, do_sample=True, eos_token_id=[],

@@ -1,0 +1,193 @@
+"""How fast a speculative round is, from what its steps cost and how often drafts are accepted.
+
+One set of formulas, two uses:
+  * online - `LookaheadController` picks each round's draft length K (0 turns speculation off)
+    from running measurements of target verify time vs tokens, drafting time and acceptance;
+  * offline - the benchmark predicts each method's tokens/s from separately measured step costs
+    (`CostCurve`s) and the acceptance its runs measured, and reports predicted vs measured.
+
+With per-position acceptance a_i (the chance draft i is accepted given drafts 1..i-1 were), a
+round that drafts K tokens emits on average
+    E_K = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_K
+tokens (the accepted drafts plus the target's own token) and costs verify(K + 1) + draft(K), so
+    tokens/s(K) = E_K / (verify(K + 1) + draft(K)).
+Speculation pays only where verify(K + 1) stays close to verify(1): on a GPU, or a CPU with fast
+low-precision matrix units. Where verifying T tokens costs ~T steps, the best K is 0.
+"""
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+
+def expected_tokens(acceptance: Sequence[float], k: int) -> float:
+    """E_K: mean tokens a round emits when it drafts k tokens with per-position acceptance rates."""
+    total = reach = 1.0
+    for rate in acceptance[:k]:
+        reach *= rate
+        total += reach
+    return total
+
+
+class CostCurve:
+    """Seconds of a forward vs the number of new tokens it processes, piecewise linear between
+    measured points. Past the last point it extrapolates linearly (offline, from complete tables)
+    or stays flat (`optimistic`, online: an untried length looks as cheap as the longest tried,
+    so it gets tried once and then measured)."""
+
+    def __init__(self, points: dict[int, float] | None = None, optimistic: bool = False, smoothing: float = 0.3):
+        self.points = dict(points or {})
+        self.optimistic = optimistic
+        self.smoothing = smoothing
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A new measurement, blended into an exponential moving average per length."""
+        old = self.points.get(tokens)
+        self.points[tokens] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
+
+    def __call__(self, tokens: float) -> float:
+        xs = sorted(self.points)
+        if not xs:
+            raise ValueError("no measurement yet")
+        ys = [self.points[x] for x in xs]
+        if tokens <= xs[0]:  # shorter than anything measured: assume proportional (a lower bound)
+            return ys[0] * tokens / xs[0]
+        i = bisect.bisect_left(xs, tokens)
+        if i < len(xs):
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+        if self.optimistic or len(xs) == 1:
+            return ys[-1]
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + max(slope, 0.0) * (tokens - xs[-1])
+
+    def as_dict(self) -> dict[str, float]:
+        return {str(k): v for k, v in sorted(self.points.items())}
+
+
+class AcceptanceCounter:
+    """Per-position acceptance a_i = accepted_i / reached_i, with a weak prior of 1/2."""
+
+    def __init__(self, positions: int, prior: float = 1.0):
+        self.reached = [0] * positions
+        self.accepted = [0] * positions
+        self.prior = prior
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        for i in range(min(accepted, len(self.reached))):
+            self.reached[i] += 1
+            self.accepted[i] += 1
+        if accepted < drafted and accepted < len(self.reached):
+            self.reached[accepted] += 1
+
+    def rates(self) -> list[float]:
+        return [(a + self.prior) / (r + 2 * self.prior) for a, r in zip(self.accepted, self.reached)]
+
+
+class LookaheadController:
+    """Chooses each round's draft length K in [0, max_k] to maximise E_K / round time.
+
+    draft_cost says how drafting time grows with K: "per_token" (a model drafting one token per
+    step), "per_round" (Saguaro: the target waits for a draft that was prepared in parallel,
+    whatever its length) or "free" (prompt lookup). When K = 0 wins, speculation is off; every
+    `probe_every` rounds one speculative round re-measures acceptance, in case the text turns
+    predictable (copying code, say).
+    """
+
+    def __init__(self, max_k: int, draft_cost: str = "per_token", probe_every: int = 16):
+        if draft_cost not in ("per_token", "per_round", "free"):
+            raise ValueError(f"draft_cost must be per_token, per_round or free, got {draft_cost!r}")
+        self.max_k, self.probe_every = max_k, probe_every
+        self.draft_cost = draft_cost
+        self.verify = CostCurve(optimistic=True)
+        self.acceptance = AcceptanceCounter(max_k)
+        self.draft_seconds_per_unit = 0.0  # per token or per round, by draft_cost
+        self._rounds_off = 0
+
+    def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+        self.verify.observe(drafted + 1, verify_seconds)
+        if drafted:
+            self.acceptance.observe(drafted, accepted)
+        units = {"per_token": drafted, "per_round": 1 if drafted else 0, "free": 0}[self.draft_cost]
+        if units:
+            sample = draft_seconds / units
+            old = self.draft_seconds_per_unit
+            self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
+
+    def round_seconds(self, k: int) -> float:
+        units = {"per_token": k, "per_round": 1 if k else 0, "free": 0}[self.draft_cost]
+        return self.verify(k + 1) + units * self.draft_seconds_per_unit
+
+    def tokens_per_second(self, k: int) -> float:
+        return expected_tokens(self.acceptance.rates(), k) / self.round_seconds(k)
+
+    def choose(self, limit: int) -> int:
+        """The best K for the next round, at most `limit` (what max_new_tokens still allows)."""
+        top = min(self.max_k, limit)
+        if not self.verify or top == 0:
+            return top  # nothing measured yet: start at full length, which measures the most
+        best = max(range(top + 1), key=self.tokens_per_second)
+        if best == 0:
+            self._rounds_off += 1
+            if self._rounds_off % self.probe_every == 0:
+                return max(range(1, top + 1), key=self.tokens_per_second)
+        return best
+
+
+# -- offline: predicted time of measured runs, and projections -------------------------------------
+def predict_run_seconds(method: str, trace: dict, target: CostCurve, draft: CostCurve, lookahead: int) -> float:
+    """Wall time of one generation predicted from step costs and what the run did.
+
+    `trace` holds the new-token counts of every target forward (`target_tokens`) and, for in-process
+    drafters, every drafter forward (`draft_tokens`): how many there were and how wide follows from
+    acceptance. Those forwards run one after the other, so their costs add up. Saguaro's drafter
+    works beside the target, so only the target's waits count (from `rounds`, the run's round log):
+    pre-speculating B branches takes a feed plus `lookahead` batched steps, hidden behind the
+    previous verification as far as it fits; a miss backed up by the model adds a fresh draft.
+    """
+    seconds = sum(target(t) for t in trace["target_tokens"])
+    if method != "saguaro":
+        return seconds + sum(draft(t) for t in trace.get("draft_tokens", []))
+    fresh_draft = draft(2) + (lookahead - 1) * draft(1)
+    rounds = trace["rounds"]
+    seconds += draft(trace["prompt_tokens"] + 1) + (lookahead - 1) * draft(1)  # the first draft
+    rounds_off = 0  # speculation switched off: plain target steps, the drafter idles
+    for previous, current in zip(rounds, rounds[1:]):
+        if current["source"] == "off":
+            rounds_off += 1
+        elif previous["source"] == "off":  # catching up: feed the tokens made meanwhile, draft afresh
+            seconds += draft(rounds_off + 1) + (lookahead - 1) * draft(1)
+            rounds_off = 0
+        else:
+            work = draft(2) + lookahead * draft(max(current["branches"], 1))
+            seconds += max(0.0, work - target(previous["drafted"] + 1))
+            seconds += fresh_draft if current["source"] == "model" else 0.0
+    return seconds
+
+
+def project_tokens_per_second(method: str, k: int, target: CostCurve, draft: CostCurve,
+                              acceptance: Sequence[float], hit_rate: float = 0.0, branches: int = 0,
+                              tree_tokens: float = 0.0, tree_nodes: int = 0, tree_levels: Sequence[int] = ()) -> float:
+    """Steady-state decode tokens/s (no prefill) of a method drafting k tokens per round."""
+    if method == "autoregressive":
+        return 1.0 / target(1)
+    fresh_draft = draft(2) + (k - 1) * draft(1)
+    tokens = expected_tokens(acceptance, k)
+    if method == "speculative":
+        return tokens / (target(k + 1) + fresh_draft)
+    if method == "saguaro":
+        verify = target(k + 1)
+        prespeculation = draft(2) + k * draft(max(branches, 1))
+        return tokens / (verify + max(0.0, prespeculation - verify) + (1 - hit_rate) * fresh_draft)
+    if method == "tree":
+        return tree_tokens / (target(tree_nodes + 1) + draft(2) + sum(draft(w) for w in tree_levels[:-1]))
+    raise ValueError(f"no projection for method {method!r}")
+
+
+def largest_budget_within(verify_seconds: float, draft: CostCurve, k: int, most: int = 64) -> int:
+    """The most branches whose pre-speculation (a feed, then k batched steps) fits in one verification."""
+    fits = [b for b in range(1, most + 1) if draft(2) + k * draft(b) <= verify_seconds]
+    return max(fits, default=0)

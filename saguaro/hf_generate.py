@@ -1,0 +1,189 @@
+"""Drop-in `model.generate`: `saguaro.enable(model, draft_model=draft)`, then call generate as usual.
+
+`enable` puts a `generate` on the model instance that takes everything HF's does. HF itself turns
+the call into a GenerationConfig (the model's defaults, then the caller's), logits processors and
+stopping criteria, so semantics match by construction; saguaro then runs the decoding, applying
+those processors to the target's scores at every verified position (each with its own history),
+which keeps greedy output identical and sampling exact. A call it cannot serve exactly (beam
+search, contrastive search, several return sequences, scores/attentions outputs, classifier-free
+guidance, processors it does not know to depend only on earlier tokens, ...) goes to the original
+HF generate with a one-time warning, or raises `UnsupportedGenerateCall` under strict=True.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+from .api import SpeculativeGenerator
+from .sampling import SamplingConfig
+
+# HF processors whose scores at a position depend only on the tokens before it (and fixed
+# settings): applying them per verified position gives exactly HF's scores.
+SERVED_PROCESSORS = frozenset({
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper", "RepetitionPenaltyLogitsProcessor",
+    "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
+    "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor", "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty",
+    "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor", "PrefixConstrainedLogitsProcessor",
+})
+# Model inputs that change nothing about decoding (or that saguaro rebuilds itself).
+HARMLESS_MODEL_KWARGS = frozenset({"use_cache", "output_attentions", "output_hidden_states", "position_ids",
+                                   "cache_position", "logits_to_keep"})
+
+
+class UnsupportedGenerateCall(ValueError):
+    """A generate() call saguaro cannot serve exactly, under strict=True."""
+
+
+def _unsupported_setting(config, batch: int, prefix_allowed_tokens_fn) -> str | None:
+    """Why HF would decode this config differently from a single greedy/sampled sequence, or None."""
+    if (config.num_beams or 1) > 1:
+        return f"beam search (num_beams={config.num_beams})"
+    if config.penalty_alpha is not None and config.penalty_alpha > 0:
+        return "contrastive search (penalty_alpha)"
+    if (config.num_return_sequences or 1) > 1:
+        return f"num_return_sequences={config.num_return_sequences}"
+    for flag in ("output_scores", "output_logits", "output_attentions", "output_hidden_states"):
+        if getattr(config, flag, False):
+            return f"{flag}=True"
+    if config.guidance_scale is not None and config.guidance_scale != 1:
+        return "classifier-free guidance (guidance_scale)"
+    if getattr(config, "dola_layers", None) is not None:
+        return "DoLa decoding (dola_layers)"
+    if prefix_allowed_tokens_fn is not None and batch > 1:
+        return "prefix_allowed_tokens_fn with batch > 1 (it is called with the batch index)"
+    return None
+
+
+class Enabled:
+    """What `enable` returns: the patched model's state; a context manager that disables on exit."""
+
+    def __init__(self, model, generator: SpeculativeGenerator, strict: bool):
+        self.model, self.generator, self.strict = model, generator, strict
+        self.had_instance_generate = "generate" in vars(model)
+        self.original = model.generate  # the bound HF method (or whatever the instance had)
+        self._warned: set[str] = set()
+
+    def __enter__(self) -> "Enabled":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        disable(self.model)
+
+    def _fall_back(self, reason: str, call):
+        if self.strict:
+            raise UnsupportedGenerateCall(
+                f"saguaro cannot serve {reason} exactly; drop it, or enable without strict=True to let HF "
+                "generate handle such calls"
+            )
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"saguaro: {reason} is not served speculatively; this call runs HF generate", stacklevel=3)
+        return call()
+
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
+                 negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None, **kwargs):
+        model = self.model
+
+        def original():
+            return self.original(inputs, generation_config, logits_processor, stopping_criteria,
+                                 prefix_allowed_tokens_fn, synced_gpus, assistant_model, streamer,
+                                 negative_prompt_ids, negative_prompt_attention_mask, custom_generate, **kwargs)
+
+        explicit = {"assistant_model": assistant_model, "custom_generate": custom_generate,
+                    "negative_prompt_ids": negative_prompt_ids, "synced_gpus": synced_gpus,
+                    "inputs_embeds": kwargs.get("inputs_embeds")}
+        for name, value in explicit.items():
+            if value is not None and value is not False:
+                return self._fall_back(name, original)
+        if logits_processor:
+            return self._fall_back("a caller-supplied logits_processor (saguaro calls processors once per "
+                                   "verified position, which a stateful one would not expect)", original)
+
+        user_kwargs = dict(kwargs)
+        tokenizer = user_kwargs.pop("tokenizer", None)
+        has_default_max_length = (user_kwargs.get("max_length") is None
+                                  and (generation_config is None or generation_config.max_length is None)
+                                  and model.generation_config.max_length is None)
+        has_default_min_length = (user_kwargs.get("min_length") is None
+                                  and (generation_config is None or generation_config.min_length is None)
+                                  and model.generation_config.min_length is None)
+        config, model_kwargs = model._prepare_generation_config(generation_config, **user_kwargs)
+        input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("pass the prompt as input_ids (or the first argument); saguaro needs at least one "
+                             "prompt token")
+        input_ids = torch.as_tensor(input_ids)
+        input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        attention_mask = model_kwargs.pop("attention_mask", None)
+        extra = {k for k, v in model_kwargs.items() if v is not None and k not in HARMLESS_MODEL_KWARGS}
+        if extra:
+            return self._fall_back(f"model inputs {sorted(extra)}", original)
+        reason = _unsupported_setting(config, input_ids.shape[0], prefix_allowed_tokens_fn)
+        if reason:
+            return self._fall_back(reason, original)
+
+        model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device,
+                                      batch_size=input_ids.shape[0])
+        if attention_mask is None:  # as HF: padding tokens in the input are masked
+            attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, model_kwargs)
+        length = input_ids.shape[1]
+        config = model._prepare_generated_length(config, has_default_max_length, has_default_min_length,
+                                                 "input_ids", length, input_ids)
+        # Per row: some processors read the row's padding from the mask (repetition penalty skips it).
+        processors = [model._get_logits_processor(config, input_ids_seq_length=length, encoder_input_ids=row_ids,
+                                                  prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+                                                  device=input_ids.device,
+                                                  model_kwargs={**model_kwargs, "attention_mask": row_mask})
+                      for row_ids, row_mask in zip(input_ids.split(1), attention_mask.split(1))]
+        unknown = sorted({type(p).__name__ for p in processors[0]} - SERVED_PROCESSORS)
+        if unknown:
+            return self._fall_back(f"logits processors {unknown}", original)
+        criteria = StoppingCriteriaList(
+            c for c in model._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList(), tokenizer)
+            if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))  # saguaro's own StopRule does these
+        )
+        max_new_tokens = config.max_length - length
+        if max_new_tokens < 1:
+            raise ValueError(f"max_length={config.max_length} leaves no room after the {length}-token input; "
+                             "use max_new_tokens= to say how many tokens to generate")
+        eos = None if config._eos_token_tensor is None else config._eos_token_tensor.reshape(-1).tolist()
+        pad = None if config._pad_token_tensor is None else int(config._pad_token_tensor)
+        sampling = SamplingConfig(bool(config.do_sample), 1.0 if config.temperature is None else config.temperature, config.top_k, config.top_p)
+        return self.generator.generate(
+            input_ids, max_new_tokens, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p,
+            eos if eos is not None else [], bool(config.return_dict_in_generate), None,
+            attention_mask=attention_mask, pad_token_id=pad, logits_processor=processors if processors[0] else None,
+            stopping_criteria=criteria or None, streamer=streamer)
+
+
+def enable(model, draft_model=None, method: str = "speculative", strict: bool = False, **options) -> Enabled:
+    """Make `model.generate(...)` speculative with saguaro; `disable(model)` (or leaving the returned
+    handle's `with` block) restores HF's. Options are SpeculativeGenerator's (num_speculative_tokens,
+    tree_branching, placement, draft_device, ...)."""
+    if not hasattr(model, "generate"):
+        raise TypeError(f"{type(model).__name__} has no generate(); load the model with AutoModelForCausalLM")
+    disable(model)
+    handle = Enabled(model, SpeculativeGenerator(model, draft_model, method, **options), strict)
+    model.generate = handle.generate
+    model._saguaro = handle
+    return handle
+
+
+def disable(model) -> bool:
+    """Restore the model's own generate and stop saguaro's worker; False if it was not enabled."""
+    handle = vars(model).get("_saguaro")
+    if handle is None:
+        return False
+    del model._saguaro
+    if handle.had_instance_generate:
+        model.generate = handle.original
+    else:
+        del model.generate
+    handle.generator.close()
+    return True

@@ -1,0 +1,84 @@
+"""The cost model's formulas and the adaptive draft length built on them."""
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+
+import saguaro
+from saguaro.cost_model import AcceptanceCounter, CostCurve, LookaheadController, expected_tokens
+
+
+def test_expected_tokens_is_one_plus_the_chance_of_reaching_each_position():
+    assert expected_tokens([1.0] * 4, 4) == 5
+    assert expected_tokens([0.0] * 4, 4) == 1
+    assert expected_tokens([0.5, 0.5, 0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_tokens([0.5, 0.5, 0.5], 1) == pytest.approx(1.5)
+
+
+def test_cost_curve_interpolates_and_extrapolates():
+    curve = CostCurve({1: 1.0, 5: 3.0})
+    assert curve(3) == pytest.approx(2.0)
+    assert curve(9) == pytest.approx(5.0)  # linear past the last point
+    assert CostCurve({1: 1.0, 5: 3.0}, optimistic=True)(9) == pytest.approx(3.0)  # flat: worth a try
+    assert CostCurve({4: 2.0})(1) == pytest.approx(0.5)  # proportional below the first point
+
+
+def test_acceptance_counter_is_per_position():
+    counter = AcceptanceCounter(3, prior=0)
+    counter.observe(drafted=3, accepted=3)
+    counter.observe(drafted=3, accepted=1)
+    assert counter.rates() == [1.0, 0.5, 1.0]
+
+
+def _controller_after(verify_cost, acceptance, draft_cost=0.0, rounds=60, max_k=6):
+    """Drive a controller with synthetic rounds: verify(T) and a fixed per-position acceptance."""
+    controller = LookaheadController(max_k)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(rounds):
+        k = controller.choose(max_k)
+        accepted = 0
+        while accepted < k and torch.rand((), generator=generator) < acceptance:
+            accepted += 1
+        controller.observe(k, accepted, verify_cost(k + 1), draft_cost * k)
+    return controller
+
+
+def test_controller_drafts_long_when_verify_is_flat_and_drafts_agree():
+    controller = _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01)
+    assert controller.choose(6) == 6
+
+
+def test_controller_turns_speculation_off_when_verify_grows_like_the_tokens():
+    # A CPU without fast bf16: T tokens cost T steps. Even good drafts cannot pay for that.
+    controller = _controller_after(lambda t: float(t), acceptance=0.7, draft_cost=0.1)
+    assert controller.choose(6) == 0
+
+
+def test_controller_picks_a_middle_length_when_drafts_are_mediocre():
+    controller = _controller_after(lambda t: 1.0 + 0.05 * t, acceptance=0.6, draft_cost=0.05)
+    assert 1 <= controller.choose(6) < 6
+
+
+def test_controller_never_exceeds_the_limit():
+    controller = _controller_after(lambda t: 1.0, acceptance=0.9)
+    assert controller.choose(2) == 2 and controller.choose(0) == 0
+
+
+@pytest.mark.parametrize("method", ["speculative", "prompt_lookup", "saguaro"])
+def test_adaptive_schedule_stays_exact(method):
+    target = tiny_model("qwen2", seed=4)
+    draft = perturbed_copy(target, 0.01)
+    prompt = torch.tensor([[1, 5, 9, 5, 9, 5, 9, 13, 40]])
+    expected = target.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=5,
+                                      placement="inline") as generator:
+        # Plant costs that make speculation lose: the controller must then switch it off, probing
+        # now and then (saguaro's worker then catches up with the sequence); the output must not change.
+        for t in range(1, 7):
+            generator.lookahead.verify.observe(t, float(t))
+        out = generator.generate(prompt, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    assert out.sequences.tolist() == expected.tolist()
+    drafted = [r["drafted"] for r in out.stats.round_log]
+    assert len(drafted) == out.stats.rounds
+    # The first round and the probes every 16 rounds draft; all others are plain target steps.
+    assert 2 <= sum(d > 0 for d in drafted) <= 4 and drafted[1] == 0
+    assert all(r["verify_seconds"] > 0 for r in out.stats.round_log)
