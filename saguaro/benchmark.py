@@ -29,8 +29,11 @@ from . import cost_model, report, step_costs
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
 SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro")
-SAMPLED = "+sample"  # suffix: the same method with do_sample=True
-DEFAULT_METHODS = HF_METHODS + SAGUARO_METHODS + ("speculative+sample", "saguaro+sample")
+# Suffixes on a saguaro method: "+sample" samples (do_sample=True); "+constant" drafts the full K
+# every round instead of the adaptive length, which shows the mechanism where adaptation turns it off.
+VARIANTS = ("sample", "constant")
+DEFAULT_METHODS = HF_METHODS + ("autoregressive", "prompt_lookup", "speculative", "speculative+constant", "tree",
+                                "saguaro", "saguaro+constant", "speculative+sample", "saguaro+sample")
 STAT_KEYS = ("mean_accepted_length", "acceptance_rate", "accepted_histogram", "hit_rate", "prefill_seconds",
              "draft_seconds", "verify_seconds", "drafter_busy_seconds", "rounds", "target_idle_fraction", "round_log")
 STEP_TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
@@ -88,7 +91,11 @@ def forward_trace(**models):
 
 
 def base_method(method: str) -> str:
-    return method.removesuffix(SAMPLED)
+    return method.split("+")[0]
+
+
+def variants(method: str) -> set[str]:
+    return set(method.split("+")[1:])
 
 
 def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int,
@@ -98,7 +105,7 @@ def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens:
     # method gets all `threads`.
     torch.set_num_threads(1 if base_method(method) == "saguaro" else threads)
     target, draft = generators["models"]
-    sampling = {"do_sample": True, "temperature": temperature} if method.endswith(SAMPLED) else {}
+    sampling = {"do_sample": True, "temperature": temperature} if "sample" in variants(method) else {}
     traced = {"target": target} if base_method(method) == "saguaro" else {"target": target, "draft": draft}
     with forward_trace(**traced) as trace:
         start = time.perf_counter()
@@ -127,7 +134,8 @@ def measure_costs(target, draft, threads: int, repeats: int) -> dict[str, cost_m
 def predicted_seconds(method: str, trace: dict, stats: dict, curves: dict, threads: int, lookahead: int) -> float:
     n = 1 if base_method(method) == "saguaro" else threads
     trace = {**trace, "rounds": stats.get("round_log", []), "prompt_tokens": stats.get("prompt_tokens", 0)}
-    return cost_model.predict_run_seconds(base_method(method), trace, curves[f"target@{n}"], curves["draft@1" if n == 1 else f"draft@{n}"], lookahead)
+    return cost_model.predict_run_seconds(base_method(method), trace, curves[f"target@{n}"], curves[f"draft@{n}"],
+                                          lookahead)
 
 
 def benchmark(args) -> dict:
@@ -147,12 +155,14 @@ def benchmark(args) -> dict:
     generators = {"models": (target, draft)}
     for method in methods:
         name = base_method(method)
-        if name not in HF_METHODS and name not in generators:
-            generators[name] = saguaro.SpeculativeGenerator(
+        schedule = "constant" if "constant" in variants(method) else "adaptive"
+        if name in HF_METHODS:
+            continue
+        if (name, schedule) not in generators:  # a sampled variant shares its generator (and worker)
+            generators[name, schedule] = saguaro.SpeculativeGenerator(
                 target, draft, method=name, num_speculative_tokens=args.num_speculative_tokens,
-                tree_branching=args.tree_branching)
-        if name in generators:  # a sampled variant shares the greedy method's generator (and worker)
-            generators[method] = generators[name]
+                tree_branching=args.tree_branching, speculation_schedule=schedule)
+        generators[method] = generators[name, schedule]
 
     warm = encode(tokenizer, prompts[0]["prompt"])
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
@@ -175,7 +185,7 @@ def benchmark(args) -> dict:
                                                        args.temperature)
             if method == "hf_greedy":
                 reference = tokens
-            greedy = not method.endswith(SAMPLED)
+            greedy = "sample" not in variants(method)
             predicted = predicted_seconds(method, trace, {**stats, "prompt_tokens": ids.shape[1]}, curves,
                                           args.threads, args.num_speculative_tokens)
             row = {"prompt": i, "repeat": rep, "kind": prompt["kind"], "prompt_tokens": ids.shape[1],
@@ -265,8 +275,9 @@ def measured_acceptance(rows: dict[str, list[dict]], methods: tuple[str, ...], p
 
 def projection(rows: dict, curves: dict, args, ks=range(1, 9)) -> dict:
     """Decode tokens/s the cost model projects per draft length K, from this run's acceptance."""
-    acceptance = measured_acceptance(rows, ("speculative", "saguaro"), max(ks))
-    saguaro_runs = rows.get("saguaro", [])
+    acceptance = measured_acceptance(rows, ("speculative", "speculative+constant", "saguaro", "saguaro+constant"),
+                                     max(ks))
+    saguaro_runs = rows.get("saguaro+constant") or rows.get("saguaro", [])
     hit = statistics.median(r["hit_rate"] for r in saguaro_runs) if saguaro_runs else 0.0
     return project(curves, args.threads, acceptance, hit, ks)
 
@@ -346,7 +357,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the target's)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                        help=f"methods to run, in order; append {SAMPLED} to a saguaro method to sample "
+                        help="methods to run, in order; append +sample to a saguaro method to sample, +constant "
+                             "to draft the full K every round "
                              f"(default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--prompts", help="JSONL file with {'kind', 'prompt'} per line (default: benchmarks/prompts.jsonl)")
     parser.add_argument("--num-prompts", type=int, default=3, help="how many prompts to run (0 = all)")
@@ -372,10 +384,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="saguaro bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    unknown = [m for m in args.methods if m not in HF_METHODS and base_method(m) not in SAGUARO_METHODS]
+    unknown = [m for m in args.methods if m not in HF_METHODS and (base_method(m) not in SAGUARO_METHODS
+                                                                   or not variants(m) <= set(VARIANTS))]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
-                     f"optionally with {SAMPLED}")
+                     "optionally with +sample and/or +constant")
     results = random_weights_benchmark(args) if args.random_weights else benchmark(args)
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
