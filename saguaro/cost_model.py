@@ -31,9 +31,9 @@ def expected_tokens(acceptance: Sequence[float], k: int) -> float:
 
 class CostCurve:
     """Seconds of a forward vs the number of new tokens it processes, piecewise linear between
-    measured points. Past the last point it extrapolates linearly (offline, from complete tables)
-    or stays flat (`optimistic`, online: an untried length looks as cheap as the longest tried,
-    so it gets tried once and then measured)."""
+    measured points. Below the first point it scales proportionally (a lower bound). Past the last
+    it extrapolates linearly (offline, from complete tables) or stays flat (`optimistic`, online:
+    an untried length looks as cheap as the longest tried, so it gets tried once and measured)."""
 
     def __init__(self, points: dict[int, float] | None = None, optimistic: bool = False, smoothing: float = 0.3):
         self.points = dict(points or {})
@@ -93,8 +93,9 @@ class LookaheadController:
     draft_cost says how drafting time grows with K: "per_token" (a model drafting one token per
     step), "per_round" (Saguaro: the target waits for a draft that was prepared in parallel,
     whatever its length) or "free" (prompt lookup). When K = 0 wins, speculation is off; every
-    `probe_every` rounds one speculative round re-measures acceptance, in case the text turns
-    predictable (copying code, say).
+    `probe_every` rounds one speculative round re-measures acceptance and cost, in case the text
+    turns predictable (copying code, say); each probe that leaves speculation off doubles the
+    interval to the next (up to 256 rounds), so a machine where it never pays stops paying for probes.
     """
 
     def __init__(self, max_k: int, draft_cost: str = "per_token", probe_every: int = 16):
@@ -106,6 +107,7 @@ class LookaheadController:
         self.acceptance = AcceptanceCounter(max_k)
         self.draft_seconds_per_unit = 0.0  # per token or per round, by draft_cost
         self._rounds_off = 0
+        self._probe_interval = probe_every
 
     def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
         self.verify.observe(drafted + 1, verify_seconds)
@@ -130,11 +132,14 @@ class LookaheadController:
         if not self.verify or top == 0:
             return top  # nothing measured yet: start at full length, which measures the most
         best = max(range(top + 1), key=self.tokens_per_second)
-        if best == 0:
-            self._rounds_off += 1
-            if self._rounds_off % self.probe_every == 0:
-                return max(range(1, top + 1), key=self.tokens_per_second)
-        return best
+        if best > 0:
+            self._rounds_off, self._probe_interval = 0, self.probe_every
+            return best
+        self._rounds_off += 1
+        if self._rounds_off < self._probe_interval:
+            return 0
+        self._rounds_off, self._probe_interval = 0, min(2 * self._probe_interval, 256)
+        return max(range(1, top + 1), key=self.tokens_per_second)
 
 
 # -- offline: predicted time of measured runs, and projections -------------------------------------

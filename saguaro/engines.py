@@ -16,13 +16,13 @@ import torch
 
 from .cost_model import LookaheadController
 from .drafters import Drafter, Proposal
+from .prespeculation import Draft
 from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
 from .stats import GenerationStats
-from .prespeculation import Draft
-from .workers import WorkerFailed
 from .tree import TokenTree
 from .verify import one_hot_probs, verify_tree_greedy, verify_tree_sampled
+from .workers import WorkerFailed
 
 
 class StopRule:

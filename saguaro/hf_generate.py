@@ -28,6 +28,7 @@ SERVED_PROCESSORS = frozenset({
     "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
     "ForcedEOSTokenLogitsProcessor", "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty",
     "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor", "PrefixConstrainedLogitsProcessor",
+    "LogitNormalization",
 })
 # Model inputs that change nothing about decoding (or that saguaro rebuilds itself).
 HARMLESS_MODEL_KWARGS = frozenset({"use_cache", "output_attentions", "output_hidden_states", "position_ids",

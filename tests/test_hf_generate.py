@@ -56,7 +56,7 @@ def test_hf_processors_and_stopping_rules_are_served_exactly(pair):
     cases = [dict(max_new_tokens=30, repetition_penalty=1.3), dict(max_new_tokens=30, no_repeat_ngram_size=2),
              dict(max_new_tokens=30, eos_token_id=[99, eos]), dict(max_new_tokens=30, eos_token_id=eos, min_new_tokens=15),
              dict(max_length=ids.shape[1] + 9), dict(max_new_tokens=20, bad_words_ids=[[eos]]),
-             dict(max_new_tokens=20, suppress_tokens=[eos, 5])]
+             dict(max_new_tokens=20, suppress_tokens=[eos, 5]), dict(max_new_tokens=20, renormalize_logits=True)]
     for kwargs in cases:
         expected = target.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
         with saguaro.enable(target, draft_model=draft, speculation_schedule="constant", strict=True):
