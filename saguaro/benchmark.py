@@ -120,20 +120,28 @@ def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens:
     return result.sequences[0, ids.shape[1] :].tolist(), seconds, result.stats.as_dict(), trace
 
 
-def measure_costs(target, draft, threads: int, repeats: int) -> dict[str, cost_model.CostCurve]:
-    """Step-cost curves at the thread counts the methods use: all threads, and one (Saguaro)."""
+def measure_costs(target, draft, threads: int, repeats: int, extra_tokens=()) -> dict[str, cost_model.CostCurve]:
+    """Step-cost curves at the thread counts the methods use: all threads, and one (Saguaro).
+    `extra_tokens` adds lengths to measure exactly, the prompts' (prefills)."""
+    tokens = sorted(set(STEP_TOKENS) | set(extra_tokens))
     curves = {}
     for name, model in (("target", target), ("draft", draft)):
         for n in sorted({1, threads}):
             torch.set_num_threads(n)
-            curves[f"{name}@{n}"] = step_costs.forward_costs(model, list(STEP_TOKENS), repeats)
+            curves[f"{name}@{n}"] = step_costs.forward_costs(model, tokens, repeats)
     torch.set_num_threads(threads)
     return curves
 
 
-def predicted_seconds(method: str, trace: dict, stats: dict, curves: dict, threads: int, lookahead: int) -> float:
+def average_costs(before: dict, after: dict) -> dict[str, cost_model.CostCurve]:
+    """Step costs measured before and after the runs, averaged: the machine's speed drifts."""
+    return {name: cost_model.CostCurve({t: (before[name].points[t] + after[name].points[t]) / 2
+                                         for t in before[name].points}) for name in before}
+
+
+def predicted_seconds(method: str, row: dict, curves: dict, threads: int, lookahead: int) -> float:
     n = 1 if base_method(method) == "saguaro" else threads
-    trace = {**trace, "rounds": stats.get("round_log", []), "prompt_tokens": stats.get("prompt_tokens", 0)}
+    trace = {**row["trace"], "rounds": row.get("round_log", []), "prompt_tokens": row["prompt_tokens"]}
     return cost_model.predict_run_seconds(base_method(method), trace, curves[f"target@{n}"], curves[f"draft@{n}"],
                                           lookahead)
 
@@ -168,8 +176,9 @@ def benchmark(args) -> dict:
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
         run_method(method, generators, warm, 8, args.threads, args.temperature)
 
+    prompt_lengths = [encode(tokenizer, p["prompt"]).shape[1] for p in prompts]
     print("measuring step costs (forward over T new tokens) ...", flush=True)
-    curves = measure_costs(target, draft, args.threads, args.step_repeats)
+    costs_before = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
     bandwidth = step_costs.copy_bandwidth("cpu")
     target_bytes = step_costs.model_bytes(target)
 
@@ -186,26 +195,29 @@ def benchmark(args) -> dict:
             if method == "hf_greedy":
                 reference = tokens
             greedy = "sample" not in variants(method)
-            predicted = predicted_seconds(method, trace, {**stats, "prompt_tokens": ids.shape[1]}, curves,
-                                          args.threads, args.num_speculative_tokens)
             row = {"prompt": i, "repeat": rep, "kind": prompt["kind"], "prompt_tokens": ids.shape[1],
                    "new_tokens": len(tokens), "seconds": seconds, "tokens_per_second": len(tokens) / seconds,
-                   "predicted_tokens_per_second": len(tokens) / predicted,
                    "matches_hf_greedy": None if reference is None or not greedy else tokens == reference,
-                   "target_forwards": len(trace["target_tokens"]),
-                   **{k: stats[k] for k in STAT_KEYS if k in stats}}
+                   "trace": trace, **{k: stats[k] for k in STAT_KEYS if k in stats}}
             rows[method].append(row)
-            tqdm.write(f"prompt {i:2d} {prompt['kind']:9s} {method:18s} {row['tokens_per_second']:6.2f} tok/s "
-                       f"(model {row['predicted_tokens_per_second']:5.2f})"
+            tqdm.write(f"prompt {i:2d} {prompt['kind']:9s} {method:20s} {row['tokens_per_second']:6.2f} tok/s"
                        + (f"  accepted/round {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else "")
                        + (f"  hit rate {row['hit_rate']:.2f}" if base_method(method) == "saguaro" else "")
                        + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY"))
     for generator in {id(g): g for g in generators.values()}.values():
         if isinstance(generator, saguaro.SpeculativeGenerator):
             generator.close()
+    print("measuring step costs again ...", flush=True)
+    costs_after = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
+    curves = average_costs(costs_before, costs_after)
+    for method, runs in rows.items():
+        for row in runs:
+            predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
+            row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
     summary = summarize(rows, target_bytes, bandwidth)
     return {"setup": setup_description(args, target_bytes, bandwidth), "summary": summary,
             "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
+            "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
             "observed_verify_seconds": observed_verify_seconds(rows),
             "projection": projection(rows, curves, args), "runs": rows}
 

@@ -31,8 +31,11 @@ def markdown(results: dict) -> str:
     costs = results["step_costs"]
     names = list(costs)
     lengths = sorted({int(t) for curve in costs.values() for t in curve})
-    lines += ["", "## Step costs: seconds of one forward over T new tokens (x = multiple of T=1)", "",
-              "| T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += ["", "## Step costs: seconds of one forward over T new tokens (x = multiple of T=1)", ""]
+    if results.get("step_cost_drift"):
+        lines += ["Measured before and after the runs on a 256-token context, averaged; one-token cost after / "
+                  "before: " + ", ".join(f"{k} {v:.2f}" for k, v in results["step_cost_drift"].items()) + ".", ""]
+    lines += ["| T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in lengths:
         cells = []
         for name in names:
