@@ -70,6 +70,7 @@ def plot(results: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     summary = results["summary"]
@@ -81,14 +82,15 @@ def plot(results: dict, path: Path) -> bool:
     speed.bar(methods, medians, yerr=[low, high], capsize=3, color="tab:green")
     speed.set_ylabel("tokens/s (median, quartiles)")
     speed.set_title(f"{Path(results['setup']['target']).name}, {results['setup']['dtype']}")
-    speed.tick_params(axis="x", rotation=40)
+    speed.set_xticks(range(len(methods)), methods, rotation=40, ha="right", rotation_mode="anchor")
     for m in methods:
         histogram = summary[m].get("accepted_histogram")
         if histogram and sum(histogram) and len(histogram) > 1:
             total = sum(histogram)
-            accepted.plot(range(len(histogram)), [c / total for c in histogram], marker="o", label=m)
+            accepted.plot(range(len(histogram)), [c / total for c in histogram], marker="o", label=f"{m} ({total} rounds)")
     accepted.set_xlabel("draft tokens accepted in a round")
-    accepted.set_ylabel("share of rounds")
+    accepted.set_ylabel("share of rounds that drafted")
+    accepted.xaxis.set_major_locator(MaxNLocator(integer=True))
     accepted.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

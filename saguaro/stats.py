@@ -12,7 +12,7 @@ class GenerationStats:
     rounds: int = 0  # target forwards after the prefill
     drafted: int = 0
     accepted: int = 0
-    accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that accepted n drafts
+    accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that drafted and accepted n drafts
     hits: int = 0  # rounds whose draft came from the speculation cache (method "saguaro")
     lookup_backups: int = 0  # rounds whose draft was copied from the sequence (prompt lookup)
     worker_failures: int = 0
@@ -37,9 +37,10 @@ class GenerationStats:
         self.lookup_backups += source == "lookup"
         self.drafted += drafted
         self.accepted += accepted
-        if len(self.accepted_histogram) <= accepted:
-            self.accepted_histogram += [0] * (accepted + 1 - len(self.accepted_histogram))
-        self.accepted_histogram[accepted] += 1
+        if drafted:  # a round with speculation off accepts nothing because it proposed nothing
+            if len(self.accepted_histogram) <= accepted:
+                self.accepted_histogram += [0] * (accepted + 1 - len(self.accepted_histogram))
+            self.accepted_histogram[accepted] += 1
 
     @classmethod
     def merge(cls, rows: list["GenerationStats"]) -> "GenerationStats":
