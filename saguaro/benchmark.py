@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import cost_model, report, step_costs
+from .stats import add_counts
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
 SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro")
@@ -248,9 +249,7 @@ def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) 
             entry["median_accepted_length"] = statistics.median(r["mean_accepted_length"] for r in runs)
             histogram = []
             for r in runs:
-                for n, count in enumerate(r["accepted_histogram"]):
-                    histogram += [0] * (n + 1 - len(histogram))
-                    histogram[n] += count
+                add_counts(histogram, r["accepted_histogram"])
             entry["accepted_histogram"] = histogram
         if base_method(method) == "saguaro":
             entry["median_hit_rate"] = statistics.median(r["hit_rate"] for r in runs)

@@ -4,6 +4,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def add_counts(histogram: list[int], counts: list[int]) -> None:
+    """histogram[n] += counts[n] for every n, growing the histogram as needed."""
+    histogram += [0] * (len(counts) - len(histogram))
+    for n, count in enumerate(counts):
+        histogram[n] += count
+
+
 @dataclass
 class GenerationStats:
     method: str
@@ -38,9 +45,7 @@ class GenerationStats:
         self.drafted += drafted
         self.accepted += accepted
         if drafted:  # a round with speculation off accepts nothing because it proposed nothing
-            if len(self.accepted_histogram) <= accepted:
-                self.accepted_histogram += [0] * (accepted + 1 - len(self.accepted_histogram))
-            self.accepted_histogram[accepted] += 1
+            add_counts(self.accepted_histogram, [0] * accepted + [1])
 
     @classmethod
     def merge(cls, rows: list["GenerationStats"]) -> "GenerationStats":
@@ -51,9 +56,7 @@ class GenerationStats:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     setattr(merged, name, getattr(merged, name) + value)
             merged.round_log += row.round_log
-            for n, count in enumerate(row.accepted_histogram):
-                merged.accepted_histogram += [0] * (n + 1 - len(merged.accepted_histogram))
-                merged.accepted_histogram[n] += count
+            add_counts(merged.accepted_histogram, row.accepted_histogram)
         return merged
 
     @property
