@@ -7,6 +7,7 @@ count, so that assumption can be checked on the machine at hand:
     python benchmarks/step_costs.py --models TARGET_DIR DRAFT_DIR --dtype bfloat16
     python benchmarks/step_costs.py --models TARGET_DIR --random-weights --device cuda   # config only
 """
+
 import argparse
 
 import torch
@@ -22,7 +23,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 5, 8, 16])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, torch.get_num_threads()])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--random-weights", action="store_true", help="build the models from their configs only")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="build the models from their configs only"
+    )
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -34,8 +37,10 @@ def main() -> None:
         for threads in sorted(set(args.threads)):
             torch.set_num_threads(threads)
             costs = step_costs.forward_costs(model, args.tokens, args.repeats)
-            ratios = "  ".join(f"T={t}: {costs(t) * 1000:.1f} ms ({costs(t) / costs(args.tokens[0]):.1f}x)"
-                               for t in args.tokens)
+            ratios = "  ".join(
+                f"T={t}: {costs(t) * 1000:.1f} ms ({costs(t) / costs(args.tokens[0]):.1f}x)"
+                for t in args.tokens
+            )
             print(f"{path} {args.dtype} {args.device} {threads} thread(s): {ratios}", flush=True)
 
 

@@ -3,6 +3,7 @@
 The tiny pair (a 2-layer llama and a slightly perturbed copy, with a word-level tokenizer over
 "w0".."w91") lets every example run anywhere in seconds; its text is gibberish, its speculation real.
 """
+
 import argparse
 
 import torch
@@ -27,9 +28,11 @@ def load_pair(args, **target_kwargs):
         tokenizer = AutoTokenizer.from_pretrained(args.target)
         target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, **target_kwargs).eval()
         draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval() if args.draft else None
-        prompts = ["Write a Python function that checks whether a number is prime.",
-                   "Explain what a hash map is in two sentences.",
-                   "Summarise: The quick brown fox jumps over the lazy dog. The dog does not react."]
+        prompts = [
+            "Write a Python function that checks whether a number is prime.",
+            "Explain what a hash map is in two sentences.",
+            "Summarise: The quick brown fox jumps over the lazy dog. The dog does not react.",
+        ]
         return tokenizer, target, draft, prompts
     return tiny_pair(dtype)
 
@@ -44,13 +47,28 @@ def tiny_pair(dtype=torch.float32):
     vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **{w: i + 4 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
-                                                     bos_token="<s>", eos_token="</s>",
-                                                     model_input_names=["input_ids", "attention_mask"])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     target = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     draft = copy.deepcopy(target)
     with torch.no_grad():

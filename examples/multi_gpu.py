@@ -6,10 +6,11 @@ CUDA stream), so it still shows the calls.
 
     python examples/multi_gpu.py [--target DIR --draft DIR]
 """
+
 import torch
+from _models import load_pair, parse_args
 
 import saguaro
-from _models import load_pair, parse_args
 
 args = parse_args(__doc__.splitlines()[0])
 gpus = torch.cuda.device_count()
@@ -25,8 +26,12 @@ else:
     target, draft = target.to(draft_device), draft.to(draft_device)
 print(f"target on {target.device}, drafter on {draft_device}")
 
-with saguaro.enable(target, draft_model=draft, method="saguaro", placement="thread", draft_device=draft_device):
+with saguaro.enable(
+    target, draft_model=draft, method="saguaro", placement="thread", draft_device=draft_device
+):
     inputs = tokenizer(prompts[0], return_tensors="pt").to(target.device)
     out = target.generate(**inputs, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
-print(tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
-print(f"cache hit rate {out.stats.hit_rate:.2f}, {out.stats.mean_accepted_length:.2f} tokens per target forward")
+print(tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
+print(
+    f"cache hit rate {out.stats.hit_rate:.2f}, {out.stats.mean_accepted_length:.2f} tokens per target forward"
+)

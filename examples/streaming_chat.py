@@ -1,23 +1,30 @@
 """Streaming chat: text appears as each speculative round is accepted (TextIteratorStreamer).
 
-    python examples/streaming_chat.py [--target DIR --draft DIR] [--interactive]
+python examples/streaming_chat.py [--target DIR --draft DIR] [--interactive]
 """
+
 from threading import Thread
 
+from _models import load_pair, parse_args
 from transformers import TextIteratorStreamer
 
 import saguaro
-from _models import load_pair, parse_args
 
-args = parse_args(__doc__.splitlines()[0], **{"--interactive": dict(action="store_true", help="read messages from stdin")})
+args = parse_args(
+    __doc__.splitlines()[0], **{"--interactive": dict(action="store_true", help="read messages from stdin")}
+)
 tokenizer, target, draft, prompts = load_pair(args)
 saguaro.enable(target, draft_model=draft, method="speculative")
 
 
 def reply(message: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
     else:
         inputs = tokenizer(message, return_tensors="pt")
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)

@@ -1,4 +1,5 @@
 """saguaro: lossless speculative (and speculative speculative) decoding for Hugging Face causal LMs."""
+
 from .api import METHODS, GenerateOutput, SpeculativeGenerator, generate
 from .hf_generate import UnsupportedGenerateCall, disable, enable
 from .kernels.hf_attention import TREE_ATTENTION, register_hf_attention
@@ -8,5 +9,16 @@ from .tree import DynamicTree
 # Makes attn_implementation="saguaro_tree" available to from_pretrained once saguaro is imported.
 register_hf_attention()
 
-__all__ = ["generate", "enable", "disable", "UnsupportedGenerateCall", "SpeculativeGenerator", "DynamicTree", "TREE_ATTENTION", "GenerateOutput", "GenerationStats", "METHODS"]
+__all__ = [
+    "generate",
+    "enable",
+    "disable",
+    "UnsupportedGenerateCall",
+    "SpeculativeGenerator",
+    "DynamicTree",
+    "TREE_ATTENTION",
+    "GenerateOutput",
+    "GenerationStats",
+    "METHODS",
+]
 __version__ = "0.1.0"

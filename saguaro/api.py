@@ -1,4 +1,5 @@
 """`saguaro.generate` and `SpeculativeGenerator`: HF-style generation with a choice of decoding method."""
+
 from __future__ import annotations
 
 import time
@@ -52,14 +53,17 @@ def _prompt_rows(input_ids, attention_mask) -> tuple[torch.Tensor, list[list[int
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
     if ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
-    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
+    mask = (
+        torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
+    )
     rows, pads = [], []
     for row, row_mask in zip(ids.tolist(), mask.tolist()):
         pad = len(row_mask) - sum(row_mask)
         if any(row_mask[:pad]) or not all(row_mask[pad:]):
             raise ValueError(
-                "attention_mask must be left padding (zeros first, then ones): decoder-only generation appends "
-                "after the last token. Set tokenizer.padding_side = 'left' before tokenizing the batch"
+                "attention_mask must be left padding (zeros first, then ones): decoder-only generation "
+                "appends after the last token. Set tokenizer.padding_side = 'left' before tokenizing "
+                "the batch"
             )
         if pad == len(row):
             raise ValueError("a row of input_ids is all padding: every prompt needs at least one token")
@@ -74,9 +78,13 @@ def _check_pair(target, draft_model, draft_device) -> None:
         return
     for model, role in ((target, "target"), (draft_model, "draft_model")):
         if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
-            raise TypeError(f"{role} ({type(model).__name__}) is not a decoder-only causal LM; load it with "
-                            "AutoModelForCausalLM")
-    if draft_model.device != target.device and (draft_device is None or torch.device(draft_device) != draft_model.device):
+            raise TypeError(
+                f"{role} ({type(model).__name__}) is not a decoder-only causal LM; load it with "
+                "AutoModelForCausalLM"
+            )
+    if draft_model.device != target.device and (
+        draft_device is None or torch.device(draft_device) != draft_model.device
+    ):
         raise ValueError(
             f"draft_model is on {draft_model.device} but the target on {target.device}; move the draft with "
             f".to('{target.device}'), or pass draft_device='{draft_model.device}' to draft there on purpose "
@@ -95,8 +103,10 @@ def _check_pair(target, draft_model, draft_device) -> None:
         ids = [getattr(getattr(m, "generation_config", None), name, None) for m in (target, draft_model)]
         ids = [frozenset([i] if isinstance(i, int) else i) for i in ids if i is not None]
         if len(ids) == 2 and not ids[0] & ids[1]:
-            raise ValueError(f"target and draft disagree on {name} ({set(ids[0])} vs {set(ids[1])}): "
-                             "they do not share a tokenizer")
+            raise ValueError(
+                f"target and draft disagree on {name} ({set(ids[0])} vs {set(ids[1])}): "
+                "they do not share a tokenizer"
+            )
 
 
 class SpeculativeGenerator:
@@ -107,10 +117,20 @@ class SpeculativeGenerator:
     garbage collected or the interpreter exits - never left behind.
     """
 
-    def __init__(self, target, draft_model=None, method: str = "speculative", num_speculative_tokens: int = 4,
-                 tree_branching=DEFAULT_TREE, placement: str | None = None, saguaro_budget: int | None = None,
-                 saguaro_reshape: float = 1.0, worker_timeout: float = 60.0, speculation_schedule: str = "adaptive",
-                 draft_device: str | torch.device | None = None):
+    def __init__(
+        self,
+        target,
+        draft_model=None,
+        method: str = "speculative",
+        num_speculative_tokens: int = 4,
+        tree_branching=DEFAULT_TREE,
+        placement: str | None = None,
+        saguaro_budget: int | None = None,
+        saguaro_reshape: float = 1.0,
+        worker_timeout: float = 60.0,
+        speculation_schedule: str = "adaptive",
+        draft_device: str | torch.device | None = None,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in MODEL_FREE and draft_model is None:
@@ -120,27 +140,41 @@ class SpeculativeGenerator:
         _check_pair(target, draft_model if method not in MODEL_FREE else None, draft_device)
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
-        if method == "tree" and not isinstance(tree_branching, DynamicTree) and (
-            not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching)
+        if (
+            method == "tree"
+            and not isinstance(tree_branching, DynamicTree)
+            and (not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching))
         ):
             raise ValueError(
-                f"tree_branching must be a non-empty list of positive ints or a saguaro.DynamicTree, got {tree_branching!r}"
+                "tree_branching must be a non-empty list of positive ints or a saguaro.DynamicTree, "
+                f"got {tree_branching!r}"
             )
         if placement not in (None, *PLACEMENTS):
             raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
         if speculation_schedule not in SCHEDULES:
-            raise ValueError(f"unknown speculation_schedule {speculation_schedule!r}; use one of {', '.join(SCHEDULES)}")
+            raise ValueError(
+                f"unknown speculation_schedule {speculation_schedule!r}; use one of {', '.join(SCHEDULES)}"
+            )
         if not 0 < saguaro_reshape <= 1:
-            raise ValueError(f"saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], got {saguaro_reshape}")
+            raise ValueError(
+                "saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], "
+                f"got {saguaro_reshape}"
+            )
         self.target, self.draft_model, self.method = target, draft_model, method
         self.num_speculative_tokens = num_speculative_tokens
         self.tree_shape = None
         if method == "tree":
-            self.tree_shape = tree_branching if isinstance(tree_branching, DynamicTree) else list(tree_branching)
+            self.tree_shape = (
+                tree_branching if isinstance(tree_branching, DynamicTree) else list(tree_branching)
+            )
         self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
         self.worker_timeout = worker_timeout
-        self._speculator_kwargs = dict(lookahead=num_speculative_tokens, budget=saguaro_budget,
-                                       vocab_size=target.config.vocab_size, reshape_c=saguaro_reshape)
+        self._speculator_kwargs = dict(
+            lookahead=num_speculative_tokens,
+            budget=saguaro_budget,
+            vocab_size=target.config.vocab_size,
+            reshape_c=saguaro_reshape,
+        )
         self._worker: DraftWorker | None = None
         self._finalizer = None
         # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
@@ -150,7 +184,9 @@ class SpeculativeGenerator:
 
     def _draft_worker(self) -> DraftWorker:
         if self._worker is None:
-            self._worker = DraftWorker(self.draft_model, self.placement, self.worker_timeout, **self._speculator_kwargs)
+            self._worker = DraftWorker(
+                self.draft_model, self.placement, self.worker_timeout, **self._speculator_kwargs
+            )
             self._finalizer = weakref.finalize(self, self._worker.close)
         return self._worker
 
@@ -174,17 +210,30 @@ class SpeculativeGenerator:
             self._finalizer()
         self._worker = self._finalizer = None
 
-    def __enter__(self) -> "SpeculativeGenerator":
+    def __enter__(self) -> SpeculativeGenerator:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def generate(self, input_ids, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | list[int] | None = None,
-                 return_dict_in_generate: bool = False, generator: torch.Generator | None = None, *,
-                 attention_mask=None, pad_token_id: int | None = None, logits_processor=None,
-                 stopping_criteria=None, streamer=None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        return_dict_in_generate: bool = False,
+        generator: torch.Generator | None = None,
+        *,
+        attention_mask=None,
+        pad_token_id: int | None = None,
+        logits_processor=None,
+        stopping_criteria=None,
+        streamer=None,
+    ):
         """See `saguaro.generate`. Rows of a batch (left-padded, per `attention_mask`) are generated
         one after another, each exactly as alone; finished rows are padded with pad_token_id.
         `logits_processor` (HF processors applied to the target's scores, each position with its own
@@ -219,9 +268,13 @@ class SpeculativeGenerator:
         if width > min(len(new) for new, _ in results) and pad_token_id is None:
             pad_token_id = next(iter(sorted(eos)), None)
             if pad_token_id is None:
-                raise ValueError("rows ended at different lengths and there is no pad_token_id (or EOS) to fill "
-                                 "the shorter ones; pass pad_token_id=")
-        tail = torch.full((ids.shape[0], width), pad_token_id if pad_token_id is not None else 0, dtype=torch.long)
+                raise ValueError(
+                    "rows ended at different lengths and there is no pad_token_id (or EOS) to fill "
+                    "the shorter ones; pass pad_token_id="
+                )
+        tail = torch.full(
+            (ids.shape[0], width), pad_token_id if pad_token_id is not None else 0, dtype=torch.long
+        )
         for row, (new, _) in enumerate(results):
             tail[row, : len(new)] = torch.tensor(new, dtype=torch.long)
         sequences = torch.cat([ids.cpu(), tail], dim=1).to(ids.device)
@@ -230,7 +283,9 @@ class SpeculativeGenerator:
         rows = [stats for _, stats in results]
         return GenerateOutput(sequences, rows[0] if len(rows) == 1 else GenerationStats.merge(rows), rows)
 
-    def _generate_one(self, prompt: list[int], sampler: TokenSampler, stop: StopRule) -> tuple[list[int], GenerationStats]:
+    def _generate_one(
+        self, prompt: list[int], sampler: TokenSampler, stop: StopRule
+    ) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
         runner = ModelRunner(self.target, capacity)
@@ -239,13 +294,24 @@ class SpeculativeGenerator:
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
         elif self.method == "prompt_lookup":
-            new = speculative(runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead)
+            new = speculative(
+                runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead
+            )
         elif self.method == "saguaro":
-            new = saguaro(runner, self._draft_worker(), prompt, sampler, stop, stats, self._inline_worker,
-                          self.lookahead)
+            new = saguaro(
+                runner,
+                self._draft_worker(),
+                prompt,
+                sampler,
+                stop,
+                stats,
+                self._inline_worker,
+                self.lookahead,
+            )
         else:
-            drafter = ModelDrafter(self.draft_model, sampler.drafting(), self.target.config.vocab_size, capacity,
-                                   self.tree_shape)
+            drafter = ModelDrafter(
+                self.draft_model, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape
+            )
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
@@ -294,9 +360,20 @@ def generate(
     For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
     the model with `saguaro.enable` and call `model.generate` as usual.
     """
-    with SpeculativeGenerator(target, draft_model, method, num_speculative_tokens, tree_branching,
-                              **saguaro_options) as speculative_generator:
-        return speculative_generator.generate(input_ids, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                              eos_token_id, return_dict_in_generate, generator,
-                                              attention_mask=attention_mask, pad_token_id=pad_token_id,
-                                              streamer=streamer)
+    with SpeculativeGenerator(
+        target, draft_model, method, num_speculative_tokens, tree_branching, **saguaro_options
+    ) as speculative_generator:
+        return speculative_generator.generate(
+            input_ids,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            return_dict_in_generate,
+            generator,
+            attention_mask=attention_mask,
+            pad_token_id=pad_token_id,
+            streamer=streamer,
+        )

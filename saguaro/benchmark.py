@@ -11,6 +11,7 @@ each run's time is predicted from those step costs and the forwards its acceptan
     saguaro bench --random-weights --target CONFIG_DIR --draft CONFIG_DIR --device cuda \\
                   --acceptance-from results.json     # GPU step costs + projected speedups
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,30 @@ SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "sa
 # Suffixes on a saguaro method: "+sample" samples (do_sample=True); "+constant" drafts the full K
 # every round instead of the adaptive length, which shows the mechanism where adaptation turns it off.
 VARIANTS = ("sample", "constant")
-DEFAULT_METHODS = HF_METHODS + ("autoregressive", "prompt_lookup", "speculative", "speculative+constant", "tree",
-                                "saguaro", "saguaro+constant", "speculative+sample", "saguaro+sample")
-STAT_KEYS = ("mean_accepted_length", "acceptance_rate", "accepted_histogram", "hit_rate", "prefill_seconds",
-             "draft_seconds", "verify_seconds", "drafter_busy_seconds", "rounds", "target_idle_fraction", "round_log")
+DEFAULT_METHODS = HF_METHODS + (
+    "autoregressive",
+    "prompt_lookup",
+    "speculative",
+    "speculative+constant",
+    "tree",
+    "saguaro",
+    "saguaro+constant",
+    "speculative+sample",
+    "saguaro+sample",
+)
+STAT_KEYS = (
+    "mean_accepted_length",
+    "acceptance_rate",
+    "accepted_histogram",
+    "hit_rate",
+    "prefill_seconds",
+    "draft_seconds",
+    "verify_seconds",
+    "drafter_busy_seconds",
+    "rounds",
+    "target_idle_fraction",
+    "round_log",
+)
 STEP_TOKENS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32)
 PROMPTS_FILE = Path(__file__).resolve().parent / "prompts.jsonl"
 
@@ -54,8 +75,12 @@ def load_prompts(path: str | None, limit: int | None) -> list[dict]:
 
 def encode(tokenizer, text: str) -> torch.Tensor:
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
     else:
         ids = tokenizer(text, return_tensors="pt").input_ids
     return ids
@@ -67,8 +92,11 @@ def plain_greedy_config(model):
     from transformers import GenerationConfig
 
     old = model.generation_config
-    return GenerationConfig(bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
-                            pad_token_id=old.pad_token_id if old.pad_token_id is not None else old.eos_token_id)
+    return GenerationConfig(
+        bos_token_id=old.bos_token_id,
+        eos_token_id=old.eos_token_id,
+        pad_token_id=old.pad_token_id if old.pad_token_id is not None else old.eos_token_id,
+    )
 
 
 @contextlib.contextmanager
@@ -99,8 +127,9 @@ def variants(method: str) -> set[str]:
     return set(method.split("+")[1:])
 
 
-def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int,
-               temperature: float):
+def run_method(
+    method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int, temperature: float
+):
     """Returns (new token ids, seconds, saguaro stats or {}, forward trace)."""
     # Saguaro's target runs on one core while its drafter process uses another; every other
     # method gets all `threads`.
@@ -112,16 +141,24 @@ def run_method(method: str, generators: dict, ids: torch.Tensor, max_new_tokens:
         start = time.perf_counter()
         if method in HF_METHODS:
             extra = {"assistant_model": draft} if method == "hf_assisted" else {}
-            out = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, **extra)
+            out = target.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                **extra,
+            )
             return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start, {}, trace
-        result = generators[method].generate(ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                                             **sampling)
+        result = generators[method].generate(
+            ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **sampling
+        )
         seconds = time.perf_counter() - start
     return result.sequences[0, ids.shape[1] :].tolist(), seconds, result.stats.as_dict(), trace
 
 
-def measure_costs(target, draft, threads: int, repeats: int, extra_tokens=()) -> dict[str, cost_model.CostCurve]:
+def measure_costs(
+    target, draft, threads: int, repeats: int, extra_tokens=()
+) -> dict[str, cost_model.CostCurve]:
     """Step-cost curves at the thread counts the methods use: all threads, and one (Saguaro).
     `extra_tokens` adds lengths to measure exactly, the prompts' (prefills)."""
     tokens = sorted(set(STEP_TOKENS) | set(extra_tokens))
@@ -136,15 +173,20 @@ def measure_costs(target, draft, threads: int, repeats: int, extra_tokens=()) ->
 
 def average_costs(before: dict, after: dict) -> dict[str, cost_model.CostCurve]:
     """Step costs measured before and after the runs, averaged: the machine's speed drifts."""
-    return {name: cost_model.CostCurve({t: (before[name].points[t] + after[name].points[t]) / 2
-                                         for t in before[name].points}) for name in before}
+    return {
+        name: cost_model.CostCurve(
+            {t: (before[name].points[t] + after[name].points[t]) / 2 for t in before[name].points}
+        )
+        for name in before
+    }
 
 
 def predicted_seconds(method: str, row: dict, curves: dict, threads: int, lookahead: int) -> float:
     n = 1 if base_method(method) == "saguaro" else threads
     trace = {**row["trace"], "rounds": row.get("round_log", []), "prompt_tokens": row["prompt_tokens"]}
-    return cost_model.predict_run_seconds(base_method(method), trace, curves[f"target@{n}"], curves[f"draft@{n}"],
-                                          lookahead)
+    return cost_model.predict_run_seconds(
+        base_method(method), trace, curves[f"target@{n}"], curves[f"draft@{n}"], lookahead
+    )
 
 
 def benchmark(args) -> dict:
@@ -169,8 +211,13 @@ def benchmark(args) -> dict:
             continue
         if (name, schedule) not in generators:  # a sampled variant shares its generator (and worker)
             generators[name, schedule] = saguaro.SpeculativeGenerator(
-                target, draft, method=name, num_speculative_tokens=args.num_speculative_tokens,
-                tree_branching=args.tree_branching, speculation_schedule=schedule)
+                target,
+                draft,
+                method=name,
+                num_speculative_tokens=args.num_speculative_tokens,
+                tree_branching=args.tree_branching,
+                speculation_schedule=schedule,
+            )
         generators[method] = generators[name, schedule]
 
     warm = encode(tokenizer, prompts[0]["prompt"])
@@ -191,20 +238,35 @@ def benchmark(args) -> dict:
         reference = None
         for method in methods:
             torch.manual_seed(1000 * i + rep)
-            tokens, seconds, stats, trace = run_method(method, generators, ids, args.max_new_tokens, args.threads,
-                                                       args.temperature)
+            tokens, seconds, stats, trace = run_method(
+                method, generators, ids, args.max_new_tokens, args.threads, args.temperature
+            )
             if method == "hf_greedy":
                 reference = tokens
             greedy = "sample" not in variants(method)
-            row = {"prompt": i, "repeat": rep, "kind": prompt["kind"], "prompt_tokens": ids.shape[1],
-                   "new_tokens": len(tokens), "seconds": seconds, "tokens_per_second": len(tokens) / seconds,
-                   "matches_hf_greedy": None if reference is None or not greedy else tokens == reference,
-                   "trace": trace, **{k: stats[k] for k in STAT_KEYS if k in stats}}
+            row = {
+                "prompt": i,
+                "repeat": rep,
+                "kind": prompt["kind"],
+                "prompt_tokens": ids.shape[1],
+                "new_tokens": len(tokens),
+                "seconds": seconds,
+                "tokens_per_second": len(tokens) / seconds,
+                "matches_hf_greedy": None if reference is None or not greedy else tokens == reference,
+                "trace": trace,
+                **{k: stats[k] for k in STAT_KEYS if k in stats},
+            }
             rows[method].append(row)
-            tqdm.write(f"prompt {i:2d} {prompt['kind']:9s} {method:20s} {row['tokens_per_second']:6.2f} tok/s"
-                       + (f"  accepted/round {row['mean_accepted_length']:.2f}" if "mean_accepted_length" in row else "")
-                       + (f"  hit rate {row['hit_rate']:.2f}" if base_method(method) == "saguaro" else "")
-                       + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY"))
+            tqdm.write(
+                f"prompt {i:2d} {prompt['kind']:9s} {method:20s} {row['tokens_per_second']:6.2f} tok/s"
+                + (
+                    f"  accepted/round {row['mean_accepted_length']:.2f}"
+                    if "mean_accepted_length" in row
+                    else ""
+                )
+                + (f"  hit rate {row['hit_rate']:.2f}" if base_method(method) == "saguaro" else "")
+                + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY")
+            )
     for generator in {id(g): g for g in generators.values()}.values():
         if isinstance(generator, saguaro.SpeculativeGenerator):
             generator.close()
@@ -216,11 +278,15 @@ def benchmark(args) -> dict:
             predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
             row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
     summary = summarize(rows, target_bytes, bandwidth)
-    return {"setup": setup_description(args, target_bytes, bandwidth), "summary": summary,
-            "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
-            "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
-            "observed_verify_seconds": observed_verify_seconds(rows),
-            "projection": projection(rows, curves, args), "runs": rows}
+    return {
+        "setup": setup_description(args, target_bytes, bandwidth),
+        "summary": summary,
+        "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
+        "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
+        "observed_verify_seconds": observed_verify_seconds(rows),
+        "projection": projection(rows, curves, args),
+        "runs": rows,
+    }
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -238,9 +304,14 @@ def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) 
         speeds = [r["tokens_per_second"] for r in runs]
         median = statistics.median(speeds)
         predicted = statistics.median(r["predicted_tokens_per_second"] for r in runs)
-        entry = {"median_tokens_per_second": median, "quartiles_tokens_per_second": quartiles(speeds),
-                 "runs": len(runs), "bandwidth_fraction": target_bytes * median / bandwidth,
-                 "predicted_tokens_per_second": predicted, "prediction_error": predicted / median - 1}
+        entry = {
+            "median_tokens_per_second": median,
+            "quartiles_tokens_per_second": quartiles(speeds),
+            "runs": len(runs),
+            "bandwidth_fraction": target_bytes * median / bandwidth,
+            "predicted_tokens_per_second": predicted,
+            "prediction_error": predicted / median - 1,
+        }
         for base in HF_METHODS:
             if base in rows and base != method:
                 ratios = [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(runs, rows[base])]
@@ -286,8 +357,9 @@ def measured_acceptance(rows: dict[str, list[dict]], methods: tuple[str, ...], p
 
 def projection(rows: dict, curves: dict, args, ks=range(1, 9)) -> dict:
     """Decode tokens/s the cost model projects per draft length K, from this run's acceptance."""
-    acceptance = measured_acceptance(rows, ("speculative", "speculative+constant", "saguaro", "saguaro+constant"),
-                                     max(ks))
+    acceptance = measured_acceptance(
+        rows, ("speculative", "speculative+constant", "saguaro", "saguaro+constant"), max(ks)
+    )
     saguaro_runs = rows.get("saguaro+constant") or rows.get("saguaro", [])
     hit = statistics.median(r["hit_rate"] for r in saguaro_runs) if saguaro_runs else 0.0
     return project(curves, args.threads, acceptance, hit, ks)
@@ -296,30 +368,50 @@ def projection(rows: dict, curves: dict, args, ks=range(1, 9)) -> dict:
 def project(curves: dict, threads: int, acceptance: list[float], hit_rate: float, ks=range(1, 9)) -> dict:
     target_n, draft_n = curves[f"target@{threads}"], curves[f"draft@{threads}"]
     target_1, draft_1 = curves["target@1"], curves["draft@1"]
-    out = {"acceptance_per_position": acceptance, "hit_rate": hit_rate,
-           "autoregressive": cost_model.project_tokens_per_second("autoregressive", 0, target_n, draft_n, acceptance)}
+    out = {
+        "acceptance_per_position": acceptance,
+        "hit_rate": hit_rate,
+        "autoregressive": cost_model.project_tokens_per_second(
+            "autoregressive", 0, target_n, draft_n, acceptance
+        ),
+    }
     for method, target, draft in (("speculative", target_n, draft_n), ("saguaro", target_1, draft_1)):
         per_k = {}
         for k in ks:
             budget = 3 * (k + 1)
             if method == "saguaro":  # the budget the engine adapts to: what fits in one verification
                 budget = max(k + 1, cost_model.largest_budget_within(target(k + 1), draft, k))
-            per_k[str(k)] = cost_model.project_tokens_per_second(method, k, target, draft, acceptance,
-                                                                 hit_rate=hit_rate, branches=budget)
+            per_k[str(k)] = cost_model.project_tokens_per_second(
+                method, k, target, draft, acceptance, hit_rate=hit_rate, branches=budget
+            )
         best = max(per_k, key=per_k.get)
-        out[method] = {"tokens_per_second_by_k": per_k, "best_k": int(best), "best_tokens_per_second": per_k[best]}
+        out[method] = {
+            "tokens_per_second_by_k": per_k,
+            "best_k": int(best),
+            "best_tokens_per_second": per_k[best],
+        }
     return out
 
 
 def setup_description(args, target_bytes: int, bandwidth: float) -> dict:
     import transformers
 
-    return {"target": args.target, "draft": args.draft, "dtype": args.dtype, "threads": args.threads,
-            "max_new_tokens": args.max_new_tokens, "num_speculative_tokens": args.num_speculative_tokens,
-            "tree_branching": args.tree_branching, "repeats": args.repeats, "temperature": args.temperature,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "target_bytes": target_bytes, "copy_bandwidth_bytes_per_second": bandwidth,
-            "machine": f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} logical CPUs)"}
+    return {
+        "target": args.target,
+        "draft": args.draft,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "max_new_tokens": args.max_new_tokens,
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "tree_branching": args.tree_branching,
+        "repeats": args.repeats,
+        "temperature": args.temperature,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "target_bytes": target_bytes,
+        "copy_bandwidth_bytes_per_second": bandwidth,
+        "machine": f"{cpu_model()} ({platform.machine()}, {os.cpu_count()} logical CPUs)",
+    }
 
 
 def cpu_model() -> str:
@@ -337,8 +429,10 @@ def random_weights_benchmark(args) -> dict:
     target = step_costs.random_weights_model(args.target, dtype, args.device)
     draft = step_costs.random_weights_model(args.draft, dtype, args.device)
     threads = torch.get_num_threads()
-    curves = {"target@1": step_costs.forward_costs(target, list(STEP_TOKENS), args.step_repeats),
-              "draft@1": step_costs.forward_costs(draft, list(STEP_TOKENS) + [48, 64], args.step_repeats)}
+    curves = {
+        "target@1": step_costs.forward_costs(target, list(STEP_TOKENS), args.step_repeats),
+        "draft@1": step_costs.forward_costs(draft, list(STEP_TOKENS) + [48, 64], args.step_repeats),
+    }
     curves[f"target@{threads}"], curves[f"draft@{threads}"] = curves["target@1"], curves["draft@1"]
     trees = [[1, 1, 1, 1], [2, 2, 1, 1], [4, 2, 2, 1], [4, 4, 2, 2, 1]]
     attention = {"sdpa": step_costs.tree_verify_costs(target, trees, args.step_repeats)}
@@ -351,55 +445,92 @@ def random_weights_benchmark(args) -> dict:
     acceptance = measured["projection"]["acceptance_per_position"] if measured else [0.7] * 8
     hit_rate = measured["projection"]["hit_rate"] if measured else 0.8
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
-    return {"setup": {"mode": "random weights (step costs only; speeds are projected)", "device": device_name,
-                      "target_config": args.target, "draft_config": args.draft, "dtype": args.dtype,
-                      "acceptance_from": args.acceptance_from or "assumed 0.7 per position, hit rate 0.8",
-                      "torch": torch.__version__,
-                      "copy_bandwidth_bytes_per_second": step_costs.copy_bandwidth(args.device),
-                      "target_bytes": step_costs.model_bytes(target)},
-            "step_costs": {name: curve.as_dict() for name, curve in curves.items() if name.endswith("@1")},
-            "tree_verify_seconds": attention,
-            "projection": project(curves, threads, acceptance, hit_rate)}
+    return {
+        "setup": {
+            "mode": "random weights (step costs only; speeds are projected)",
+            "device": device_name,
+            "target_config": args.target,
+            "draft_config": args.draft,
+            "dtype": args.dtype,
+            "acceptance_from": args.acceptance_from or "assumed 0.7 per position, hit rate 0.8",
+            "torch": torch.__version__,
+            "copy_bandwidth_bytes_per_second": step_costs.copy_bandwidth(args.device),
+            "target_bytes": step_costs.model_bytes(target),
+        },
+        "step_costs": {name: curve.as_dict() for name, curve in curves.items() if name.endswith("@1")},
+        "tree_verify_seconds": attention,
+        "projection": project(curves, threads, acceptance, hit_rate),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", required=True, help="target model folder or hub id (a config folder with --random-weights)")
+    parser.add_argument(
+        "--target",
+        required=True,
+        help="target model folder or hub id (a config folder with --random-weights)",
+    )
     parser.add_argument("--draft", required=True, help="draft model sharing the target's tokenizer")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the target's)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                        help="methods to run, in order; append +sample to a saguaro method to sample, +constant "
-                             "to draft the full K every round "
-                             f"(default: {' '.join(DEFAULT_METHODS)})")
-    parser.add_argument("--prompts", help="JSONL file with {'kind', 'prompt'} per line (default: benchmarks/prompts.jsonl)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(DEFAULT_METHODS),
+        help="methods to run, in order; append +sample to a saguaro method to sample, +constant "
+        "to draft the full K every round "
+        f"(default: {' '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--prompts", help="JSONL file with {'kind', 'prompt'} per line (default: benchmarks/prompts.jsonl)"
+    )
     parser.add_argument("--num-prompts", type=int, default=3, help="how many prompts to run (0 = all)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per prompt and method (medians and quartiles over all)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per prompt and method (medians and quartiles over all)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
-    parser.add_argument("--tree-branching", type=int, nargs="+", default=[2, 2, 1, 1],
-                        help="children per node at each depth, for method 'tree'")
+    parser.add_argument(
+        "--tree-branching",
+        type=int,
+        nargs="+",
+        default=[2, 2, 1, 1],
+        help="children per node at each depth, for method 'tree'",
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="for the +sample methods")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--step-repeats", type=int, default=2, help="repeats per step-cost measurement")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="GPU mode: build random models from the --target/--draft configs, measure step costs "
-                             "and project speeds (no generation)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="GPU mode: build random models from the --target/--draft configs, measure step costs "
+        "and project speeds (no generation)",
+    )
     parser.add_argument("--device", default="cpu", help="device for --random-weights (e.g. cuda)")
-    parser.add_argument("--acceptance-from", help="results.json of a real-model run, for --random-weights projections")
+    parser.add_argument(
+        "--acceptance-from", help="results.json of a real-model run, for --random-weights projections"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    parser.add_argument("--out", default="results.json",
-                        help="JSON results; a Markdown table (.md) and a plot (.png) are written beside it")
+    parser.add_argument(
+        "--out",
+        default="results.json",
+        help="JSON results; a Markdown table (.md) and a plot (.png) are written beside it",
+    )
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="saguaro bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    unknown = [m for m in args.methods if m not in HF_METHODS and (base_method(m) not in SAGUARO_METHODS
-                                                                   or not variants(m) <= set(VARIANTS))]
+    unknown = [
+        m
+        for m in args.methods
+        if m not in HF_METHODS and (base_method(m) not in SAGUARO_METHODS or not variants(m) <= set(VARIANTS))
+    ]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
-                     "optionally with +sample and/or +constant")
+        parser.error(
+            f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
+            "optionally with +sample and/or +constant"
+        )
     results = random_weights_benchmark(args) if args.random_weights else benchmark(args)
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))

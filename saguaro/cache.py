@@ -11,6 +11,7 @@ The buffers double when full, so appends are amortised O(new tokens) as well.
 This is the only module that touches transformers' cache internals (`Cache`, `CacheLayerMixin`);
 a change in those classes between transformers versions is absorbed here.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """The `saguaro` command: `saguaro bench ...` (speedup benchmark), `saguaro generate ...` (one answer)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,22 +12,42 @@ from .api import METHODS
 def generate_main(argv) -> None:
     parser = argparse.ArgumentParser(
         prog="saguaro generate",
-        description="Answer one prompt with a target model, speculatively, streaming the text as rounds accept it.")
-    parser.add_argument("prompt", help="the user message; the chat template is applied when the tokenizer has one")
+        description="Answer one prompt with a target model, speculatively, streaming the text as rounds "
+        "accept it.",
+    )
+    parser.add_argument(
+        "prompt", help="the user message; the chat template is applied when the tokenizer has one"
+    )
     parser.add_argument("--target", required=True, help="target model: local folder or hub id")
-    parser.add_argument("--draft", help="draft model sharing the target's tokenizer (not needed for "
-                                        "autoregressive and prompt_lookup)")
-    parser.add_argument("--method", default="speculative", choices=METHODS,
-                        help="decoding method (default: speculative; saguaro drafts in a second process)")
-    parser.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="weights' dtype (float32 makes greedy output identical to HF's on any hardware)")
+    parser.add_argument(
+        "--draft",
+        help="draft model sharing the target's tokenizer (not needed for autoregressive and prompt_lookup)",
+    )
+    parser.add_argument(
+        "--method",
+        default="speculative",
+        choices=METHODS,
+        help="decoding method (default: speculative; saguaro drafts in a second process)",
+    )
+    parser.add_argument(
+        "--raw", action="store_true", help="feed the prompt as plain text, without the chat template"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights' dtype (float32 makes greedy output identical to HF's on any hardware)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)"
+    )
     parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (with --do-sample)")
-    parser.add_argument("--top-p", type=float, help="keep the smallest set with this much mass (with --do-sample)")
+    parser.add_argument(
+        "--top-p", type=float, help="keep the smallest set with this much mass (with --do-sample)"
+    )
     parser.add_argument("--seed", type=int, help="seed torch's RNG, for reproducible sampling")
     args = parser.parse_args(argv)
 
@@ -41,15 +62,32 @@ def generate_main(argv) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval() if args.draft else None
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids if args.raw else benchmark.encode(tokenizer, args.prompt)
+    ids = (
+        tokenizer(args.prompt, return_tensors="pt").input_ids
+        if args.raw
+        else benchmark.encode(tokenizer, args.prompt)
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    out = saguaro.generate(target, ids, draft_model=draft, method=args.method, max_new_tokens=args.max_new_tokens,
-                           num_speculative_tokens=args.num_speculative_tokens, do_sample=args.do_sample,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           return_dict_in_generate=True, streamer=streamer)
+    out = saguaro.generate(
+        target,
+        ids,
+        draft_model=draft,
+        method=args.method,
+        max_new_tokens=args.max_new_tokens,
+        num_speculative_tokens=args.num_speculative_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        return_dict_in_generate=True,
+        streamer=streamer,
+    )
     s = out.stats
-    print(f"\n[{s.new_tokens} tokens, {s.tokens_per_second:.2f} tok/s, {s.mean_accepted_length:.2f} tokens per "
-          f"target forward]", file=sys.stderr)
+    print(
+        f"\n[{s.new_tokens} tokens, {s.tokens_per_second:.2f} tok/s, {s.mean_accepted_length:.2f} tokens per "
+        f"target forward]",
+        file=sys.stderr,
+    )
 
 
 COMMANDS = {"bench": benchmark.main, "generate": generate_main}

@@ -14,6 +14,7 @@ tokens (the accepted drafts plus the target's own token) and costs verify(K + 1)
 Speculation pays only where verify(K + 1) stays close to verify(1): on a GPU, or a CPU with fast
 low-precision matrix units. Where verifying T tokens costs ~T steps, the best K is 0.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -35,7 +36,9 @@ class CostCurve:
     it extrapolates linearly (offline, from complete tables) or stays flat (`optimistic`, online:
     an untried length looks as cheap as the longest tried, so it gets tried once and measured)."""
 
-    def __init__(self, points: dict[int, float] | None = None, optimistic: bool = False, smoothing: float = 0.3):
+    def __init__(
+        self, points: dict[int, float] | None = None, optimistic: bool = False, smoothing: float = 0.3
+    ):
         self.points = dict(points or {})
         self.optimistic = optimistic
         self.smoothing = smoothing
@@ -43,7 +46,9 @@ class CostCurve:
     def observe(self, tokens: int, seconds: float) -> None:
         """A new measurement, blended into an exponential moving average per length."""
         old = self.points.get(tokens)
-        self.points[tokens] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        self.points[tokens] = (
+            seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        )
 
     def __bool__(self) -> bool:
         return bool(self.points)
@@ -143,7 +148,9 @@ class LookaheadController:
 
 
 # -- offline: predicted time of measured runs, and projections -------------------------------------
-def predict_run_seconds(method: str, trace: dict, target: CostCurve, draft: CostCurve, lookahead: int) -> float:
+def predict_run_seconds(
+    method: str, trace: dict, target: CostCurve, draft: CostCurve, lookahead: int
+) -> float:
     """Wall time of one generation predicted from step costs and what the run did.
 
     `trace` holds the new-token counts of every target forward (`target_tokens`) and, for in-process
@@ -173,9 +180,18 @@ def predict_run_seconds(method: str, trace: dict, target: CostCurve, draft: Cost
     return seconds
 
 
-def project_tokens_per_second(method: str, k: int, target: CostCurve, draft: CostCurve,
-                              acceptance: Sequence[float], hit_rate: float = 0.0, branches: int = 0,
-                              tree_tokens: float = 0.0, tree_nodes: int = 0, tree_levels: Sequence[int] = ()) -> float:
+def project_tokens_per_second(
+    method: str,
+    k: int,
+    target: CostCurve,
+    draft: CostCurve,
+    acceptance: Sequence[float],
+    hit_rate: float = 0.0,
+    branches: int = 0,
+    tree_tokens: float = 0.0,
+    tree_nodes: int = 0,
+    tree_levels: Sequence[int] = (),
+) -> float:
     """Steady-state decode tokens/s (no prefill) of a method drafting k tokens per round."""
     if method == "autoregressive":
         return 1.0 / target(1)

@@ -7,6 +7,7 @@ A drafter follows the committed sequence through three calls:
   commit(accepted, next) - the first `accepted` drafts were kept, then `next` was emitted.
 The engines never look inside; later drafters (prompt lookup, the Saguaro pool) plug in here.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -28,7 +29,7 @@ class Proposal:
     source: str = "model"  # or "lookup": copied from the sequence
 
     @classmethod
-    def empty(cls) -> "Proposal":
+    def empty(cls) -> Proposal:
         return cls(torch.empty(0, dtype=torch.long), None, TokenTree(()))
 
 
@@ -55,8 +56,14 @@ class ModelDrafter(Drafter):
     commit() keeps the fed nodes of the accepted path and drops the rest.
     """
 
-    def __init__(self, model, sampler: TokenSampler, vocab_size: int | None = None, capacity: int = 256,
-                 shape: list[int] | DynamicTree | None = None):
+    def __init__(
+        self,
+        model,
+        sampler: TokenSampler,
+        vocab_size: int | None = None,
+        capacity: int = 256,
+        shape: list[int] | DynamicTree | None = None,
+    ):
         self.runner = ModelRunner(model, capacity)
         self.sampler = sampler
         # Ids the target cannot emit (a draft embedding padded beyond the target's) are never
@@ -134,7 +141,9 @@ class ModelDrafter(Drafter):
         self._last, self._fed_nodes = Proposal.empty(), 0
 
 
-def best_prefixes(offers: list[list[tuple]], parent_scores: list[float], limit: int | None) -> list[tuple[int, int]]:
+def best_prefixes(
+    offers: list[list[tuple]], parent_scores: list[float], limit: int | None
+) -> list[tuple[int, int]]:
     """(node, sibling) pairs of the `limit` offers with the highest cumulative probability.
 
     A node's siblings are taken in draw order only: a sampled sibling's q excludes the siblings
@@ -180,7 +189,9 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, max_depth: int) -> Proposal:
         self._last = lookup_continuation(self.committed, max_depth, self.max_ngram)
-        return Proposal(torch.tensor(self._last, dtype=torch.long), None, TokenTree.chain(len(self._last)), "lookup")
+        return Proposal(
+            torch.tensor(self._last, dtype=torch.long), None, TokenTree.chain(len(self._last)), "lookup"
+        )
 
     def commit(self, path: list[int], next_token: int) -> None:
         self.committed += [self._last[i] for i in path] + [next_token]

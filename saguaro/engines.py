@@ -8,6 +8,7 @@ sequence minus its last token `token`, which every round feeds first, as the roo
     path, next = verify(...)                            # accepted nodes, then the target's `next`
     target keeps token + the path's entries; `next` becomes the new `token`
 """
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,14 @@ class StopRule:
     are final, as rounds accept them.
     """
 
-    def __init__(self, max_new_tokens: int, eos_token_ids=frozenset(), criteria=None, history: list[int] = (),
-                 streamer=None):
+    def __init__(
+        self,
+        max_new_tokens: int,
+        eos_token_ids=frozenset(),
+        criteria=None,
+        history: list[int] = (),
+        streamer=None,
+    ):
         self.max_new_tokens = max_new_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.criteria = criteria  # (input_ids [1, L], scores) -> bool tensor, like StoppingCriteriaList
@@ -135,8 +142,9 @@ def speculative(
     return stop.trim(generated)
 
 
-def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: TokenSampler,
-                    history: list[int]) -> tuple[list[int], int]:
+def verify_proposal(
+    target_logits: torch.Tensor, proposal: Proposal, sampler: TokenSampler, history: list[int]
+) -> tuple[list[int], int]:
     """Greedy or sampled verification of a proposal against target logits [1 + T, V].
 
     `history` is the committed sequence (its last token is the root); logits processors that look
@@ -145,8 +153,9 @@ def verify_proposal(target_logits: torch.Tensor, proposal: Proposal, sampler: To
     histories = None
     if sampler.uses_history:
         tokens = proposal.tokens.tolist()
-        histories = [history] + [history + [tokens[n] for n in proposal.tree.path_to(node)]
-                                 for node in range(len(tokens))]
+        histories = [history] + [
+            history + [tokens[n] for n in proposal.tree.path_to(node)] for node in range(len(tokens))
+        ]
     if sampler.greedy:
         scores = sampler.scores(target_logits, histories) if sampler.uses_history else target_logits
         return verify_tree_greedy(scores, proposal.tokens, proposal.tree)

@@ -7,6 +7,7 @@ geometric series (Kumar, Dao, May 2026, Theorem 12):
     c = a^(1/(1+r));  F_k ~ c^k for k < K;  F_K ~ c^K (1 - a)^(-1/(1+r)).
 High acceptance spreads the budget to deep positions; low acceptance piles it on k = 0.
 """
+
 from __future__ import annotations
 
 import math

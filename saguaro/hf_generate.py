@@ -9,30 +9,60 @@ search, contrastive search, several return sequences, scores/attentions outputs,
 guidance, processors it does not know to depend only on earlier tokens, ...) goes to the original
 HF generate with a one-time warning, or raises `UnsupportedGenerateCall` under strict=True.
 """
+
 from __future__ import annotations
 
 import warnings
 
 import torch
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+)
 
 from .api import SpeculativeGenerator
 from .sampling import SamplingConfig
 
 # HF processors whose scores at a position depend only on the tokens before it (and fixed
 # settings): applying them per verified position gives exactly HF's scores.
-SERVED_PROCESSORS = frozenset({
-    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
-    "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper", "RepetitionPenaltyLogitsProcessor",
-    "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
-    "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
-    "ForcedEOSTokenLogitsProcessor", "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty",
-    "SuppressTokensLogitsProcessor", "SuppressTokensAtBeginLogitsProcessor", "PrefixConstrainedLogitsProcessor",
-    "LogitNormalization",
-})
+SERVED_PROCESSORS = frozenset(
+    {
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "TopHLogitsWarper",
+        "RepetitionPenaltyLogitsProcessor",
+        "NoRepeatNGramLogitsProcessor",
+        "NoBadWordsLogitsProcessor",
+        "SequenceBiasLogitsProcessor",
+        "MinLengthLogitsProcessor",
+        "MinNewTokensLengthLogitsProcessor",
+        "ForcedBOSTokenLogitsProcessor",
+        "ForcedEOSTokenLogitsProcessor",
+        "InfNanRemoveLogitsProcessor",
+        "ExponentialDecayLengthPenalty",
+        "SuppressTokensLogitsProcessor",
+        "SuppressTokensAtBeginLogitsProcessor",
+        "PrefixConstrainedLogitsProcessor",
+        "LogitNormalization",
+    }
+)
 # Model inputs that change nothing about decoding (or that saguaro rebuilds itself).
-HARMLESS_MODEL_KWARGS = frozenset({"use_cache", "output_attentions", "output_hidden_states", "position_ids",
-                                   "cache_position", "logits_to_keep"})
+HARMLESS_MODEL_KWARGS = frozenset(
+    {
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "position_ids",
+        "cache_position",
+        "logits_to_keep",
+    }
+)
 
 
 class UnsupportedGenerateCall(ValueError):
@@ -68,7 +98,7 @@ class Enabled:
         self.original = model.generate  # the bound HF method (or whatever the instance had)
         self._warned: set[str] = set()
 
-    def __enter__(self) -> "Enabled":
+    def __enter__(self) -> Enabled:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,43 +112,81 @@ class Enabled:
             )
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(f"saguaro: {reason} is not served speculatively; this call runs HF generate", stacklevel=3)
+            warnings.warn(
+                f"saguaro: {reason} is not served speculatively; this call runs HF generate", stacklevel=3
+            )
         return call()
 
     @torch.no_grad()
-    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
-                 prefix_allowed_tokens_fn=None, synced_gpus=None, assistant_model=None, streamer=None,
-                 negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None, **kwargs):
+    def generate(
+        self,
+        inputs=None,
+        generation_config=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        prefix_allowed_tokens_fn=None,
+        synced_gpus=None,
+        assistant_model=None,
+        streamer=None,
+        negative_prompt_ids=None,
+        negative_prompt_attention_mask=None,
+        custom_generate=None,
+        **kwargs,
+    ):
         model = self.model
 
         def original():
-            return self.original(inputs, generation_config, logits_processor, stopping_criteria,
-                                 prefix_allowed_tokens_fn, synced_gpus, assistant_model, streamer,
-                                 negative_prompt_ids, negative_prompt_attention_mask, custom_generate, **kwargs)
+            return self.original(
+                inputs,
+                generation_config,
+                logits_processor,
+                stopping_criteria,
+                prefix_allowed_tokens_fn,
+                synced_gpus,
+                assistant_model,
+                streamer,
+                negative_prompt_ids,
+                negative_prompt_attention_mask,
+                custom_generate,
+                **kwargs,
+            )
 
-        explicit = {"assistant_model": assistant_model, "custom_generate": custom_generate,
-                    "negative_prompt_ids": negative_prompt_ids, "synced_gpus": synced_gpus,
-                    "inputs_embeds": kwargs.get("inputs_embeds")}
+        explicit = {
+            "assistant_model": assistant_model,
+            "custom_generate": custom_generate,
+            "negative_prompt_ids": negative_prompt_ids,
+            "synced_gpus": synced_gpus,
+            "inputs_embeds": kwargs.get("inputs_embeds"),
+        }
         for name, value in explicit.items():
             if value is not None and value is not False:
                 return self._fall_back(name, original)
         if logits_processor:
-            return self._fall_back("a caller-supplied logits_processor (saguaro calls processors once per "
-                                   "verified position, which a stateful one would not expect)", original)
+            return self._fall_back(
+                "a caller-supplied logits_processor (saguaro calls processors once per "
+                "verified position, which a stateful one would not expect)",
+                original,
+            )
 
         user_kwargs = dict(kwargs)
         tokenizer = user_kwargs.pop("tokenizer", None)
-        has_default_max_length = (user_kwargs.get("max_length") is None
-                                  and (generation_config is None or generation_config.max_length is None)
-                                  and model.generation_config.max_length is None)
-        has_default_min_length = (user_kwargs.get("min_length") is None
-                                  and (generation_config is None or generation_config.min_length is None)
-                                  and model.generation_config.min_length is None)
+        has_default_max_length = (
+            user_kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and model.generation_config.max_length is None
+        )
+        has_default_min_length = (
+            user_kwargs.get("min_length") is None
+            and (generation_config is None or generation_config.min_length is None)
+            and model.generation_config.min_length is None
+        )
         config, model_kwargs = model._prepare_generation_config(generation_config, **user_kwargs)
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         if input_ids is None:
-            raise ValueError("pass the prompt as input_ids (or the first argument); saguaro needs at least one "
-                             "prompt token")
+            raise ValueError(
+                "pass the prompt as input_ids (or the first argument); saguaro needs at least one "
+                "prompt token"
+            )
         input_ids = torch.as_tensor(input_ids)
         input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         attention_mask = model_kwargs.pop("attention_mask", None)
@@ -129,38 +197,67 @@ class Enabled:
         if reason:
             return self._fall_back(reason, original)
 
-        model._prepare_special_tokens(config, attention_mask is not None, device=input_ids.device,
-                                      batch_size=input_ids.shape[0])
+        model._prepare_special_tokens(
+            config, attention_mask is not None, device=input_ids.device, batch_size=input_ids.shape[0]
+        )
         if attention_mask is None:  # as HF: padding tokens in the input are masked
             attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, model_kwargs)
         length = input_ids.shape[1]
-        config = model._prepare_generated_length(config, has_default_max_length, has_default_min_length,
-                                                 "input_ids", length, input_ids)
+        config = model._prepare_generated_length(
+            config, has_default_max_length, has_default_min_length, "input_ids", length, input_ids
+        )
         # Per row: some processors read the row's padding from the mask (repetition penalty skips it).
-        processors = [model._get_logits_processor(config, input_ids_seq_length=length, encoder_input_ids=row_ids,
-                                                  prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
-                                                  device=input_ids.device,
-                                                  model_kwargs={**model_kwargs, "attention_mask": row_mask})
-                      for row_ids, row_mask in zip(input_ids.split(1), attention_mask.split(1))]
+        processors = [
+            model._get_logits_processor(
+                config,
+                input_ids_seq_length=length,
+                encoder_input_ids=row_ids,
+                prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
+                device=input_ids.device,
+                model_kwargs={**model_kwargs, "attention_mask": row_mask},
+            )
+            for row_ids, row_mask in zip(input_ids.split(1), attention_mask.split(1))
+        ]
         unknown = sorted({type(p).__name__ for p in processors[0]} - SERVED_PROCESSORS)
         if unknown:
             return self._fall_back(f"logits processors {unknown}", original)
         criteria = StoppingCriteriaList(
-            c for c in model._get_stopping_criteria(config, stopping_criteria or StoppingCriteriaList(), tokenizer)
+            c
+            for c in model._get_stopping_criteria(
+                config, stopping_criteria or StoppingCriteriaList(), tokenizer
+            )
             if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))  # saguaro's own StopRule does these
         )
         max_new_tokens = config.max_length - length
         if max_new_tokens < 1:
-            raise ValueError(f"max_length={config.max_length} leaves no room after the {length}-token input; "
-                             "use max_new_tokens= to say how many tokens to generate")
+            raise ValueError(
+                f"max_length={config.max_length} leaves no room after the {length}-token input; "
+                "use max_new_tokens= to say how many tokens to generate"
+            )
         eos = None if config._eos_token_tensor is None else config._eos_token_tensor.reshape(-1).tolist()
         pad = None if config._pad_token_tensor is None else int(config._pad_token_tensor)
-        sampling = SamplingConfig(bool(config.do_sample), 1.0 if config.temperature is None else config.temperature, config.top_k, config.top_p)
+        sampling = SamplingConfig(
+            bool(config.do_sample),
+            1.0 if config.temperature is None else config.temperature,
+            config.top_k,
+            config.top_p,
+        )
         return self.generator.generate(
-            input_ids, max_new_tokens, sampling.do_sample, sampling.temperature, sampling.top_k, sampling.top_p,
-            eos if eos is not None else [], bool(config.return_dict_in_generate), None,
-            attention_mask=attention_mask, pad_token_id=pad, logits_processor=processors if processors[0] else None,
-            stopping_criteria=criteria or None, streamer=streamer)
+            input_ids,
+            max_new_tokens,
+            sampling.do_sample,
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            eos if eos is not None else [],
+            bool(config.return_dict_in_generate),
+            None,
+            attention_mask=attention_mask,
+            pad_token_id=pad,
+            logits_processor=processors if processors[0] else None,
+            stopping_criteria=criteria or None,
+            streamer=streamer,
+        )
 
 
 def enable(model, draft_model=None, method: str = "speculative", strict: bool = False, **options) -> Enabled:

@@ -19,6 +19,7 @@ Verification uses q', the distribution actually sampled, so the output stays exa
 
 This class is placement-agnostic: `workers.py` runs it in a process, a thread or inline.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,9 +48,16 @@ class Draft:
 
 
 class PreSpeculator:
-    def __init__(self, model, lookahead: int, budget: int | None = None,
-                 vocab_size: int | None = None, capacity: int = 256, reshape_c: float = 1.0,
-                 reshape_top: int = 3):
+    def __init__(
+        self,
+        model,
+        lookahead: int,
+        budget: int | None = None,
+        vocab_size: int | None = None,
+        capacity: int = 256,
+        reshape_c: float = 1.0,
+        reshape_top: int = 3,
+    ):
         self.runner = ModelRunner(model, capacity)
         self.sampler = TokenSampler(SamplingConfig())
         self.lookahead = lookahead
@@ -80,8 +88,9 @@ class PreSpeculator:
         self._branches = {}
         return self._hand_over(self._model_draft(), start)
 
-    def resolve(self, accepted: int, next_token: int, verify_seconds: float | None = None,
-                depth: int | None = None) -> Draft:
+    def resolve(
+        self, accepted: int, next_token: int, verify_seconds: float | None = None, depth: int | None = None
+    ) -> Draft:
         """The target accepted `accepted` drafts, then emitted `next_token`: return the next draft,
         cut to the `depth` the target will verify (pre-speculation then plans for that depth)."""
         start = time.perf_counter()

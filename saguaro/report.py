@@ -1,4 +1,5 @@
 """Benchmark results as a Markdown report and a PNG plot (tokens/s per method, accepted lengths)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,28 +14,41 @@ def markdown(results: dict) -> str:
     lines = [f"# saguaro bench: {setup.get('mode', 'measured')}", ""]
     lines += [f"- {key}: {value}" for key, value in setup.items() if key != "mode"]
     if "summary" in results:
-        lines += ["", "## Speed (median over prompts x repeats; quartiles in brackets)", "",
-                  "| method | tok/s | vs HF greedy | vs HF assisted | accepted/round | hit rate | = HF greedy "
-                  "| bandwidth used | cost model tok/s (error) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Speed (median over prompts x repeats; quartiles in brackets)",
+            "",
+            "| method | tok/s | vs HF greedy | vs HF assisted | accepted/round | hit rate | = HF greedy "
+            "| bandwidth used | cost model tok/s (error) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for method, s in results["summary"].items():
             low, high = s["quartiles_tokens_per_second"]
             lines.append(
                 f"| {method} | {s['median_tokens_per_second']:.2f} [{low:.2f}-{high:.2f}] "
-                f"| {_cell(s.get('speedup_vs_hf_greedy'), '.2f', 'x')} | {_cell(s.get('speedup_vs_hf_assisted'), '.2f', 'x')} "
-                f"| {_cell(s.get('median_accepted_length'), '.2f')} | {_cell(s.get('median_hit_rate'), '.2f')} "
+                f"| {_cell(s.get('speedup_vs_hf_greedy'), '.2f', 'x')} "
+                f"| {_cell(s.get('speedup_vs_hf_assisted'), '.2f', 'x')} "
+                f"| {_cell(s.get('median_accepted_length'), '.2f')} "
+                f"| {_cell(s.get('median_hit_rate'), '.2f')} "
                 f"| {s.get('outputs_matching_hf_greedy', '-')} | {s['bandwidth_fraction']:.0%} "
-                f"| {s['predicted_tokens_per_second']:.2f} ({s['prediction_error']:+.0%}) |")
-        lines += ["", "Bandwidth used: target bytes x tokens/s / measured copy bandwidth (gpt-fast's measure; "
-                  "above 100% only by verifying several tokens per weight read).",
-                  "Cost model: each run's time predicted from the step costs below and the forwards the run made."]
+                f"| {s['predicted_tokens_per_second']:.2f} ({s['prediction_error']:+.0%}) |"
+            )
+        lines += [
+            "",
+            "Bandwidth used: target bytes x tokens/s / measured copy bandwidth (gpt-fast's measure; "
+            "above 100% only by verifying several tokens per weight read).",
+            "Cost model: each run's time predicted from the step costs below and the forwards the run made.",
+        ]
     costs = results["step_costs"]
     names = list(costs)
     lengths = sorted({int(t) for curve in costs.values() for t in curve})
     lines += ["", "## Step costs: seconds of one forward over T new tokens (x = multiple of T=1)", ""]
     if results.get("step_cost_drift"):
-        lines += ["Measured before and after the runs on a 256-token context, averaged; one-token cost after / "
-                  "before: " + ", ".join(f"{k} {v:.2f}" for k, v in results["step_cost_drift"].items()) + ".", ""]
+        lines += [
+            "Measured before and after the runs on a 256-token context, averaged; one-token cost after / "
+            "before: " + ", ".join(f"{k} {v:.2f}" for k, v in results["step_cost_drift"].items()) + ".",
+            "",
+        ]
     lines += ["| T | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for t in lengths:
         cells = []
@@ -46,25 +60,38 @@ def markdown(results: dict) -> str:
     if results.get("observed_verify_seconds"):
         lines += ["", "Verify time inside the runs (median per verified tokens):", ""]
         for method, by_tokens in results["observed_verify_seconds"].items():
-            lines.append(f"- {method}: " + ", ".join(f"T={t}: {v * 1000:.0f} ms" for t, v in by_tokens.items()))
+            lines.append(
+                f"- {method}: " + ", ".join(f"T={t}: {v * 1000:.0f} ms" for t, v in by_tokens.items())
+            )
     if results.get("tree_verify_seconds"):
         lines += ["", "## Tree verification, seconds per target forward (root + tree)", ""]
         for backend, by_tree in results["tree_verify_seconds"].items():
             lines.append(f"- {backend}: " + ", ".join(f"{t}: {v * 1000:.2f} ms" for t, v in by_tree.items()))
     p = results["projection"]
-    lines += ["", "## Cost-model projection (decode only, no prefill)", "",
-              f"Acceptance per position: {', '.join(f'{a:.2f}' for a in p['acceptance_per_position'])}; "
-              f"cache hit rate {p['hit_rate']:.2f}. Autoregressive: {p['autoregressive']:.2f} tok/s.", "",
-              "| method | " + " | ".join(f"K={k}" for k in p["speculative"]["tokens_per_second_by_k"]) + " | best K |",
-              "|---" * (len(p["speculative"]["tokens_per_second_by_k"]) + 2) + "|"]
+    lines += [
+        "",
+        "## Cost-model projection (decode only, no prefill)",
+        "",
+        f"Acceptance per position: {', '.join(f'{a:.2f}' for a in p['acceptance_per_position'])}; "
+        f"cache hit rate {p['hit_rate']:.2f}. Autoregressive: {p['autoregressive']:.2f} tok/s.",
+        "",
+        "| method | "
+        + " | ".join(f"K={k}" for k in p["speculative"]["tokens_per_second_by_k"])
+        + " | best K |",
+        "|---" * (len(p["speculative"]["tokens_per_second_by_k"]) + 2) + "|",
+    ]
     for method in ("speculative", "saguaro"):
         by_k = p[method]["tokens_per_second_by_k"]
-        lines.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in by_k.values()) + f" | {p[method]['best_k']} |")
+        lines.append(
+            f"| {method} | " + " | ".join(f"{v:.2f}" for v in by_k.values()) + f" | {p[method]['best_k']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> bool:
-    """Tokens/s per method (median, quartile bars) and accepted-length histograms. False without matplotlib."""
+    """Tokens/s per method (median, quartile bars) and accepted-length histograms.
+
+    False without matplotlib."""
     try:
         import matplotlib
 
@@ -87,7 +114,12 @@ def plot(results: dict, path: Path) -> bool:
         histogram = summary[m].get("accepted_histogram")
         if histogram and sum(histogram) and len(histogram) > 1:
             total = sum(histogram)
-            accepted.plot(range(len(histogram)), [c / total for c in histogram], marker="o", label=f"{m} ({total} rounds)")
+            accepted.plot(
+                range(len(histogram)),
+                [c / total for c in histogram],
+                marker="o",
+                label=f"{m} ({total} rounds)",
+            )
     accepted.set_xlabel("draft tokens accepted in a round")
     accepted.set_ylabel("share of rounds that drafted")
     accepted.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -5,6 +5,7 @@ they form (a chain by default) and returns their logits; the runner builds posit
 (context length + depth) and a 4D mask (each new token sees the whole committed context and its
 tree ancestors) so that HF's own attention code runs a tree verification unchanged.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -66,8 +67,9 @@ class ModelRunner:
         self.cache.rollback(0)
 
     @torch.no_grad()
-    def forward(self, tokens, tree: TokenTree | None = None, cached_nodes: int = 0,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens, tree: TokenTree | None = None, cached_nodes: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
         """Append `tokens` ([T] ids) and return their logits [T, V].
 
         The tokens are the last T nodes of `tree` (a chain if None); its first `cached_nodes` nodes
@@ -79,7 +81,9 @@ class ModelRunner:
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
         tree = tree or TokenTree.chain(len(tokens))
         if len(tree) != cached_nodes + len(tokens):
-            raise ValueError(f"{cached_nodes} cached + {len(tokens)} new tokens but a tree of {len(tree)} nodes")
+            raise ValueError(
+                f"{cached_nodes} cached + {len(tokens)} new tokens but a tree of {len(tree)} nodes"
+            )
         past = self.length - cached_nodes  # committed context
         depths = torch.tensor(tree.depths()[cached_nodes:], device=self.device)
         positions = past + depths
@@ -112,7 +116,10 @@ class ModelRunner:
             windowed = visible & (positions[:, None] - key_positions[None, :] < self._sliding_window)
             if not self._layer_types:
                 return self._additive(windowed)
-            return {t: self._additive(windowed if t == "sliding_attention" else visible) for t in self._layer_types}
+            return {
+                t: self._additive(windowed if t == "sliding_attention" else visible)
+                for t in self._layer_types
+            }
         return self._additive(visible)
 
     def _additive(self, visible: torch.Tensor) -> torch.Tensor:

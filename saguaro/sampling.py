@@ -8,6 +8,7 @@ gets its own history: the committed sequence plus the draft tokens above it.
 Speculative sampling stays exact whatever the draft's q is, as long as each draft token is drawn
 from the very q verification divides by; the draft is shaped by the warpers only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,8 +51,13 @@ class TokenSampler:
     left padding of a batch row), so processors see exactly HF's input_ids.
     """
 
-    def __init__(self, config: SamplingConfig, generator: torch.Generator | None = None,
-                 processors: LogitsProcessorList | None = None, history_prefix: list[int] = ()):
+    def __init__(
+        self,
+        config: SamplingConfig,
+        generator: torch.Generator | None = None,
+        processors: LogitsProcessorList | None = None,
+        history_prefix: list[int] = (),
+    ):
         self.config = config
         self.generator = generator
         self.history_prefix = list(history_prefix)
@@ -74,7 +80,9 @@ class TokenSampler:
         scores = logits.float().reshape(-1, logits.shape[-1])
         if not self.uses_history:
             # The warpers ignore input_ids; they only need a tensor with the batch dimension.
-            return self._processors(scores.new_zeros(scores.shape[0], 0, dtype=torch.long), scores).reshape(logits.shape)
+            return self._processors(scores.new_zeros(scores.shape[0], 0, dtype=torch.long), scores).reshape(
+                logits.shape
+            )
         if histories is None or len(histories) != scores.shape[0]:
             raise ValueError("these logits processors need the tokens before every scored position")
         rows = []
@@ -102,7 +110,7 @@ class TokenSampler:
             return int((self.scores(logits[None], histories) if self.uses_history else logits).argmax(-1))
         return int(self.draw(self.probs(logits[None], histories)[0]))
 
-    def drafting(self) -> "TokenSampler":
+    def drafting(self) -> TokenSampler:
         """The sampler for the draft model: same warpers and RNG, no history-dependent processors."""
         if not self.uses_history:
             return self

@@ -1,4 +1,5 @@
 """What a generation did, for users (`.stats`) and for the benchmark."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,9 @@ class GenerationStats:
     rounds: int = 0  # target forwards after the prefill
     drafted: int = 0
     accepted: int = 0
-    accepted_histogram: list[int] = field(default_factory=list)  # [n] = rounds that drafted and accepted n drafts
+    accepted_histogram: list[int] = field(
+        default_factory=list
+    )  # [n] = rounds that drafted and accepted n drafts
     hits: int = 0  # rounds whose draft came from the speculation cache (method "saguaro")
     lookup_backups: int = 0  # rounds whose draft was copied from the sequence (prompt lookup)
     worker_failures: int = 0
@@ -33,10 +36,25 @@ class GenerationStats:
     # outcomes pre-speculated while the previous round was verified).
     round_log: list[dict] = field(default_factory=list)
 
-    def record_round(self, drafted: int, accepted: int, source: str = "model", draft_seconds: float = 0.0,
-                     verify_seconds: float = 0.0, branches: int = 0) -> None:
-        self.round_log.append({"drafted": drafted, "accepted": accepted, "source": source, "branches": branches,
-                               "draft_seconds": draft_seconds, "verify_seconds": verify_seconds})
+    def record_round(
+        self,
+        drafted: int,
+        accepted: int,
+        source: str = "model",
+        draft_seconds: float = 0.0,
+        verify_seconds: float = 0.0,
+        branches: int = 0,
+    ) -> None:
+        self.round_log.append(
+            {
+                "drafted": drafted,
+                "accepted": accepted,
+                "source": source,
+                "branches": branches,
+                "draft_seconds": draft_seconds,
+                "verify_seconds": verify_seconds,
+            }
+        )
         self.draft_seconds += draft_seconds
         self.verify_seconds += verify_seconds
         self.rounds += 1
@@ -48,7 +66,7 @@ class GenerationStats:
             add_counts(self.accepted_histogram, [0] * accepted + [1])
 
     @classmethod
-    def merge(cls, rows: list["GenerationStats"]) -> "GenerationStats":
+    def merge(cls, rows: list[GenerationStats]) -> GenerationStats:
         """One record for a batch whose rows ran one after another: counts and times add up."""
         merged = cls(method=rows[0].method)
         for row in rows:

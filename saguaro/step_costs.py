@@ -4,6 +4,7 @@ Every speculative method's speed rests on these numbers (see `cost_model.py`): s
 only when verifying T tokens costs about as much as generating one. The benchmark measures them
 beside its runs, and on a GPU they are measured on random-weight models of the same shape.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -46,10 +47,12 @@ def forward_costs(model, tokens: list[int], repeats: int = 3, context: int = 256
         runner.forward([(11 * i + 3) % vocab for i in range(t)])
         runner.rollback(context)
 
-    return CostCurve({t: _median_seconds(lambda: one(t), runner.device, repeats) for t in tokens})
+    return CostCurve({t: _median_seconds(lambda t=t: one(t), runner.device, repeats) for t in tokens})
 
 
-def tree_verify_costs(model, branchings: list[list[int]], repeats: int = 3, context: int = 256) -> dict[str, float]:
+def tree_verify_costs(
+    model, branchings: list[list[int]], repeats: int = 3, context: int = 256
+) -> dict[str, float]:
     """Median seconds of verifying static trees (root + nodes), keyed by the branching as text."""
     sizes = {str(b): static_tree(b) for b in branchings}
     runner = ModelRunner(model, capacity=context + max(len(t) for t in sizes.values()) + 2)
@@ -59,7 +62,7 @@ def tree_verify_costs(model, branchings: list[list[int]], repeats: int = 3, cont
     for name, tree in sizes.items():
         full = tree.under_root()
 
-        def one():
+        def one(full=full):
             runner.forward([(5 * i + 1) % vocab for i in range(len(full))], full)
             runner.rollback(context)
 
@@ -88,7 +91,9 @@ def model_bytes(model) -> int:
     return total
 
 
-def random_weights_model(config_dir: str, dtype: torch.dtype, device: str = "cpu", attn_implementation: str | None = None):
+def random_weights_model(
+    config_dir: str, dtype: torch.dtype, device: str = "cpu", attn_implementation: str | None = None
+):
     """A model with `config_dir`'s shape and random weights: step costs without the checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

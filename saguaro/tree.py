@@ -10,6 +10,7 @@ committed context. From the parent array follow everything a forward pass needs:
 A chain of K tokens is the tree with parents [-1, 0, 1, ..., K-2]; every engine goes through this
 one representation.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class TokenTree:
                 raise ValueError(f"tree node {i} has parent {p}; parents must be -1 or an earlier node")
 
     @classmethod
-    def chain(cls, length: int) -> "TokenTree":
+    def chain(cls, length: int) -> TokenTree:
         return cls(tuple(range(-1, length - 1)))
 
     def __len__(self) -> int:
@@ -65,12 +66,12 @@ class TokenTree:
         """Children of `node` (-1 for the first level), in index order."""
         return [i for i, p in enumerate(self.parents) if p == node]
 
-    def under_root(self) -> "TokenTree":
+    def under_root(self) -> TokenTree:
         """This tree hung below one new root node 0: the shape the target verifies, whose root is the
         last committed token (its logits judge the first level)."""
         return TokenTree((-1,) + tuple(p + 1 for p in self.parents))
 
-    def extend(self, parents) -> "TokenTree":
+    def extend(self, parents) -> TokenTree:
         return TokenTree(self.parents + tuple(parents))
 
 

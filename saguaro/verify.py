@@ -20,6 +20,7 @@ level, row 1 + i judges the children of node i. Verification walks down from the
     accept with p_i(x_i), else remove x_i from p_i. Verifying them by "argmax match" while
     sampling would not be exact.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,7 +29,9 @@ from .sampling import TokenSampler
 from .tree import TokenTree
 
 
-def verify_tree_greedy(target_logits: torch.Tensor, tokens: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
+def verify_tree_greedy(
+    target_logits: torch.Tensor, tokens: torch.Tensor, tree: TokenTree
+) -> tuple[list[int], int]:
     """target_logits [1 + T, V], tokens [T] -> (accepted node path, token that follows it)."""
     choice = target_logits.argmax(-1).tolist()
     tokens = tokens.tolist()

@@ -10,6 +10,7 @@ Three placements share one message loop (`_serve`) around a `PreSpeculator`:
 Messages are tiny (token ids, an outcome); only a hit's draft distributions (sampling) are large.
 A worker's end of the pipe sees EOF when its generator's process dies, so it never outlives it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,6 @@ import torch
 
 from .prespeculation import Draft, PreSpeculator
 from .sampling import SamplingConfig
-
 
 PLACEMENTS = ("process", "thread", "inline")
 
@@ -76,8 +76,15 @@ def _process_main(conn, threads, model, speculator_kwargs) -> None:
 class DraftWorker:
     """The main-process handle: reset() and resolve() return the next draft, or raise WorkerFailed."""
 
-    def __init__(self, model, placement: str = "process", timeout: float = 60.0, threads: int = 1,
-                 start_method: str | None = None, **speculator_kwargs):
+    def __init__(
+        self,
+        model,
+        placement: str = "process",
+        timeout: float = 60.0,
+        threads: int = 1,
+        start_method: str | None = None,
+        **speculator_kwargs,
+    ):
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
         self.placement, self.timeout = placement, timeout
@@ -86,12 +93,18 @@ class DraftWorker:
         if placement == "process":
             # fork shares the weights copy-on-write and starts at once, with no re-import of the
             # user's __main__; spawn (where fork is missing) sends them as shared-memory tensors.
-            method = start_method or ("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            method = start_method or (
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            )
             ctx = torch.multiprocessing.get_context(method)
             self._conn, child = ctx.Pipe()
             payload = model if method == "fork" else (model.config, model.state_dict(), model.dtype)
-            self._process = ctx.Process(target=_process_main, args=(child, threads, payload, speculator_kwargs),
-                                        daemon=True, name="saguaro-drafter")
+            self._process = ctx.Process(
+                target=_process_main,
+                args=(child, threads, payload, speculator_kwargs),
+                daemon=True,
+                name="saguaro-drafter",
+            )
             self._process.start()
             child.close()
         elif placement == "thread":
@@ -110,7 +123,9 @@ class DraftWorker:
             return self._inline.reset(committed, sampling, seed)
         return self._ask(("reset", committed, sampling, seed))
 
-    def resolve(self, accepted: int, next_token: int, verify_seconds: float, depth: int | None = None) -> Draft:
+    def resolve(
+        self, accepted: int, next_token: int, verify_seconds: float, depth: int | None = None
+    ) -> Draft:
         if self._inline:
             return self._inline.resolve(accepted, next_token, verify_seconds, depth)
         return self._ask(("resolve", accepted, next_token, verify_seconds, depth))
@@ -154,4 +169,3 @@ class DraftWorker:
         if self._conn is not None:
             self._conn.close()
         self._conn = self._process = self._thread = None
-

@@ -1,4 +1,5 @@
 """Tiny random-weight models built from configs: fast, exact, no model hub."""
+
 import pytest
 import torch
 import transformers
@@ -10,25 +11,59 @@ ARCHITECTURES = ["llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox", "phi3
 def _config(arch: str, vocab: int, layers: int, hidden: int, init: float):
     heads, kv_heads = 4, 2
     if arch == "gpt2":
-        return transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads,
-                                       n_positions=512, initializer_range=init, **SPECIAL_TOKENS)
+        return transformers.GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=512,
+            initializer_range=init,
+            **SPECIAL_TOKENS,
+        )
     if arch == "gpt_neox":
-        return transformers.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                          num_attention_heads=heads, intermediate_size=2 * hidden,
-                                          max_position_embeddings=512, initializer_range=init, **SPECIAL_TOKENS)
-    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-               "mistral": transformers.MistralConfig, "gemma": transformers.GemmaConfig,
-               "phi3": transformers.Phi3Config}
+        return transformers.GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=512,
+            initializer_range=init,
+            **SPECIAL_TOKENS,
+        )
+    classes = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+        "gemma": transformers.GemmaConfig,
+        "phi3": transformers.Phi3Config,
+    }
     extra = {"head_dim": hidden // heads} if arch == "gemma" else {}
     if arch == "mistral":
         extra["sliding_window"] = 24  # short enough that the tests cross it
-    return classes[arch](vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, initializer_range=init, **SPECIAL_TOKENS, **extra)
+    return classes[arch](
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        initializer_range=init,
+        **SPECIAL_TOKENS,
+        **extra,
+    )
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, vocab: int = 96, layers: int = 2, hidden: int = 32,
-               init: float = 0.2, dtype=torch.float32):
+def tiny_model(
+    arch: str = "llama",
+    seed: int = 0,
+    vocab: int = 96,
+    layers: int = 2,
+    hidden: int = 32,
+    init: float = 0.2,
+    dtype=torch.float32,
+):
     """A random model; same (arch, seed, sizes) -> same weights."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(arch, vocab, layers, hidden, init))
@@ -56,11 +91,24 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}, "abcdef": 95}
+    vocab = {
+        "[PAD]": 0,
+        "<s>": 1,
+        "</s>": 2,
+        "[UNK]": 3,
+        **{w: i + 4 for i, w in enumerate(WORDS)},
+        "abcdef": 95,
+    }
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-                                   eos_token="</s>", model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 @pytest.fixture(autouse=True)

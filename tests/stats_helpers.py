@@ -1,8 +1,11 @@
 """Chi-square goodness of fit, for the distribution-exactness tests."""
+
 import torch
 
 
-def chi_square_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor, min_expected: float = 5.0) -> float:
+def chi_square_pvalue(
+    observed: torch.Tensor, expected_probs: torch.Tensor, min_expected: float = 5.0
+) -> float:
     """P-value of observed counts against exact probabilities.
 
     Cells whose expected count is below `min_expected` are pooled into one, the usual condition for

@@ -1,4 +1,5 @@
 """saguaro.generate: stopping rules, return types and clear errors for bad input."""
+
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
@@ -18,8 +19,15 @@ def pair():
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 13])
 def test_max_new_tokens_is_exact(pair, method, max_new_tokens):
     target, draft = pair
-    out = saguaro.generate(target, PROMPT, draft_model=draft, method=method, max_new_tokens=max_new_tokens,
-                           num_speculative_tokens=4, eos_token_id=[])
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=draft,
+        method=method,
+        max_new_tokens=max_new_tokens,
+        num_speculative_tokens=4,
+        eos_token_id=[],
+    )
     assert out.shape == (1, PROMPT.shape[1] + max_new_tokens)
 
 
@@ -30,9 +38,12 @@ def test_stops_at_eos_like_hf(pair, method):
     new = free[0, PROMPT.shape[1] :].tolist()
     eos = new[6]  # a token the target emits mid-way: generation must end right after it
     for eos_arg in (eos, [999, eos]):
-        expected = target.generate(PROMPT, max_new_tokens=30, do_sample=False, eos_token_id=eos_arg, pad_token_id=0)
-        out = saguaro.generate(target, PROMPT, draft_model=draft, method=method, max_new_tokens=30,
-                               eos_token_id=eos_arg)
+        expected = target.generate(
+            PROMPT, max_new_tokens=30, do_sample=False, eos_token_id=eos_arg, pad_token_id=0
+        )
+        out = saguaro.generate(
+            target, PROMPT, draft_model=draft, method=method, max_new_tokens=30, eos_token_id=eos_arg
+        )
         assert out.tolist() == expected.tolist()
         assert out[0, -1].item() == eos and out.shape[1] == PROMPT.shape[1] + new.index(eos) + 1
 
@@ -46,8 +57,9 @@ def test_default_eos_comes_from_generation_config(pair):
 
 def test_return_dict_has_stats(pair):
     target, draft = pair
-    out = saguaro.generate(target, PROMPT, draft_model=draft, max_new_tokens=20, eos_token_id=[],
-                           return_dict_in_generate=True)
+    out = saguaro.generate(
+        target, PROMPT, draft_model=draft, max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True
+    )
     stats = out.stats
     assert out.sequences.shape == (1, PROMPT.shape[1] + 20)
     assert stats.new_tokens == 20 and stats.prompt_tokens == PROMPT.shape[1]
@@ -64,8 +76,11 @@ def test_seeded_sampling_is_reproducible(pair):
     runs = []
     for _ in range(2):
         torch.manual_seed(7)
-        runs.append(saguaro.generate(target, PROMPT, draft_model=draft, max_new_tokens=20, do_sample=True,
-                                     eos_token_id=[]).tolist())
+        runs.append(
+            saguaro.generate(
+                target, PROMPT, draft_model=draft, max_new_tokens=20, do_sample=True, eos_token_id=[]
+            ).tolist()
+        )
     assert runs[0] == runs[1]
 
 
@@ -78,11 +93,16 @@ def test_bad_input_raises_specific_errors(pair):
     with pytest.raises(ValueError, match="empty"):
         saguaro.generate(target, torch.zeros(1, 0, dtype=torch.long), draft_model=draft)
     with pytest.raises(ValueError, match="left padding"):
-        saguaro.generate(target, PROMPT.repeat(2, 1), draft_model=draft, attention_mask=torch.tensor(
-            [[1] * 9, [1] * 8 + [0]]))
+        saguaro.generate(
+            target,
+            PROMPT.repeat(2, 1),
+            draft_model=draft,
+            attention_mask=torch.tensor([[1] * 9, [1] * 8 + [0]]),
+        )
     with pytest.raises(ValueError, match="all padding"):
-        saguaro.generate(target, PROMPT.repeat(2, 1), draft_model=draft, attention_mask=torch.tensor(
-            [[1] * 9, [0] * 9]))
+        saguaro.generate(
+            target, PROMPT.repeat(2, 1), draft_model=draft, attention_mask=torch.tensor([[1] * 9, [0] * 9])
+        )
     with pytest.raises(ValueError, match="temperature"):
         saguaro.generate(target, PROMPT, draft_model=draft, do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="top_p"):
@@ -101,9 +121,19 @@ def test_batch_rows_equal_single_rows(pair):
     ids = torch.tensor([rows[0], [0] * 5 + rows[1]])
     mask = (ids != 0).long()
     mask[0] = 1
-    out = saguaro.generate(target, ids, draft_model=draft, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
-                           pad_token_id=0, return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        ids,
+        draft_model=draft,
+        attention_mask=mask,
+        max_new_tokens=12,
+        eos_token_id=[],
+        pad_token_id=0,
+        return_dict_in_generate=True,
+    )
     for row, prompt in enumerate(rows):
-        alone = saguaro.generate(target, torch.tensor([prompt]), draft_model=draft, max_new_tokens=12, eos_token_id=[])
-        assert out.sequences[row, 9:].tolist() == alone[0, len(prompt):].tolist()
+        alone = saguaro.generate(
+            target, torch.tensor([prompt]), draft_model=draft, max_new_tokens=12, eos_token_id=[]
+        )
+        assert out.sequences[row, 9:].tolist() == alone[0, len(prompt) :].tolist()
     assert len(out.row_stats) == 2 and out.stats.new_tokens == 24

@@ -1,4 +1,5 @@
 """The cost model's formulas and the adaptive draft length built on them."""
+
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
@@ -69,8 +70,9 @@ def test_adaptive_schedule_stays_exact(method):
     draft = perturbed_copy(target, 0.01)
     prompt = torch.tensor([[1, 5, 9, 5, 9, 5, 9, 13, 40]])
     expected = target.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=5,
-                                      placement="inline") as generator:
+    with saguaro.SpeculativeGenerator(
+        target, draft, method=method, num_speculative_tokens=5, placement="inline"
+    ) as generator:
         # Plant costs that make speculation lose: the controller must then switch it off, probing
         # now and then (saguaro's worker then catches up with the sequence); the output must not change.
         for t in range(1, 7):

@@ -45,7 +45,9 @@ def test_cuda_kernel_compiles_with_nvcc(tmp_path):
 
 def test_cuda_extension_description():
     # Loaded by path, as setup.py does, before saguaro is importable.
-    spec = importlib.util.spec_from_file_location("saguaro_build", REPO_ROOT / "saguaro" / "kernels" / "build.py")
+    spec = importlib.util.spec_from_file_location(
+        "saguaro_build", REPO_ROOT / "saguaro" / "kernels" / "build.py"
+    )
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     extension = build.cuda_extension()

@@ -1,4 +1,5 @@
 """Every example runs as shipped (tiny random models when no real ones are given)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,13 @@ CHECKS = {  # what each example must print
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_example_runs(name):
-    result = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=280,
-                            cwd=EXAMPLES.parent)
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=EXAMPLES.parent,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert CHECKS[name] in result.stdout, result.stdout[-3000:]
 

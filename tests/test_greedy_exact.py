@@ -1,4 +1,5 @@
 """Greedy output of every method is token-for-token the target's own greedy generate() (fp32)."""
+
 import pytest
 import torch
 from conftest import ARCHITECTURES, perturbed_copy, tiny_model
@@ -21,8 +22,17 @@ def test_speculative_greedy_matches_target(arch, draft_kind):
     # almost every first draft token wrong, exercising the correction path.
     draft = perturbed_copy(target, 0.003) if draft_kind == "agreeing" else tiny_model(arch, seed=1)
     expected = hf_greedy(target, PROMPT, 48, eos_token_id=[])
-    out = saguaro.generate(target, PROMPT, draft_model=draft, method="speculative", max_new_tokens=48, speculation_schedule="constant",
-                           num_speculative_tokens=4, eos_token_id=[], return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=draft,
+        method="speculative",
+        max_new_tokens=48,
+        speculation_schedule="constant",
+        num_speculative_tokens=4,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.tolist() == expected.tolist()
     hist = out.stats.accepted_histogram
     if draft_kind == "agreeing":
@@ -44,8 +54,15 @@ def test_every_lookahead_matches_target(k):
     target = tiny_model("qwen2", seed=3)
     draft = perturbed_copy(target, 0.01)
     expected = hf_greedy(target, PROMPT, 33, eos_token_id=[])
-    out = saguaro.generate(target, PROMPT, draft_model=draft, max_new_tokens=33, speculation_schedule="constant", num_speculative_tokens=k,
-                           eos_token_id=[])
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=draft,
+        max_new_tokens=33,
+        speculation_schedule="constant",
+        num_speculative_tokens=k,
+        eos_token_id=[],
+    )
     assert out.tolist() == expected.tolist()
 
 
@@ -54,19 +71,32 @@ def test_draft_with_larger_vocabulary():
     target = tiny_model("llama", seed=0, vocab=96)
     draft = tiny_model("llama", seed=4, vocab=100)  # padded by 4 rows, as families pad embeddings
     expected = hf_greedy(target, PROMPT, 30, eos_token_id=[])
-    out = saguaro.generate(target, PROMPT, draft_model=draft, max_new_tokens=30, eos_token_id=[], speculation_schedule="constant")
+    out = saguaro.generate(
+        target, PROMPT, draft_model=draft, max_new_tokens=30, eos_token_id=[], speculation_schedule="constant"
+    )
     assert out.tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("branching", [[3, 2, 1], [1, 1, 1, 1], [4], saguaro.DynamicTree(4, 3, 10)],
-                         ids=["static", "chain", "one-level", "dynamic"])
+@pytest.mark.parametrize(
+    "branching",
+    [[3, 2, 1], [1, 1, 1, 1], [4], saguaro.DynamicTree(4, 3, 10)],
+    ids=["static", "chain", "one-level", "dynamic"],
+)
 def test_tree_greedy_matches_target(arch, branching):
     target = tiny_model(arch, seed=0)
     draft = perturbed_copy(target, 0.01)
     expected = hf_greedy(target, PROMPT, 40, eos_token_id=[])
-    out = saguaro.generate(target, PROMPT, draft_model=draft, method="tree", tree_branching=branching,
-                           max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=draft,
+        method="tree",
+        tree_branching=branching,
+        max_new_tokens=40,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.tolist() == expected.tolist()
     depth = branching.depth if isinstance(branching, saguaro.DynamicTree) else len(branching)
     assert len(out.stats.accepted_histogram) - 1 <= depth
@@ -91,8 +121,15 @@ def test_tree_with_tree_attention_kernel_matches_target(arch):
     target = tiny_model(arch, seed=0)
     expected = hf_greedy(target, PROMPT, 40, eos_token_id=[])
     target.set_attn_implementation(saguaro.TREE_ATTENTION)
-    out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.01), method="tree",
-                           tree_branching=[3, 2, 1], max_new_tokens=40, eos_token_id=[])
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=perturbed_copy(target, 0.01),
+        method="tree",
+        tree_branching=[3, 2, 1],
+        max_new_tokens=40,
+        eos_token_id=[],
+    )
     assert out.tolist() == expected.tolist()
 
 
@@ -111,8 +148,15 @@ def test_best_prefixes_keeps_siblings_in_draw_order():
 def test_prompt_lookup_greedy_matches_target(arch):
     target = tiny_model(arch, seed=0)
     expected = hf_greedy(target, PROMPT, 48, eos_token_id=[])
-    out = saguaro.generate(target, PROMPT, method="prompt_lookup", max_new_tokens=48, speculation_schedule="constant", eos_token_id=[],
-                           return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        method="prompt_lookup",
+        max_new_tokens=48,
+        speculation_schedule="constant",
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.tolist() == expected.tolist()
     assert out.stats.accepted > 0  # random tiny models loop, so copying from the sequence pays
 

@@ -1,4 +1,5 @@
 """The drop-in path: `saguaro.enable(model, ...)` then `model.generate(...)` exactly as with HF."""
+
 import copy
 import warnings
 
@@ -12,8 +13,13 @@ from saguaro import engines
 
 pytestmark = pytest.mark.timeout(300)
 
-METHODS = {"autoregressive": {}, "speculative": {}, "tree": {"tree_branching": [2, 1, 1]}, "prompt_lookup": {},
-           "saguaro": {"placement": "thread"}}
+METHODS = {
+    "autoregressive": {},
+    "speculative": {},
+    "tree": {"tree_branching": [2, 1, 1]},
+    "prompt_lookup": {},
+    "saguaro": {"placement": "thread"},
+}
 
 
 def left_padded_batch(size: int, seed: int = 0, pad: int = 0):
@@ -42,8 +48,14 @@ def test_enabled_generate_equals_hf_generate(pair, method, batch):
     target, draft = pair
     ids, mask = left_padded_batch(batch, seed=batch)
     expected = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    with saguaro.enable(target, draft_model=draft, method=method, speculation_schedule="constant",
-                        strict=True, **METHODS[method]):
+    with saguaro.enable(
+        target,
+        draft_model=draft,
+        method=method,
+        speculation_schedule="constant",
+        strict=True,
+        **METHODS[method],
+    ):
         out = target.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
     assert out.tolist() == expected.tolist()
 
@@ -53,10 +65,16 @@ def test_hf_processors_and_stopping_rules_are_served_exactly(pair):
     ids, mask = left_padded_batch(3, seed=5)
     free = target.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=30, do_sample=False)
     eos = free[0, -20].item()  # a token the target emits mid-way
-    cases = [dict(max_new_tokens=30, repetition_penalty=1.3), dict(max_new_tokens=30, no_repeat_ngram_size=2),
-             dict(max_new_tokens=30, eos_token_id=[99, eos]), dict(max_new_tokens=30, eos_token_id=eos, min_new_tokens=15),
-             dict(max_length=ids.shape[1] + 9), dict(max_new_tokens=20, bad_words_ids=[[eos]]),
-             dict(max_new_tokens=20, suppress_tokens=[eos, 5]), dict(max_new_tokens=20, renormalize_logits=True)]
+    cases = [
+        dict(max_new_tokens=30, repetition_penalty=1.3),
+        dict(max_new_tokens=30, no_repeat_ngram_size=2),
+        dict(max_new_tokens=30, eos_token_id=[99, eos]),
+        dict(max_new_tokens=30, eos_token_id=eos, min_new_tokens=15),
+        dict(max_length=ids.shape[1] + 9),
+        dict(max_new_tokens=20, bad_words_ids=[[eos]]),
+        dict(max_new_tokens=20, suppress_tokens=[eos, 5]),
+        dict(max_new_tokens=20, renormalize_logits=True),
+    ]
     for kwargs in cases:
         expected = target.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
         with saguaro.enable(target, draft_model=draft, speculation_schedule="constant", strict=True):
@@ -70,7 +88,9 @@ def test_stop_strings_and_streamer(pair):
     ids = torch.tensor([[1, *range(10, 20)]])
     free = target.generate(ids, max_new_tokens=30, do_sample=False)
     stop = tokenizer.decode(free[0, ids.shape[1] + 8 : ids.shape[1] + 10])  # two words the target will emit
-    expected = target.generate(ids, max_new_tokens=30, do_sample=False, stop_strings=stop, tokenizer=tokenizer)
+    expected = target.generate(
+        ids, max_new_tokens=30, do_sample=False, stop_strings=stop, tokenizer=tokenizer
+    )
 
     class Recorder:
         def __init__(self):
@@ -85,8 +105,9 @@ def test_stop_strings_and_streamer(pair):
 
     recorder = Recorder()
     with saguaro.enable(target, draft_model=draft, speculation_schedule="constant", strict=True):
-        out = target.generate(ids, max_new_tokens=30, do_sample=False, stop_strings=stop, tokenizer=tokenizer,
-                              streamer=recorder)
+        out = target.generate(
+            ids, max_new_tokens=30, do_sample=False, stop_strings=stop, tokenizer=tokenizer, streamer=recorder
+        )
     assert out.tolist() == expected.tolist() and out.shape[1] < ids.shape[1] + 30
     # HF's streamer protocol: the prompt first, then the new tokens in order, then end().
     assert recorder.calls[0] == ids[0].tolist() and recorder.ended
@@ -125,12 +146,17 @@ def exact_row_joint(model, prompt: list[int], penalty: float, temperature: float
     if length == 0:
         return torch.ones((), dtype=torch.double)
     first = reference_row_probs(model, prompt, penalty, temperature)
-    return torch.stack([first[a] * exact_row_joint(model, prompt + [a], penalty, temperature, length - 1)
-                        for a in range(VOCAB)])
+    return torch.stack(
+        [
+            first[a] * exact_row_joint(model, prompt + [a], penalty, temperature, length - 1)
+            for a in range(VOCAB)
+        ]
+    )
 
 
 ROW_PROMPTS = [[1, 4, 3, 5], [1, 3]]
-PENALTY = 3.0  # strong, so that scoring a position with the wrong history shows  # the second row is left-padded to the first's length
+# The second row is left-padded to the first's length.
+PENALTY = 3.0  # strong, so that scoring a position with the wrong history shows
 
 
 def sampled_batch_counts(target, draft, samples: int):
@@ -140,11 +166,19 @@ def sampled_batch_counts(target, draft, samples: int):
     mask = (torch.arange(4) >= torch.tensor([[0], [2]])).long()
     counts = torch.zeros(2, VOCAB, VOCAB, VOCAB)
     torch.manual_seed(3)
-    with saguaro.enable(target, draft_model=draft, num_speculative_tokens=2, speculation_schedule="constant",
-                        strict=True):
+    with saguaro.enable(
+        target, draft_model=draft, num_speculative_tokens=2, speculation_schedule="constant", strict=True
+    ):
         for _ in range(samples):
-            out = target.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, temperature=0.9,
-                                  top_k=0, repetition_penalty=PENALTY)
+            out = target.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=4,
+                do_sample=True,
+                temperature=0.9,
+                top_k=0,
+                repetition_penalty=PENALTY,
+            )
             for row in range(2):
                 counts[(row, *out[row, 4:7].tolist())] += 1
     return counts
@@ -183,8 +217,10 @@ def test_batch_sampling_test_catches_draft_tokens_missing_from_the_history(small
 
     monkeypatch.setattr(engines, "verify_proposal", forgetful)
     counts = sampled_batch_counts(target, draft, samples=1200)
-    pvalues = [chi_square_pvalue(counts[row], exact_row_joint(target, prompt, PENALTY, 0.9))
-               for row, prompt in enumerate(ROW_PROMPTS)]
+    pvalues = [
+        chi_square_pvalue(counts[row], exact_row_joint(target, prompt, PENALTY, 0.9))
+        for row, prompt in enumerate(ROW_PROMPTS)
+    ]
     assert min(pvalues) < 1e-6
 
 
@@ -214,8 +250,12 @@ def test_unservable_calls_fall_back_with_one_warning_or_raise_when_strict(pair):
         assert first.tolist() == expected.tolist() == second.tolist()
         assert sum("beam search" in str(w.message) for w in caught) == 1
     with saguaro.enable(target, draft_model=draft, strict=True):
-        for kwargs in (dict(num_beams=2), dict(num_return_sequences=2, do_sample=True), dict(output_scores=True,
-                       return_dict_in_generate=True), dict(penalty_alpha=0.6, top_k=4)):
+        for kwargs in (
+            dict(num_beams=2),
+            dict(num_return_sequences=2, do_sample=True),
+            dict(output_scores=True, return_dict_in_generate=True),
+            dict(penalty_alpha=0.6, top_k=4),
+        ):
             with pytest.raises(saguaro.UnsupportedGenerateCall):
                 target.generate(ids, max_new_tokens=8, **kwargs)
 
@@ -225,7 +265,9 @@ def test_bad_input_raises_specific_errors(pair):
     ids = torch.tensor([[1, 5, 9, 14]])
     with saguaro.enable(target, draft_model=draft):
         with pytest.raises(ValueError, match="left padding"):
-            target.generate(torch.tensor([[1, 5, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=4)
+            target.generate(
+                torch.tensor([[1, 5, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=4
+            )
         with pytest.raises(ValueError, match="empty"):
             target.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
         with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -246,8 +288,11 @@ def test_bad_input_raises_specific_errors(pair):
         saguaro.enable(target, draft_model=copy.deepcopy(draft).to("meta"))
     from transformers import BertConfig, BertModel
 
-    encoder = BertModel(BertConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                   intermediate_size=32))
+    encoder = BertModel(
+        BertConfig(
+            vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     with pytest.raises(TypeError, match="decoder-only"):
         saguaro.enable(target, draft_model=encoder)
     assert "_saguaro" not in vars(target)  # a failed enable leaves the model untouched

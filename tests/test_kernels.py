@@ -78,8 +78,11 @@ class Case:
     kv_start: tuple[int, ...] | None = None
 
     def __str__(self) -> str:
-        shape = f"B{self.batch}-H{self.q_heads}/{self.kv_heads}-T{self.tree_len}-L{self.prefix_len}-D{self.head_dim}"
-        extras = ("-chain" if self.chain else "-tree") + (f"-start{list(self.kv_start)}" if self.kv_start else "")
+        heads = f"H{self.q_heads}/{self.kv_heads}"
+        shape = f"B{self.batch}-{heads}-T{self.tree_len}-L{self.prefix_len}-D{self.head_dim}"
+        extras = ("-chain" if self.chain else "-tree") + (
+            f"-start{list(self.kv_start)}" if self.kv_start else ""
+        )
         return f"{shape}-{str(self.dtype).removeprefix('torch.')}{extras}"
 
 
@@ -96,7 +99,9 @@ def make_inputs(case: Case, seed: int = 0, device: str = "cpu"):
         for _ in range(case.batch)
     ]
     dense = torch.stack([ancestor_mask(parents) for parents in trees])
-    kv_start = None if case.kv_start is None else torch.tensor(case.kv_start, dtype=torch.int32, device=device)
+    kv_start = (
+        None if case.kv_start is None else torch.tensor(case.kv_start, dtype=torch.int32, device=device)
+    )
     # q is scaled up so that softmax rows are peaked, where a wrong running max shows.
     tensors = [(2 * q).to(device, case.dtype), k.to(device, case.dtype), v.to(device, case.dtype)]
     return *tensors, dense.to(device), kv_start
@@ -152,7 +157,9 @@ def test_reference_matches_dense_sdpa(case):
     q, k, v, dense, kv_start = make_inputs(case)
     scale = case.head_dim**-0.5
     expected = dense_sdpa(q, k, v, dense, scale, kv_start)
-    assert_close(tree_attention_reference(q, k, v, pack_tree_mask(dense), scale, kv_start), expected, case.dtype)
+    assert_close(
+        tree_attention_reference(q, k, v, pack_tree_mask(dense), scale, kv_start), expected, case.dtype
+    )
 
 
 def test_reference_differs_when_an_ancestor_is_dropped():
@@ -172,7 +179,8 @@ def test_reference_differs_when_an_ancestor_is_dropped():
 # in such a process.
 INTERPRETED_SESSION = kernels.uses_triton(torch.empty(0))
 interpreted_only = pytest.mark.skipif(
-    not INTERPRETED_SESSION, reason="run by test_triton_kernel_in_interpreter_subprocess under TRITON_INTERPRET=1"
+    not INTERPRETED_SESSION,
+    reason="run by test_triton_kernel_in_interpreter_subprocess under TRITON_INTERPRET=1",
 )
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -340,7 +348,12 @@ def check_hf_tree_step_matches_sdpa(chain: bool) -> None:
     tree_cache, sdpa_cache = DynamicCache(config=tree_model.config), DynamicCache(config=sdpa_model.config)
     with torch.no_grad():
         prefill = [
-            model(input_ids=prompt, attention_mask=not_padding.long(), position_ids=prompt_positions, cache=cache)
+            model(
+                input_ids=prompt,
+                attention_mask=not_padding.long(),
+                position_ids=prompt_positions,
+                cache=cache,
+            )
             for model, cache in ((tree_model, tree_cache), (sdpa_model, sdpa_cache))
         ]
     torch.testing.assert_close(prefill[0].logits, prefill[1].logits, atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
 """The runner's KV cache: rollback and commit_path leave it exactly as a fresh computation would."""
+
 import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_model

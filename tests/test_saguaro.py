@@ -1,5 +1,6 @@
 """Saguaro (speculative speculative decoding): exact output, a working speculation cache, and a
 drafter worker that never outlives its generator nor loses a token when it dies."""
+
 import multiprocessing
 import os
 import signal
@@ -17,8 +18,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def hf_greedy(model, max_new_tokens):
-    return model.generate(PROMPT, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
-                          pad_token_id=0).tolist()
+    return model.generate(
+        PROMPT, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+    ).tolist()
 
 
 def worker_process(generator):
@@ -30,7 +32,9 @@ def worker_process(generator):
 def test_saguaro_greedy_matches_target_with_process_worker(arch, draft_kind):
     target = tiny_model(arch, seed=0)
     draft = perturbed_copy(target, 0.005) if draft_kind == "agreeing" else tiny_model(arch, seed=1)
-    with saguaro.SpeculativeGenerator(target, draft, method="saguaro", speculation_schedule="constant", placement="process") as generator:
+    with saguaro.SpeculativeGenerator(
+        target, draft, method="saguaro", speculation_schedule="constant", placement="process"
+    ) as generator:
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
         assert worker_process(generator).is_alive()
     assert out.sequences.tolist() == hf_greedy(target, 40)
@@ -40,8 +44,17 @@ def test_saguaro_greedy_matches_target_with_process_worker(arch, draft_kind):
 @pytest.mark.parametrize("placement", ["thread", "inline"])
 def test_saguaro_greedy_matches_target_in_other_placements(placement):
     target = tiny_model("llama", seed=0)
-    out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.005), method="saguaro", speculation_schedule="constant",
-                           placement=placement, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=perturbed_copy(target, 0.005),
+        method="saguaro",
+        speculation_schedule="constant",
+        placement=placement,
+        max_new_tokens=40,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.tolist() == hf_greedy(target, 40)
     if placement == "inline":  # no pre-speculation: every round is a backup draft
         assert out.stats.hits == 0
@@ -49,12 +62,16 @@ def test_saguaro_greedy_matches_target_in_other_placements(placement):
 
 def test_perfect_drafter_always_hits_and_random_drafter_almost_never():
     target = tiny_model("llama", seed=0)
-    with saguaro.SpeculativeGenerator(target, target, method="saguaro", speculation_schedule="constant", placement="process") as generator:
+    with saguaro.SpeculativeGenerator(
+        target, target, method="saguaro", speculation_schedule="constant", placement="process"
+    ) as generator:
         perfect = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
     # The drafter is the target: every draft is accepted and its bonus guess is the target's token.
     assert perfect.stats.hit_rate == 1.0 and perfect.stats.acceptance_rate == 1.0
     unrelated = tiny_model("llama", seed=7)
-    with saguaro.SpeculativeGenerator(target, unrelated, method="saguaro", speculation_schedule="constant", placement="process") as generator:
+    with saguaro.SpeculativeGenerator(
+        target, unrelated, method="saguaro", speculation_schedule="constant", placement="process"
+    ) as generator:
         random = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
     assert random.stats.hit_rate < 0.15
     assert random.sequences.tolist() == perfect.sequences.tolist() == hf_greedy(target, 60)
@@ -62,8 +79,13 @@ def test_perfect_drafter_always_hits_and_random_drafter_almost_never():
 
 def test_killing_the_worker_mid_generation_loses_nothing(monkeypatch):
     target = tiny_model("qwen2", seed=0)
-    generator = saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="saguaro", speculation_schedule="constant",
-                                             placement="process")
+    generator = saguaro.SpeculativeGenerator(
+        target,
+        perturbed_copy(target, 0.005),
+        method="saguaro",
+        speculation_schedule="constant",
+        placement="process",
+    )
     rounds = []
     real_verify = engines.verify_proposal
 
@@ -84,8 +106,14 @@ def test_killing_the_worker_mid_generation_loses_nothing(monkeypatch):
 
 def test_a_stalled_worker_times_out_and_is_killed_on_close():
     target = tiny_model("llama", seed=0)
-    generator = saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="saguaro", speculation_schedule="constant",
-                                             placement="process", worker_timeout=2.0)
+    generator = saguaro.SpeculativeGenerator(
+        target,
+        perturbed_copy(target, 0.005),
+        method="saguaro",
+        speculation_schedule="constant",
+        placement="process",
+        worker_timeout=2.0,
+    )
     with generator:
         generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
         stalled = worker_process(generator)
@@ -97,8 +125,13 @@ def test_a_stalled_worker_times_out_and_is_killed_on_close():
 
 def test_fifty_calls_then_close_leave_no_process():
     target = tiny_model("llama", seed=0)
-    generator = saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="saguaro", speculation_schedule="constant",
-                                             placement="process")
+    generator = saguaro.SpeculativeGenerator(
+        target,
+        perturbed_copy(target, 0.005),
+        method="saguaro",
+        speculation_schedule="constant",
+        placement="process",
+    )
     for i in range(50):
         generator.generate(PROMPT[:, : 3 + i % 6], max_new_tokens=6, eos_token_id=[])
     process = worker_process(generator)
@@ -110,7 +143,9 @@ def test_fifty_calls_then_close_leave_no_process():
 def test_context_manager_cleans_up_on_exception():
     target = tiny_model("llama", seed=0)
     with pytest.raises(RuntimeError, match="boom"):
-        with saguaro.SpeculativeGenerator(target, target, method="saguaro", speculation_schedule="constant", placement="process") as generator:
+        with saguaro.SpeculativeGenerator(
+            target, target, method="saguaro", speculation_schedule="constant", placement="process"
+        ) as generator:
             generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
             process = worker_process(generator)
             raise RuntimeError("boom")
@@ -119,8 +154,16 @@ def test_context_manager_cleans_up_on_exception():
 
 def test_saguaro_stats_are_reported():
     target = tiny_model("llama", seed=0)
-    out = saguaro.generate(target, PROMPT, draft_model=perturbed_copy(target, 0.005), method="saguaro", speculation_schedule="constant",
-                           max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=perturbed_copy(target, 0.005),
+        method="saguaro",
+        speculation_schedule="constant",
+        max_new_tokens=30,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
     stats = out.stats.as_dict()
     assert 0 <= stats["hit_rate"] <= 1 and stats["hits"] <= stats["rounds"]
     assert 0 <= stats["target_idle_fraction"] <= 1 and 0 <= stats["drafter_idle_fraction"] <= 1
@@ -146,7 +189,15 @@ def test_misses_fall_back_to_prompt_lookup_when_it_pays():
     # Tiny random models loop, so copying from the sequence is often right: after a miss the
     # drafter should use it, and the output must stay the target's.
     target = tiny_model("llama", seed=0)
-    out = saguaro.generate(target, PROMPT, draft_model=tiny_model("llama", seed=7), method="saguaro", speculation_schedule="constant",
-                           max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
+    out = saguaro.generate(
+        target,
+        PROMPT,
+        draft_model=tiny_model("llama", seed=7),
+        method="saguaro",
+        speculation_schedule="constant",
+        max_new_tokens=60,
+        eos_token_id=[],
+        return_dict_in_generate=True,
+    )
     assert out.sequences.tolist() == hf_greedy(target, 60)
     assert out.stats.lookup_backups > 0

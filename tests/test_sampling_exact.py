@@ -3,6 +3,7 @@
 Each test also plants the classic mistake (HF #47932: the draft token is not drawn from the q
 used in the acceptance ratio) and checks that the same test then fails, so a pass means something.
 """
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -23,8 +24,14 @@ FAIL_P = 1e-6
 def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0):
     """Verify K=3 drafts against fixed p's; return counts of the first and second emitted tokens."""
     gen = torch.Generator().manual_seed(seed)
-    p = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.6, 0.1, 0.1],
-                      [0.3, 0.3, 0.2, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    p = torch.tensor(
+        [
+            [0.5, 0.2, 0.15, 0.1, 0.05],
+            [0.1, 0.1, 0.6, 0.1, 0.1],
+            [0.3, 0.3, 0.2, 0.1, 0.1],
+            [0.2, 0.2, 0.2, 0.2, 0.2],
+        ]
+    )
     q = torch.tensor([[0.1, 0.6, 0.1, 0.1, 0.1], [0.2, 0.2, 0.2, 0.2, 0.2], [0.05, 0.05, 0.1, 0.3, 0.5]])
     sampler = TokenSampler(SamplingConfig(do_sample=True), gen)
     first, second = torch.zeros(5), torch.zeros(5)
@@ -67,23 +74,32 @@ def exact_joint(model, length: int, **shaping) -> torch.Tensor:
     return joint.reshape([VOCAB] * length)
 
 
-def sample_counts(target, draft, samples: int, seed: int, method="speculative", options=None,
-                  tree=(3, 1), **shaping) -> torch.Tensor:
+def sample_counts(
+    target, draft, samples: int, seed: int, method="speculative", options=None, tree=(3, 1), **shaping
+) -> torch.Tensor:
     """Counts of the first three generated tokens.
 
     max_new_tokens=4: the first token comes from the prefill, the next from a round of two drafts
     (accept both + bonus, accept one + correction, or a correction at once) and, after a
     rejection, from the next round. With method="tree" the first round is a tree of shape `tree`
-    (by default 3 siblings, each with one child); with method="saguaro" the next round's draft comes from the speculation
-    cache on a hit.
+    (by default 3 siblings, each with one child); with method="saguaro" the next round's draft comes from
+    the speculation cache on a hit.
     """
     counts = torch.zeros([VOCAB] * 3)
     torch.manual_seed(seed)
-    with saguaro.SpeculativeGenerator(target, draft, method=method, num_speculative_tokens=2, speculation_schedule="constant",
-                                      tree_branching=tree, **(options or {})) as generator:
+    with saguaro.SpeculativeGenerator(
+        target,
+        draft,
+        method=method,
+        num_speculative_tokens=2,
+        speculation_schedule="constant",
+        tree_branching=tree,
+        **(options or {}),
+    ) as generator:
         for _ in range(samples):
-            out = generator.generate(torch.tensor([PROMPT]), max_new_tokens=4, do_sample=True, eos_token_id=[],
-                                     **shaping)
+            out = generator.generate(
+                torch.tensor([PROMPT]), max_new_tokens=4, do_sample=True, eos_token_id=[], **shaping
+            )
             counts[tuple(out[0, len(PROMPT) : len(PROMPT) + 3].tolist())] += 1
     return counts
 
@@ -168,7 +184,9 @@ def test_tree_verification_test_catches_unrenormalised_sibling_q():
     assert chi_square_pvalue(first, p0) < FAIL_P
 
 
-@pytest.mark.parametrize("tree", [[3, 1], saguaro.DynamicTree(depth=2, top_k=3, budget=4)], ids=["static", "dynamic"])
+@pytest.mark.parametrize(
+    "tree", [[3, 1], saguaro.DynamicTree(depth=2, top_k=3, budget=4)], ids=["static", "dynamic"]
+)
 def test_tree_sampling_matches_target_distribution(pair, tree):
     # The dynamic tree keeps the likeliest sampled siblings, always a prefix of each node's draws.
     target, draft = pair
@@ -198,7 +216,9 @@ def test_saguaro_test_catches_verifying_with_the_unreshaped_q(pair, monkeypatch)
         tokens, _ = real_draw(self, probs)
         return tokens, None if self.sampler.greedy else probs
 
-    monkeypatch.setattr(PreSpeculator, "_draw", draw_reshaped_report_original)  # fork carries it to the worker
+    monkeypatch.setattr(
+        PreSpeculator, "_draw", draw_reshaped_report_original
+    )  # fork carries it to the worker
     target, draft = pair
     counts = sample_counts(target, draft, samples=1500, seed=13, method="saguaro", options=SAGUARO)
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
@@ -213,7 +233,9 @@ def test_prompt_lookup_sampling_matches_target_distribution(pair):
 
 def test_prompt_lookup_test_catches_argmax_style_verification(pair, monkeypatch):
     # Treating a copied token as if drawn from the uniform distribution is one way to get it wrong.
-    monkeypatch.setattr(engines, "one_hot_probs", lambda tokens, width: torch.full((len(tokens), width), 1 / width))
+    monkeypatch.setattr(
+        engines, "one_hot_probs", lambda tokens, width: torch.full((len(tokens), width), 1 / width)
+    )
     target, _ = pair
     counts = sample_counts(target, None, samples=1500, seed=14, method="prompt_lookup")
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P

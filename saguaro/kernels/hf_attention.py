@@ -46,7 +46,9 @@ def saguaro_tree_attention_forward(
         return attn_output.transpose(1, 2).contiguous(), None
     # Without Triton (CPU), PyTorch's fused SDPA on the unpacked mask beats the fp32 reference.
     batch, _, tree_len, _ = query.shape
-    allowed = dense_attention_mask(attention_mask.expand(batch, -1, -1, -1), key.shape[2] - tree_len, kv_start)
+    allowed = dense_attention_mask(
+        attention_mask.expand(batch, -1, -1, -1), key.shape[2] - tree_len, kv_start
+    )
     return sdpa_attention_forward(module, query, key, value, allowed[:, None], scaling=scaling, **kwargs)
 
 

@@ -27,9 +27,16 @@ TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.f
 
 @triton.jit
 def _attend_key_block(
-    acc, m_i, l_i, q,
-    k_ptrs, v_ptrs, key_valid, allowed,
-    dim_valid, qk_scale,
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    key_valid,
+    allowed,
+    dim_valid,
+    qk_scale,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -54,13 +61,37 @@ def _attend_key_block(
 
 @triton.jit
 def _tree_attention_fwd(
-    Q, K, V, TreeMask, KvStart, Out,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_mb, stride_mt, stride_mw,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    qk_scale, num_q_heads, group_size, tree_len, prefix_len, head_dim,
+    Q,
+    K,
+    V,
+    TreeMask,
+    KvStart,
+    Out,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_ks,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vs,
+    stride_vd,
+    stride_mb,
+    stride_mt,
+    stride_mw,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_od,
+    qk_scale,
+    num_q_heads,
+    group_size,
+    tree_len,
+    prefix_len,
+    head_dim,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -81,7 +112,9 @@ def _tree_attention_fwd(
     # head_dim is padded up to a power of two; the extra lanes load zeros and are not stored.
     dim_valid = offs_d < head_dim
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    q_ptrs = (
+        Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_valid[:, None] & dim_valid[None, :], other=0.0).to(DOT_DTYPE)
     k_head = K + off_b * stride_kb + off_kv_h * stride_kh
     v_head = V + off_b * stride_vb + off_kv_h * stride_vh
@@ -96,10 +129,18 @@ def _tree_attention_fwd(
         cols = start_n + offs_n
         key_valid = (cols >= kv_start) & (cols < prefix_len)
         acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q,
+            acc,
+            m_i,
+            l_i,
+            q,
             k_head + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
             v_head + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            key_valid, key_valid[None, :], dim_valid, qk_scale, DOT_DTYPE, DOT_PRECISION,
+            key_valid,
+            key_valid[None, :],
+            dim_valid,
+            qk_scale,
+            DOT_DTYPE,
+            DOT_PRECISION,
         )
 
     # Stage 2: tree keys. Ancestors precede descendants, so keys after this block's last
@@ -119,15 +160,29 @@ def _tree_attention_fwd(
         )
         allowed = ((words >> (cols % 32)[None, :]) & 1) != 0
         acc, m_i, l_i = _attend_key_block(
-            acc, m_i, l_i, q,
+            acc,
+            m_i,
+            l_i,
+            q,
             k_tree + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd,
             v_tree + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            key_valid, allowed, dim_valid, qk_scale, DOT_DTYPE, DOT_PRECISION,
+            key_valid,
+            allowed,
+            dim_valid,
+            qk_scale,
+            DOT_DTYPE,
+            DOT_PRECISION,
         )
 
     # Every real row sees at least itself; only the padding rows past tree_len end at 0.
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    o_ptrs = (
+        Out
+        + off_b * stride_ob
+        + off_h * stride_oh
+        + offs_m[:, None] * stride_ot
+        + offs_d[None, :] * stride_od
+    )
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
@@ -171,11 +226,15 @@ def tree_attention_triton(
     prefix_len = kv_len - tree_len
     words = triton.cdiv(tree_len, 32)
     if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must share one of {list(TRITON_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(
+            f"q, k, v must share one of {list(TRITON_DTYPES)}, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if head_dim > MAX_HEAD_DIM or k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise ValueError(f"head_dim must match across q, k, v and be <= {MAX_HEAD_DIM}")
     if q_heads % kv_heads != 0 or prefix_len < 0:
-        raise ValueError(f"need Hq % Hkv == 0 and k holding L + T >= T keys, got {q_heads=}, {kv_heads=}, {kv_len=}")
+        raise ValueError(
+            f"need Hq % Hkv == 0 and k holding L + T >= T keys, got {q_heads=}, {kv_heads=}, {kv_len=}"
+        )
     if tree_mask.dtype != torch.int32 or tuple(tree_mask.shape[1:]) != (1, tree_len, words):
         expected = f"int32 [B, 1, {tree_len}, {words}]"
         raise ValueError(f"tree_mask must be {expected}, got {tree_mask.dtype} {list(tree_mask.shape)}")
@@ -190,11 +249,25 @@ def tree_attention_triton(
     config = launch_config(q.dtype, head_dim, tree_len)
     grid = (triton.cdiv(tree_len, config["BLOCK_M"]), batch * q_heads)
     _tree_attention_fwd[grid](
-        q, k, v, tree_mask, kv_start, out,
-        *q.stride(), *k.stride(), *v.stride(),
-        tree_mask.stride(0), tree_mask.stride(2), tree_mask.stride(3),
+        q,
+        k,
+        v,
+        tree_mask,
+        kv_start,
+        out,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        tree_mask.stride(0),
+        tree_mask.stride(2),
+        tree_mask.stride(3),
         *out.stride(),
-        scale * LOG2_E, q_heads, q_heads // kv_heads, tree_len, prefix_len, head_dim,
+        scale * LOG2_E,
+        q_heads,
+        q_heads // kv_heads,
+        tree_len,
+        prefix_len,
+        head_dim,
         **config,
     )
     return out
