@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -12,6 +14,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from .cost_model import LookaheadController
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
+from .placement import NoSplit, ThreadSplit
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
@@ -24,6 +27,7 @@ SCHEDULES = ("adaptive", "constant")
 # drafter works while the target verifies: the target waits once per round, whatever the length.
 ADAPTIVE_DRAFT_COST = {"speculative": "per_token", "prompt_lookup": "free", "saguaro": "per_round"}
 MODEL_FREE = ("autoregressive", "prompt_lookup")
+logger = logging.getLogger("saguaro")
 DEFAULT_TREE = (2, 2, 1, 1)
 
 
@@ -168,6 +172,9 @@ class SpeculativeGenerator:
                 tree_branching if isinstance(tree_branching, DynamicTree) else list(tree_branching)
             )
         self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
+        # On CPU the worker process and the target share the cores: split them (placement.py).
+        cpu_worker = method == "saguaro" and self.placement == "process" and target.device.type == "cpu"
+        self.threads = ThreadSplit.for_cpu() if cpu_worker else NoSplit()
         self.worker_timeout = worker_timeout
         self._speculator_kwargs = dict(
             lookahead=num_speculative_tokens,
@@ -183,18 +190,27 @@ class SpeculativeGenerator:
             self.lookahead = LookaheadController(num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
 
     def _draft_worker(self) -> DraftWorker:
+        """The worker, started on the first call; a failed one is restarted here (with backoff)."""
         if self._worker is None:
             self._worker = DraftWorker(
-                self.draft_model, self.placement, self.worker_timeout, **self._speculator_kwargs
+                self.draft_model,
+                self.placement,
+                self.worker_timeout,
+                threads=self.threads.drafter or 1,
+                **self._speculator_kwargs,
             )
             self._finalizer = weakref.finalize(self, self._worker.close)
+        elif self._worker.heal():
+            logger.info("saguaro: drafter worker restarted (restart %d)", self._worker.restarts)
         return self._worker
 
-    def _inline_worker(self) -> DraftWorker:
-        """After a worker failure: stop what is left of it and draft in this process from now on."""
-        if self._worker is not None:
-            self._finalizer()
-        self._worker = DraftWorker(self.draft_model, "inline", **self._speculator_kwargs)
+    def _inline_worker(self, error: BaseException | None = None) -> DraftWorker:
+        """After a worker failure: the same handle drafts inline for the rest of the call."""
+        message = f"saguaro: {error}; drafting inline (output unchanged), a new worker starts on a later call"
+        if getattr(error, "remote_traceback", None):
+            message += "\n" + error.remote_traceback
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        logger.warning(message)
         return self._worker
 
     def _tree_extent(self) -> tuple[int, int]:
@@ -298,16 +314,18 @@ class SpeculativeGenerator:
                 runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead
             )
         elif self.method == "saguaro":
-            new = saguaro(
-                runner,
-                self._draft_worker(),
-                prompt,
-                sampler,
-                stop,
-                stats,
-                self._inline_worker,
-                self.lookahead,
-            )
+            with self.threads:
+                new = saguaro(
+                    runner,
+                    self._draft_worker(),
+                    prompt,
+                    sampler,
+                    stop,
+                    stats,
+                    self._inline_worker,
+                    self.lookahead,
+                    self.threads,
+                )
         else:
             drafter = ModelDrafter(
                 self.draft_model, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape

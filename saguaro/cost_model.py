@@ -20,6 +20,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+from .drafters import DraftSource
+
 
 def expected_tokens(acceptance: Sequence[float], k: int) -> float:
     """E_K: mean tokens a round emits when it drafts k tokens with per-position acceptance rates."""
@@ -168,15 +170,16 @@ def predict_run_seconds(
     seconds += draft(trace["prompt_tokens"] + 1) + (lookahead - 1) * draft(1)  # the first draft
     rounds_off = 0  # speculation switched off: plain target steps, the drafter idles
     for previous, current in zip(rounds, rounds[1:]):
-        if current["source"] == "off":
+        if current["source"] == DraftSource.OFF:
             rounds_off += 1
-        elif previous["source"] == "off":  # catching up: feed the tokens made meanwhile, draft afresh
+        elif previous["source"] == DraftSource.OFF:
+            # Catching up: feed the tokens made meanwhile, draft afresh.
             seconds += draft(rounds_off + 1) + (lookahead - 1) * draft(1)
             rounds_off = 0
         else:
             work = draft(2) + lookahead * draft(max(current["branches"], 1))
             seconds += max(0.0, work - target(previous["drafted"] + 1))
-            seconds += fresh_draft if current["source"] == "model" else 0.0
+            seconds += fresh_draft if current["source"] == DraftSource.MODEL else 0.0
     return seconds
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -21,12 +22,24 @@ from .sampling import TokenSampler
 from .tree import DynamicTree, TokenTree
 
 
+class DraftSource(str, Enum):
+    """Where a round's draft came from. A str, so stats and JSON read it as plain text."""
+
+    MODEL = "model"  # drafted by the draft model for this round
+    LOOKUP = "lookup"  # copied from the sequence itself (prompt lookup)
+    CACHE = "cache"  # a Saguaro branch pre-speculated while the previous round was verified
+    OFF = "off"  # no draft: speculation was off, the round was a plain target step
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Proposal:
     tokens: torch.Tensor  # [T] token ids, the nodes of `tree`
     probs: torch.Tensor | None  # [T, V]: what tokens[i] was drawn from; None = deterministic
     tree: TokenTree  # a chain for plain speculative decoding
-    source: str = "model"  # or "lookup": copied from the sequence
+    source: DraftSource = DraftSource.MODEL
 
     @classmethod
     def empty(cls) -> Proposal:
@@ -190,7 +203,10 @@ class PromptLookupDrafter(Drafter):
     def propose(self, max_depth: int) -> Proposal:
         self._last = lookup_continuation(self.committed, max_depth, self.max_ngram)
         return Proposal(
-            torch.tensor(self._last, dtype=torch.long), None, TokenTree.chain(len(self._last)), "lookup"
+            torch.tensor(self._last, dtype=torch.long),
+            None,
+            TokenTree.chain(len(self._last)),
+            DraftSource.LOOKUP,
         )
 
     def commit(self, path: list[int], next_token: int) -> None:

@@ -16,7 +16,8 @@ import time
 import torch
 
 from .cost_model import LookaheadController
-from .drafters import Drafter, Proposal
+from .drafters import Drafter, DraftSource, Proposal
+from .placement import NoSplit, ThreadSplit
 from .prespeculation import Draft
 from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
@@ -177,16 +178,20 @@ def saguaro(
     stats: GenerationStats,
     fallback,
     lookahead: LookaheadController | None = None,
+    threads: ThreadSplit | None = None,
 ) -> list[int]:
     """Speculative speculative decoding: the next draft was prepared while the target verified.
 
     `worker` (a workers.DraftWorker) hands over a draft for the committed sequence and, after each
     verification, the next one: from its speculation cache on a hit, drafted afresh on a miss.
-    If it fails, `fallback()` returns an inline worker, reset to the committed sequence, and
+    If it fails, `fallback(error)` returns the worker to use from then on (drafting inline), and
     generation goes on with no token lost: the target's state never depends on the worker.
+    `threads` gives the target every core while the drafter idles and the rest while it works.
     A `lookahead` controller may verify only a prefix of each draft, or none (speculation off: the
     worker idles, and catches up with the sequence when drafting pays again).
     """
+    threads = threads or NoSplit()
+    threads.alone()
     start = time.perf_counter()
     logits = target.forward(prompt, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - start
@@ -199,9 +204,9 @@ def saguaro(
         tick = time.perf_counter()
         try:
             draft = call(worker)(*args)
-        except WorkerFailed:
+        except WorkerFailed as error:
             stats.worker_failures += 1
-            worker = fallback()
+            worker = fallback(error)
             draft = worker.reset(prompt + generated, sampler.config, seed)
         waited = time.perf_counter() - tick  # the target waiting for a draft
         stats.drafter_busy_seconds += draft.busy_seconds
@@ -214,6 +219,10 @@ def saguaro(
         tree = TokenTree.chain(depth)
         probs = None if draft.probs is None else draft.probs[:depth]
         proposal = Proposal(torch.tensor(draft.tokens[:depth], dtype=torch.long), probs, tree)
+        if worker.concurrent and draft.source != DraftSource.OFF:
+            threads.beside_drafter()  # the worker pre-speculates during this verification
+        else:
+            threads.alone()
         tick = time.perf_counter()
         base = target.length
         logits = target.forward([generated[-1], *draft.tokens[:depth]], tree.under_root())
@@ -230,8 +239,8 @@ def saguaro(
             limit = stop.remaining(generated) - 1
             depth = lookahead.choose(limit) if lookahead else limit
             if depth == 0:  # speculation loses here: a plain target step; the worker idles
-                draft, waited = Draft([], None, "off"), 0.0
-            elif draft.source == "off":
+                draft, waited = Draft([], None, DraftSource.OFF), 0.0
+            elif draft.source == DraftSource.OFF:
                 draft = ask(lambda w: w.catch_up, prompt + generated, depth)
             else:
                 draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds, depth)

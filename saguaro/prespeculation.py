@@ -27,10 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .drafters import lookup_continuation
+from .drafters import DraftSource, lookup_continuation
 from .fanout import geometric_fanout
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
+from .ssd import SpeculationCache, predict_outcomes, saguaro_reshape
 from .tree import TokenTree
 
 
@@ -38,13 +39,9 @@ from .tree import TokenTree
 class Draft:
     tokens: list[int]
     probs: torch.Tensor | None  # [len, V]: what tokens[i] was drawn from; None when greedy or copied
-    source: str = "model"  # "cache" (a pre-speculated branch), "model" or "lookup" (backups)
+    source: DraftSource = DraftSource.MODEL  # CACHE (a pre-speculated branch), or a backup
     busy_seconds: float = 0.0  # drafter compute since the previous draft was handed over
     prepared_branches: int = 0  # outcomes pre-speculated while the previous draft was verified
-
-    @property
-    def hit(self) -> bool:
-        return self.source == "cache"
 
 
 class PreSpeculator:
@@ -67,16 +64,15 @@ class PreSpeculator:
         self.reshape_c, self.reshape_top = reshape_c, reshape_top
         self.accepted_total, self.rejected_total = 1, 1  # a weak prior: acceptance 0.5
         # Per backup kind: [rounds, accepted drafts], with one optimistic pseudo-round each.
-        self.backup_record = {"lookup": [1, 1.0], "model": [1, 1.0]}
+        self.backup_record = {DraftSource.LOOKUP: [1, 1.0], DraftSource.MODEL: [1, 1.0]}
         self.verify_seconds = self.model_draft_seconds = 0.0
         self.committed: list[int] = []
         self.draft: Draft | None = None
         self._position_probs: list[torch.Tensor] = []  # shaped q at the draft positions the drafter made
-        self._chain_len = 0  # draft tokens that pre-speculation hung the branches on
-        self._branches: dict[tuple[int, int], int] = {}
-        self._branch_drafts: list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]] = []
+        self._cache = SpeculationCache()
         self._busy = 0.0
         self.prespeculation_seconds = 0.0
+        self.prespeculation_finished = True  # False when the outcome arrived before every step ran
 
     # -- sequence control -------------------------------------------------------------------
     def reset(self, committed: list[int], sampling: SamplingConfig, seed: int) -> Draft:
@@ -85,7 +81,7 @@ class PreSpeculator:
         self.sampler = TokenSampler(sampling, torch.Generator().manual_seed(seed))
         self.runner.reset()
         self.committed = list(committed)
-        self._branches = {}
+        self._cache = SpeculationCache()
         return self._hand_over(self._model_draft(), start)
 
     def resolve(
@@ -95,22 +91,22 @@ class PreSpeculator:
         cut to the `depth` the target will verify (pre-speculation then plans for that depth)."""
         start = time.perf_counter()
         self._learn(accepted, verify_seconds)
-        branch = self._branches.get((accepted, next_token))
-        prepared = len(self._branches)
+        cache, self._cache = self._cache, SpeculationCache()
+        branch = cache.lookup(accepted, next_token)
         base = len(self.committed)
         self.committed += self.draft.tokens[:accepted] + [next_token]
-        self._branches, branches = {}, self._branch_drafts
         if branch is None:
             self.runner.rollback(base + accepted)
             draft = self._backup()
         else:
-            tokens, probs, position_probs = branches[branch]
-            # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{K-1}.
-            fed = [self._chain_len + step * len(branches) + branch for step in range(self.lookahead)]
-            self.runner.commit_path(base, list(range(accepted)) + fed)
-            self._position_probs = position_probs
-            draft = Draft(tokens, torch.stack(probs) if probs else None, "cache")
-        draft.prepared_branches = prepared
+            # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{steps-1}.
+            self.runner.commit_path(base, list(range(accepted)) + cache.fed_nodes(branch))
+            self._position_probs = cache.position_probs[branch]
+            drawn_from = cache.drawn_from[branch]
+            draft = Draft(
+                cache.tokens[branch], torch.stack(drawn_from) if drawn_from else None, DraftSource.CACHE
+            )
+        draft.prepared_branches = len(cache.outcomes) if cache.steps else 0
         return self._hand_over(draft, start, depth)
 
     def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
@@ -119,7 +115,7 @@ class PreSpeculator:
         start = time.perf_counter()
         self.runner.rollback(min(self.runner.length, len(self.committed)))
         self.committed = list(committed)
-        self._branches = {}
+        self._cache = SpeculationCache()
         return self._hand_over(self._model_draft(), start, depth)
 
     def _hand_over(self, draft: Draft, start: float, depth: int | None = None) -> Draft:
@@ -140,9 +136,10 @@ class PreSpeculator:
             record[1] += accepted
         if verify_seconds:
             self.verify_seconds = verify_seconds
-            # Keep pre-speculation within one verification: that is what makes a hit free.
+            # Keep pre-speculation within one verification: that is what makes a hit free. An
+            # outcome that cut it short says the branches were too many to reach full depth.
             if self.adaptive_budget and self.prespeculation_seconds:
-                if self.prespeculation_seconds > verify_seconds:
+                if not self.prespeculation_finished or self.prespeculation_seconds > verify_seconds:
                     self.budget = max(self.lookahead + 1, self.budget - 1)
                 elif self.prespeculation_seconds < 0.8 * verify_seconds:
                     self.budget = min(8 * (self.lookahead + 1), self.budget + 1)
@@ -159,10 +156,7 @@ class PreSpeculator:
         """Tokens for rows of shaped q, and the (reshaped) rows they were drawn from."""
         if self.sampler.greedy:
             return probs.argmax(-1), None
-        if self.reshape_c < 1.0:
-            top = probs.topk(self.reshape_top, dim=-1).indices
-            probs = probs.scatter(-1, top, probs.gather(-1, top) * self.reshape_c)
-            probs = probs / probs.sum(-1, keepdim=True)
+        probs = saguaro_reshape(probs, self.reshape_top, self.reshape_c)
         return self.sampler.draw(probs), probs
 
     def _backup(self) -> Draft:
@@ -174,9 +168,9 @@ class PreSpeculator:
             rounds, accepted = self.backup_record[kind]
             return (accepted / rounds + 1) / (self.verify_seconds + cost + 1e-9)
 
-        if copied and rate("lookup", 0.0) >= rate("model", self.model_draft_seconds):
+        if copied and rate(DraftSource.LOOKUP, 0.0) >= rate(DraftSource.MODEL, self.model_draft_seconds):
             self._position_probs = []
-            return Draft(copied, None, "lookup")
+            return Draft(copied, None, DraftSource.LOOKUP)
         return self._model_draft()
 
     def _model_draft(self) -> Draft:
@@ -193,7 +187,7 @@ class PreSpeculator:
             if i + 1 < self.lookahead:
                 logits = self.runner.forward([tokens[-1]])[-1]
         self.model_draft_seconds = time.perf_counter() - start
-        return Draft(tokens, None if self.sampler.greedy else torch.stack(probs), "model")
+        return Draft(tokens, None if self.sampler.greedy else torch.stack(probs), DraftSource.MODEL)
 
     def _distributions_along_draft(self) -> list[torch.Tensor]:
         """The drafter's shaped q at positions 0..len(draft): after the last committed token and
@@ -212,40 +206,47 @@ class PreSpeculator:
         logits = self.runner.forward(drafts[fed:], TokenTree.chain(len(drafts)), cached_nodes=fed)
         return known[: fed + 1] + list(self._shaped(logits))
 
-    def prespeculate(self, should_stop=lambda: False) -> None:
-        """Draft K tokens for each likely outcome of verifying self.draft; one batched forward per step.
+    def prespeculate(self, outcome_arrived=lambda: False) -> None:
+        """Draft ahead for each likely outcome of verifying self.draft; one batched forward per step.
 
-        `should_stop` is polled between steps: the caller aborts when the sequence is over.
+        `outcome_arrived` is polled before every step: once the verification outcome (or any other
+        request) is in, pre-speculation stops and the cache keeps the steps done so far, so the
+        target never waits for branches deeper than its verification gave time for.
         """
         start = time.perf_counter()
+        self.prespeculation_finished = False
+        if outcome_arrived():
+            return
         drafts = self.draft.tokens
         position_probs = self._distributions_along_draft()
-        self._chain_len = len(drafts)
-        outcomes = []
-        for k, fan in enumerate(geometric_fanout(self.budget, len(drafts), self.acceptance)):
-            probs = position_probs[k].clone()
-            if k < len(drafts):
-                probs[drafts[k]] = 0  # a rejected d_{k+1} is never the correction
-            top = probs.topk(fan)
-            outcomes += [(k, int(t)) for t, p in zip(top.indices, top.values) if p > 0]
+        fanout = geometric_fanout(self.budget, len(drafts), self.acceptance)
+        outcomes = predict_outcomes(position_probs, drafts, fanout)
         tree = TokenTree.chain(len(drafts)).extend([k - 1 for k, _ in outcomes])
         feed = [t for _, t in outcomes]
-        branches = [([], [], []) for _ in outcomes]
+        cache = SpeculationCache(
+            {outcome: i for i, outcome in enumerate(outcomes)},
+            [[] for _ in outcomes],
+            [[] for _ in outcomes],
+            [[] for _ in outcomes],
+            chain_length=len(drafts),
+        )
+        self._cache = cache
         for step in range(self.lookahead):
-            if should_stop():
-                return
+            if outcome_arrived():
+                break
             shaped = self._shaped(self.runner.forward(feed, tree, cached_nodes=len(tree) - len(feed)))
             tokens, drawn_from = self._draw(shaped)
-            for i, (branch_tokens, branch_probs, branch_position) in enumerate(branches):
-                branch_tokens.append(int(tokens[i]))
-                branch_position.append(shaped[i])
+            for i, token in enumerate(tokens.tolist()):
+                cache.tokens[i].append(token)
+                cache.position_probs[i].append(shaped[i])
                 if drawn_from is not None:
-                    branch_probs.append(drawn_from[i])
+                    cache.drawn_from[i].append(drawn_from[i])
+            cache.steps = step + 1
             if step + 1 < self.lookahead:  # b_K is fed after a hit, with the next pre-speculation
                 first_new = len(tree)
                 tree = tree.extend(range(first_new - len(feed), first_new))
                 feed = tokens.tolist()
-        self._branches = {outcome: i for i, outcome in enumerate(outcomes)}
-        self._branch_drafts = branches
+        else:
+            self.prespeculation_finished = True
         self.prespeculation_seconds = time.perf_counter() - start
         self._busy += self.prespeculation_seconds

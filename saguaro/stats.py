@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .drafters import DraftSource
+
 
 def add_counts(histogram: list[int], counts: list[int]) -> None:
     """histogram[n] += counts[n] for every n, growing the histogram as needed."""
@@ -40,7 +42,7 @@ class GenerationStats:
         self,
         drafted: int,
         accepted: int,
-        source: str = "model",
+        source: DraftSource = DraftSource.MODEL,
         draft_seconds: float = 0.0,
         verify_seconds: float = 0.0,
         branches: int = 0,
@@ -49,7 +51,7 @@ class GenerationStats:
             {
                 "drafted": drafted,
                 "accepted": accepted,
-                "source": source,
+                "source": str(source),
                 "branches": branches,
                 "draft_seconds": draft_seconds,
                 "verify_seconds": verify_seconds,
@@ -58,8 +60,8 @@ class GenerationStats:
         self.draft_seconds += draft_seconds
         self.verify_seconds += verify_seconds
         self.rounds += 1
-        self.hits += source == "cache"
-        self.lookup_backups += source == "lookup"
+        self.hits += source == DraftSource.CACHE
+        self.lookup_backups += source == DraftSource.LOOKUP
         self.drafted += drafted
         self.accepted += accepted
         if drafted:  # a round with speculation off accepts nothing because it proposed nothing

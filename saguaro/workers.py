@@ -7,6 +7,12 @@ Three placements share one message loop (`_serve`) around a `PreSpeculator`:
     device when the draft model lives on another GPU (torch releases the GIL inside kernels).
   * "inline"  - no concurrency, no pre-speculation: every round drafts afresh (plain speculative
     decoding). It is also the fallback when a worker dies or stalls.
+
+The protocol cannot desynchronise: every request carries a sequence number and its reply echoes
+it, so a reply to a request the caller stopped waiting for (Ctrl-C, a timeout) is recognised and
+dropped. A worker that raises sends its exception back (type, message, traceback) and stops; a
+dead, failed or stalled worker is killed at once (never waited on), the handle drafts inline for
+the rest of that call, and a fresh worker is started at a later call, with backoff.
 Messages are tiny (token ids, an outcome); only a hit's draft distributions (sampling) are large.
 A worker's end of the pipe sees EOF when its generator's process dies, so it never outlives it.
 """
@@ -16,6 +22,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
@@ -24,35 +34,70 @@ from .prespeculation import Draft, PreSpeculator
 from .sampling import SamplingConfig
 
 PLACEMENTS = ("process", "thread", "inline")
+MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
 
 
 class WorkerFailed(RuntimeError):
-    """The drafter worker died, or did not answer within its timeout."""
+    """The drafter worker died, raised, or did not answer within its timeout."""
+
+
+@dataclass
+class WorkerError:
+    """An exception raised inside the worker, as it travels back to the generator."""
+
+    type_name: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def capture(cls, error: BaseException) -> WorkerError:
+        return cls(type(error).__name__, str(error), traceback.format_exc())
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}"
 
 
 def _serve(conn: Connection, make_speculator) -> None:
-    """Worker loop: answer reset/resolve/catch_up messages, pre-speculate while the target verifies."""
-    speculator: PreSpeculator = make_speculator()
-    inbox: list = []
+    """Worker loop: answer reset/resolve/catch_up requests, pre-speculate while the target verifies.
 
-    def next_message():
-        return inbox.pop(0) if inbox else conn.recv()
+    A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError).
+    """
+    inbox: deque = deque()
+    failure: WorkerError | None = None
 
-    def sequence_over() -> bool:
-        # An outcome for the current draft may arrive mid-way; keep it for later. A reset or close
-        # means the target has stopped: pre-speculating further is wasted work.
+    def next_request():
+        return inbox.popleft() if inbox else conn.recv()
+
+    def request_waiting() -> bool:
+        # Polled between pre-speculation steps: the outcome (or a new sequence) is answered at once.
         while conn.poll():
             inbox.append(conn.recv())
-        return any(message[0] != "resolve" for message in inbox)
+        return bool(inbox)
 
     try:
+        speculator: PreSpeculator = make_speculator()
+    except Exception as error:
+        failure = WorkerError.capture(error)
+    try:
         while True:
-            kind, *args = next_message()
+            seq, kind, *args = next_request()
             if kind == "close":
                 return
-            draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
-            conn.send(draft)
-            speculator.prespeculate(sequence_over)
+            if failure is not None:  # report it on the first request it can answer, then stop
+                conn.send((seq, failure))
+                return
+            answered = False
+            try:
+                conn.send((seq, getattr(speculator, kind)(*args)))  # reset, resolve or catch_up
+                answered = True
+                speculator.prespeculate(request_waiting)
+            except (EOFError, BrokenPipeError):
+                raise
+            except Exception as error:
+                failure = WorkerError.capture(error)
+                if not answered:
+                    conn.send((seq, failure))
+                    return
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the generator is gone
     finally:
@@ -74,7 +119,11 @@ def _process_main(conn, threads, model, speculator_kwargs) -> None:
 
 
 class DraftWorker:
-    """The main-process handle: reset() and resolve() return the next draft, or raise WorkerFailed."""
+    """The main-process handle: reset(), resolve() and catch_up() return the next draft.
+
+    A failure raises WorkerFailed once (the caller warns and re-sends its sequence with reset());
+    from then on this handle drafts inline until `heal()` restarts the worker at a later call.
+    """
 
     def __init__(
         self,
@@ -87,85 +136,136 @@ class DraftWorker:
     ):
         if placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
-        self.placement, self.timeout = placement, timeout
-        self._inline = PreSpeculator(model, **speculator_kwargs) if placement == "inline" else None
+        self.model, self.placement, self.timeout, self.threads = model, placement, timeout, threads
+        self.start_method = start_method
+        self._speculator_kwargs = speculator_kwargs
+        self._inline: PreSpeculator | None = None
         self._conn = self._process = self._thread = None
-        if placement == "process":
+        self._seq = 0
+        self.failures = self.restarts = 0
+        self._calls_until_restart = 0
+        if placement == "inline":
+            self._inline = PreSpeculator(model, **speculator_kwargs)
+        else:
+            self._start()
+
+    @property
+    def concurrent(self) -> bool:
+        """True while a worker pre-speculates beside the target (False: drafting inline)."""
+        return self._conn is not None
+
+    def _start(self) -> None:
+        kwargs = self._speculator_kwargs
+        if self.placement == "process":
             # fork shares the weights copy-on-write and starts at once, with no re-import of the
             # user's __main__; spawn (where fork is missing) sends them as shared-memory tensors.
-            method = start_method or (
+            method = self.start_method or (
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             )
             ctx = torch.multiprocessing.get_context(method)
             self._conn, child = ctx.Pipe()
+            model = self.model
             payload = model if method == "fork" else (model.config, model.state_dict(), model.dtype)
             self._process = ctx.Process(
                 target=_process_main,
-                args=(child, threads, payload, speculator_kwargs),
+                args=(child, self.threads, payload, kwargs),
                 daemon=True,
                 name="saguaro-drafter",
             )
             self._process.start()
             child.close()
-        elif placement == "thread":
+        else:
             self._conn, child = multiprocessing.Pipe()
+            model = self.model
             stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
             def run():
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    _serve(child, lambda: PreSpeculator(model, **speculator_kwargs))
+                    _serve(child, lambda: PreSpeculator(model, **kwargs))
 
             self._thread = threading.Thread(target=run, daemon=True, name="saguaro-drafter")
             self._thread.start()
 
+    def heal(self) -> bool:
+        """At the start of a call: restart a failed worker once its backoff has passed.
+
+        After the n-th failure, 2^(n-1) - 1 calls (at most MAX_RESTART_BACKOFF) draft inline
+        before the next restart, so a worker that keeps failing costs little. True if restarted.
+        """
+        if self.placement == "inline" or self.concurrent:
+            return False
+        if self._calls_until_restart > 0:
+            self._calls_until_restart -= 1
+            return False
+        self._inline = None
+        self._start()
+        self.restarts += 1
+        return True
+
     def reset(self, committed: list[int], sampling: SamplingConfig, seed: int) -> Draft:
-        if self._inline:
-            return self._inline.reset(committed, sampling, seed)
-        return self._ask(("reset", committed, sampling, seed))
+        return self._call("reset", committed, sampling, seed)
 
     def resolve(
         self, accepted: int, next_token: int, verify_seconds: float, depth: int | None = None
     ) -> Draft:
-        if self._inline:
-            return self._inline.resolve(accepted, next_token, verify_seconds, depth)
-        return self._ask(("resolve", accepted, next_token, verify_seconds, depth))
+        return self._call("resolve", accepted, next_token, verify_seconds, depth)
 
     def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
-        if self._inline:
-            return self._inline.catch_up(committed, depth)
-        return self._ask(("catch_up", committed, depth))
+        return self._call("catch_up", committed, depth)
 
-    def _ask(self, message) -> Draft:
+    def _call(self, kind: str, *args) -> Draft:
+        if self._inline is not None:
+            return getattr(self._inline, kind)(*args)
+        return self._ask(kind, *args)
+
+    def _ask(self, kind: str, *args) -> Draft:
+        self._seq += 1
+        seq = self._seq
+        deadline = time.monotonic() + self.timeout
         try:
-            self._conn.send(message)
-            if not self._conn.poll(self.timeout):
-                raise WorkerFailed(f"drafter worker gave no answer within {self.timeout:.0f}s")
-            return self._conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError) as error:
-            raise WorkerFailed(f"drafter worker is gone ({error!r})") from error
+            self._conn.send((seq, kind, *args))
+            while True:
+                if not self._conn.poll(max(0.0, deadline - time.monotonic())):
+                    raise self._fail(f"gave no answer within {self.timeout:g}s (stalled); it was killed")
+                reply_seq, payload = self._conn.recv()
+                if reply_seq != seq:
+                    continue  # the answer to a request whose caller stopped waiting (Ctrl-C)
+                if isinstance(payload, WorkerError):
+                    failed = self._fail(f"raised {payload}")
+                    failed.remote_traceback = payload.traceback
+                    raise failed
+                return payload
+        except WorkerFailed:
+            raise
+        except Exception as error:  # EOF, a broken pipe, a garbled message: the worker is unusable
+            raise self._fail(f"is gone ({error!r})") from error
 
-    @property
-    def alive(self) -> bool:
-        if self._process is not None:
-            return self._process.is_alive()
-        if self._thread is not None:
-            return self._thread.is_alive()
-        return True
+    def _fail(self, what: str) -> WorkerFailed:
+        """Stop the worker now (kill, never wait), switch to inline drafting, schedule a restart."""
+        self.failures += 1
+        self._stop(grace=0.0)
+        self._inline = PreSpeculator(self.model, **self._speculator_kwargs)
+        self._calls_until_restart = min(MAX_RESTART_BACKOFF, 2 ** (self.failures - 1) - 1)
+        failed = WorkerFailed(f"the drafter worker ({self.placement}) {what}")
+        failed.remote_traceback = None
+        return failed
 
-    def close(self) -> None:
-        """Stop the worker and wait for it; a process that does not stop in time is killed."""
+    def _stop(self, grace: float) -> None:
+        """Ask the worker to stop; a process still running after `grace` seconds is killed."""
         if self._conn is not None:
-            try:
-                self._conn.send(("close",))
-            except (BrokenPipeError, OSError):
-                pass
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send((0, "close"))
         if self._process is not None:
-            self._process.join(timeout=5)
+            self._process.join(timeout=grace)
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join(timeout=5)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._thread is not None:  # a thread cannot be killed: a stalled one is left, daemonic
+            self._thread.join(timeout=grace)
         if self._conn is not None:
             self._conn.close()
         self._conn = self._process = self._thread = None
+
+    def close(self) -> None:
+        """Stop the worker: it gets a few seconds to finish its step, then it is killed."""
+        self._stop(grace=5.0)

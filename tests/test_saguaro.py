@@ -4,6 +4,7 @@ drafter worker that never outlives its generator nor loses a token when it dies.
 import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -60,7 +61,20 @@ def test_saguaro_greedy_matches_target_in_other_placements(placement):
         assert out.stats.hits == 0
 
 
-def test_perfect_drafter_always_hits_and_random_drafter_almost_never():
+def slow_verification(monkeypatch, seconds: float = 0.03):
+    """Make each verification last `seconds`, as a large target's does: pre-speculation, which the
+    outcome interrupts, then has the time to reach full depth (tiny models verify in ~1 ms)."""
+    real_verify = engines.verify_proposal
+
+    def verify(*args):
+        time.sleep(seconds)
+        return real_verify(*args)
+
+    monkeypatch.setattr(engines, "verify_proposal", verify)
+
+
+def test_perfect_drafter_always_hits_and_random_drafter_almost_never(monkeypatch):
+    slow_verification(monkeypatch)
     target = tiny_model("llama", seed=0)
     with saguaro.SpeculativeGenerator(
         target, target, method="saguaro", speculation_schedule="constant", placement="process"
@@ -68,6 +82,7 @@ def test_perfect_drafter_always_hits_and_random_drafter_almost_never():
         perfect = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
     # The drafter is the target: every draft is accepted and its bonus guess is the target's token.
     assert perfect.stats.hit_rate == 1.0 and perfect.stats.acceptance_rate == 1.0
+    monkeypatch.undo()  # fast verification: the budget stays small, as it would for a tiny target
     unrelated = tiny_model("llama", seed=7)
     with saguaro.SpeculativeGenerator(
         target, unrelated, method="saguaro", speculation_schedule="constant", placement="process"

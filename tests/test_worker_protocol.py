@@ -1,0 +1,214 @@
+"""The Saguaro worker protocol: numbered requests that cannot desynchronise, faults that come back
+visible, restarts, interruptible pre-speculation, and the pure pieces of ssd.py."""
+
+import logging
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+from test_saguaro import PROMPT, hf_greedy, slow_verification, worker_process
+
+import saguaro
+from saguaro import prespeculation
+from saguaro.drafters import DraftSource
+from saguaro.placement import ThreadSplit
+from saguaro.prespeculation import PreSpeculator
+from saguaro.sampling import SamplingConfig
+from saguaro.ssd import SpeculationCache, branch_node, predict_outcomes, saguaro_reshape
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def saguaro_generator(target, draft=None, **options):
+    options = {"speculation_schedule": "constant", "placement": "process", **options}
+    return saguaro.SpeculativeGenerator(
+        target, draft if draft is not None else perturbed_copy(target, 0.005), method="saguaro", **options
+    )
+
+
+def run(generator, tokens=40):
+    return generator.generate(PROMPT, max_new_tokens=tokens, eos_token_id=[], return_dict_in_generate=True)
+
+
+def test_ctrl_c_mid_generation_leaves_the_worker_in_step(monkeypatch):
+    slow_verification(monkeypatch)  # pre-speculation always completes: hits are deterministic
+    target = tiny_model("llama", seed=0)
+    with saguaro_generator(target) as generator:
+        before = run(generator)
+        worker = generator._worker
+        connection = worker._conn
+
+        class CtrlCWhileWaiting:  # Ctrl-C lands while the generator waits for the worker's answer
+            polls = 0
+
+            def __getattr__(self, name):
+                return getattr(connection, name)
+
+            def poll(self, *args):
+                self.polls += 1
+                if self.polls == 4:
+                    raise KeyboardInterrupt
+                return connection.poll(*args)
+
+        worker._conn = CtrlCWhileWaiting()
+        with pytest.raises(KeyboardInterrupt):
+            run(generator)
+        worker._conn = connection
+        after = run(generator)
+        process = worker_process(generator)
+    # The interrupted request's answer was still queued; read as the next answer it would have
+    # desynchronised every later call (drafts for the wrong sequence, acceptance near zero).
+    assert after.sequences.tolist() == before.sequences.tolist() == hf_greedy(target, 40)
+    assert after.stats.accepted == before.stats.accepted > 0
+    assert after.stats.hits == before.stats.hits > 0
+    assert after.stats.worker_failures == 0 and not process.is_alive()
+
+
+def test_a_worker_exception_comes_back_visible_and_the_worker_restarts(monkeypatch, caplog):
+    target = tiny_model("llama", seed=0)
+    real_resolve = PreSpeculator.resolve
+    calls, parent = [], os.getpid()
+
+    def resolve_failing_once(self, *args):
+        calls.append(1)
+        if os.getpid() != parent and len(calls) == 3:  # the forked worker's third resolve
+            raise IndexError("planted drafter bug")
+        return real_resolve(self, *args)
+
+    monkeypatch.setattr(prespeculation.PreSpeculator, "resolve", resolve_failing_once)
+    with saguaro_generator(target) as generator:
+        first = worker_process(generator) if generator._worker else None
+        assert first is None  # started lazily, on the first call
+        with caplog.at_level(logging.WARNING, logger="saguaro"), pytest.warns(Warning) as warned:
+            out = run(generator)
+        crashed = worker_process(generator)
+        assert crashed is None  # killed at once, not left to linger
+        monkeypatch.setattr(prespeculation.PreSpeculator, "resolve", real_resolve)
+        again = run(generator)  # the next call starts a fresh worker
+        restarted = worker_process(generator)
+        assert restarted is not None and restarted.is_alive()
+        assert generator._worker.restarts == 1
+    assert out.sequences.tolist() == again.sequences.tolist() == hf_greedy(target, 40)
+    assert out.stats.worker_failures == 1 and again.stats.worker_failures == 0
+    assert again.stats.hits > 0  # pre-speculation is back
+    text = " ".join(str(w.message) for w in warned)
+    assert "IndexError: planted drafter bug" in text and "resolve_failing_once" in text  # the traceback
+    assert any("planted drafter bug" in record.getMessage() for record in caplog.records)
+    assert multiprocessing.active_children() == []
+
+
+def test_a_stalled_worker_is_killed_at_its_timeout_not_waited_on():
+    target = tiny_model("llama", seed=0)
+    with saguaro_generator(target, worker_timeout=1.0) as generator:
+        run(generator, 5)
+        stalled = worker_process(generator)
+        os.kill(stalled.pid, signal.SIGSTOP)
+        with pytest.warns(Warning, match="stalled"):
+            out = run(generator, 30)
+        # Killed when the timeout ran out, before the call went on inline.
+        assert not stalled.is_alive()
+    assert out.sequences.tolist() == hf_greedy(target, 30) and out.stats.worker_failures == 1
+
+
+def test_backoff_grows_with_repeated_failures():
+    target = tiny_model("llama", seed=0)
+    worker = saguaro.workers.DraftWorker(target, "thread", lookahead=2)
+    try:
+        for failures, skipped in [(1, 0), (2, 1), (3, 3)]:
+            worker._fail("planted")
+            assert worker.failures == failures and not worker.concurrent
+            assert [worker.heal() for _ in range(skipped + 1)] == [False] * skipped + [True]
+            assert worker.concurrent
+    finally:
+        worker.close()
+
+
+def prepared_speculator(target, steps_before_outcome: int | None):
+    speculator = PreSpeculator(
+        perturbed_copy(target, 0.005), lookahead=4, vocab_size=target.config.vocab_size
+    )
+    speculator.reset(PROMPT[0].tolist(), SamplingConfig(), seed=0)
+    polls = []
+
+    def outcome_arrived():
+        polls.append(1)
+        return steps_before_outcome is not None and len(polls) > steps_before_outcome + 1
+
+    speculator.prespeculate(outcome_arrived)
+    return speculator
+
+
+def test_an_outcome_mid_prespeculation_is_answered_from_the_steps_done():
+    target = tiny_model("llama", seed=0)
+    full = prepared_speculator(target, None)
+    assert full.prespeculation_finished and full._cache.steps == 4
+    cut = prepared_speculator(target, 2)  # the outcome arrives after two of the four steps
+    assert not cut.prespeculation_finished and cut._cache.steps == 2
+    # Same branches, as far as they got.
+    outcome = next(iter(full._cache.outcomes))
+    branch = full._cache.outcomes[outcome]
+    assert cut._cache.tokens[branch] == full._cache.tokens[branch][:2]
+    draft = cut.resolve(*outcome, verify_seconds=0.01)
+    assert draft.source == DraftSource.CACHE and draft.tokens == full._cache.tokens[branch][:2]
+    # The kept KV is the committed sequence plus the branch's fed guess and b_1.
+    assert cut.runner.length == len(cut.committed) + 1
+
+
+def test_an_outcome_before_any_step_is_a_miss_with_a_backup_draft():
+    target = tiny_model("llama", seed=0)
+    cut = prepared_speculator(target, 0)
+    assert cut._cache.steps == 0
+    outcome = next(iter(cut._cache.outcomes))
+    draft = cut.resolve(*outcome, verify_seconds=0.01)
+    assert draft.source in (DraftSource.MODEL, DraftSource.LOOKUP) and len(draft.tokens) > 0
+
+
+def test_predict_outcomes_excludes_the_draft_token_and_follows_fanout():
+    probs = [torch.tensor([0.1, 0.5, 0.3, 0.1]), torch.tensor([0.6, 0.1, 0.2, 0.1]), torch.tensor([0.25] * 4)]
+    outcomes = predict_outcomes(probs, drafts=[1, 0], fanout=[2, 1, 1])
+    # k = 0: d_1 = 1 is excluded, so the top two are 2 and (0 or 3); k = 1: d_2 = 0 excluded -> 2.
+    assert outcomes[0] == (0, 2) and outcomes[1][0] == 0 and outcomes[1][1] in (0, 3)
+    assert outcomes[2] == (1, 2) and outcomes[3][0] == 2 and len(outcomes) == 4
+
+
+def test_saguaro_reshape_damps_the_top_tokens_and_stays_a_distribution():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    reshaped = saguaro_reshape(probs, top=2, c=0.5)
+    assert torch.allclose(reshaped.sum(-1), torch.ones(1))
+    assert reshaped[0, 0] < probs[0, 0] and reshaped[0, 3] > probs[0, 3]
+    assert torch.equal(saguaro_reshape(probs, top=2, c=1.0), probs)
+
+
+def test_branch_layout_matches_the_drafter_tree():
+    # Chain of 3 drafts, 4 branches: step 0 feeds the guesses (nodes 3..6), step 1 each b_1 (7..10).
+    assert [branch_node(3, 4, 0, b) for b in range(4)] == [3, 4, 5, 6]
+    assert [branch_node(3, 4, 1, b) for b in range(4)] == [7, 8, 9, 10]
+    cache = SpeculationCache({(0, 5): 2}, [[1, 2]] * 4, [[]] * 4, [[]] * 4, chain_length=3, steps=2)
+    assert cache.fed_nodes(2) == [5, 9] and cache.lookup(0, 5) == 2 and cache.lookup(1, 5) is None
+    assert SpeculationCache({(0, 5): 0}, [[]], [[]], [[]]).lookup(0, 5) is None  # no step ran
+
+
+def test_saguaro_splits_cpu_threads_and_restores_the_callers(monkeypatch):
+    seen = []
+    real_forward = saguaro.runner.ModelRunner.forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(saguaro.runner.ModelRunner, "forward", forward)
+    target = tiny_model("llama", seed=0)
+    torch.set_num_threads(1)
+    try:
+        with saguaro_generator(target) as generator:
+            generator.threads = ThreadSplit(total=4, drafter=1)  # as on a 4-core machine
+            run(generator, 20)
+        assert torch.get_num_threads() == 1  # the caller's setting, restored
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    # Prefill alone on every core; verification beside the drafter on the rest.
+    assert seen[0] == 4 and 3 in seen[1:]
+    assert ThreadSplit.for_cpu(2).target == 1 and ThreadSplit.for_cpu(16).drafter == 4
