@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
+from . import auto
 from .cost_model import LookaheadController
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
@@ -21,7 +22,7 @@ from .stats import GenerationStats
 from .tree import DynamicTree, static_tree
 from .workers import PLACEMENTS, DraftWorker
 
-METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup")
+METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup", "auto")
 SCHEDULES = ("adaptive", "constant")
 # How drafting time grows with the draft length, per method whose chain length adapts. Saguaro's
 # drafter works while the target verifies: the target waits once per round, whatever the length.
@@ -137,7 +138,7 @@ class SpeculativeGenerator:
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if method not in MODEL_FREE and draft_model is None:
+        if method not in (*MODEL_FREE, "auto") and draft_model is None:
             raise ValueError(
                 f"method={method!r} needs a draft_model (or use a model-free method: {', '.join(MODEL_FREE)})"
             )
@@ -164,18 +165,15 @@ class SpeculativeGenerator:
                 "saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], "
                 f"got {saguaro_reshape}"
             )
-        self.target, self.draft_model, self.method = target, draft_model, method
+        self.target, self.draft_model = target, draft_model
         self.num_speculative_tokens = num_speculative_tokens
-        self.tree_shape = None
-        if method == "tree":
-            self.tree_shape = (
-                tree_branching if isinstance(tree_branching, DynamicTree) else list(tree_branching)
-            )
         self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
-        # On CPU the worker process and the target share the cores: split them (placement.py).
-        cpu_worker = method == "saguaro" and self.placement == "process" and target.device.type == "cpu"
-        self.threads = ThreadSplit.for_cpu() if cpu_worker else NoSplit()
         self.worker_timeout = worker_timeout
+        self._tree_branching, self._schedule = tree_branching, speculation_schedule
+        # method="auto" settles on a method at each call, from measured step costs and acceptance.
+        self.auto = method == "auto"
+        self.auto_choice: auto.Choice | None = None
+        self._auto_counts = [0, 0, 0, 0]  # accepted, rejected, hits, rounds after the first
         self._speculator_kwargs = dict(
             lookahead=num_speculative_tokens,
             budget=saguaro_budget,
@@ -184,10 +182,58 @@ class SpeculativeGenerator:
         )
         self._worker: DraftWorker | None = None
         self._finalizer = None
+        if self.auto:
+            method = "speculative" if draft_model is not None else "prompt_lookup"
+        self._configure(method)
+
+    def _configure(self, method: str) -> None:
+        """Everything that follows from the decoding method."""
+        self.method = method
+        self.tree_shape = None
+        if method == "tree":
+            branching = self._tree_branching
+            self.tree_shape = branching if isinstance(branching, DynamicTree) else list(branching)
+        # On CPU the worker process and the target share the cores: split them (placement.py).
+        cpu_worker = method == "saguaro" and self.placement == "process" and self.target.device.type == "cpu"
+        self.threads = ThreadSplit.for_cpu() if cpu_worker else NoSplit()
         # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
         self.lookahead = None
-        if speculation_schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
-            self.lookahead = LookaheadController(num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
+        if self._schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
+            self.lookahead = LookaheadController(self.num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
+
+    def _choose_method(self) -> None:
+        """method="auto": the method the cost model predicts fastest, from step costs measured once
+        and the acceptance (and Saguaro hit rate) measured over this generator's earlier calls."""
+        if self.draft_model is None:
+            return  # prompt lookup, which turns itself off where it does not pay
+        on_cpu = self.target.device.type == "cpu"
+        split = ThreadSplit.for_cpu() if on_cpu and self.placement == "process" else NoSplit()
+        concurrent = self.placement != "inline" and (split.drafter > 0 or not on_cpu)
+        accepted, rejected, hits, rounds = self._auto_counts
+        acceptance = (accepted + 7 * auto.PRIOR_ACCEPTANCE) / (accepted + rejected + 7)
+        hit_rate = (hits + 7 * auto.PRIOR_HIT_RATE) / (rounds + 7)
+        branching = None if isinstance(self._tree_branching, DynamicTree) else self._tree_branching
+        self.auto_choice = auto.choose(
+            self.target,
+            self.draft_model,
+            self.num_speculative_tokens,
+            branching,
+            split,
+            concurrent,
+            acceptance,
+            hit_rate,
+        )
+        if self.auto_choice.method != self.method:
+            self._configure(self.auto_choice.method)
+
+    def _learn_acceptance(self, stats: GenerationStats) -> None:
+        """Keep method="auto"'s acceptance and hit-rate estimates current."""
+        drafted_rounds = [r for r in stats.round_log if r["drafted"]]
+        self._auto_counts[0] += sum(r["accepted"] for r in drafted_rounds)
+        self._auto_counts[1] += sum(r["accepted"] < r["drafted"] for r in drafted_rounds)
+        if self.method == "saguaro":
+            self._auto_counts[2] += stats.hits
+            self._auto_counts[3] += max(0, len(drafted_rounds) - 1)
 
     def _draft_worker(self) -> DraftWorker:
         """The worker, started on the first call; a failed one is restarted here (with backoff)."""
@@ -267,6 +313,8 @@ class SpeculativeGenerator:
                 f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        if self.auto:
+            self._choose_method()
         eos = _eos_ids(eos_token_id, self.target)
         if streamer is not None:
             streamer.put(ids.cpu())
@@ -277,6 +325,8 @@ class SpeculativeGenerator:
             sampler = TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
             stop = StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
             results.append(self._generate_one(prompt, sampler, stop))
+            if self.auto:
+                self._learn_acceptance(results[-1][1])
         if streamer is not None:
             streamer.end()
 
@@ -365,7 +415,10 @@ def generate(
     saguaro.DynamicTree grown where the drafter is confident; verified in one target forward with
     a tree attention mask) or "saguaro" (speculative speculative decoding: the drafter prepares
     the next draft for the likely verification outcomes while the target verifies; options
-    placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=, draft_device=).
+    placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=, draft_device=), or "auto"
+    (whichever of these the cost model predicts fastest on this hardware, from step costs timed
+    once per process and the acceptance measured so far; `SpeculativeGenerator.auto_choice` says
+    which it took and why).
     With speculation_schedule="adaptive" (default) each round drafts the length that maximises
     measured tokens/s (0 = a plain target step when speculation loses, as on CPUs where verifying
     T tokens costs ~T steps); "constant" always drafts num_speculative_tokens.

@@ -1,0 +1,155 @@
+"""method="auto": the fastest method for this hardware and this model pair, by the cost model.
+
+What wins depends on the machine more than on the models: where verifying K+1 tokens costs about
+one step (GPUs, CPUs with native bf16) speculation pays; where it costs K+1 steps it does not; and
+Saguaro's pre-speculation pays only where the drafter gets compute of its own (a spare core, a
+second device) without slowing the target much. So nothing is assumed: on first use the target
+and the drafter are timed briefly (a few forwards each, at the thread counts each method would
+use), and `cost_model.project_tokens_per_second` turns those step costs and the acceptance seen so
+far into a predicted speed per method. Timings are kept per (target, draft, threads) for the life
+of the process, so one-shot `saguaro.generate` calls measure once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import cost_model
+from .placement import ThreadSplit
+from .step_costs import forward_costs
+
+logger = logging.getLogger("saguaro")
+CANDIDATES = ("autoregressive", "speculative", "tree", "saguaro")
+PRIOR_ACCEPTANCE = 0.7  # per draft token, until this generator has measured its own
+PRIOR_HIT_RATE = 0.7  # Saguaro cache hits, likewise
+SECOND_GUESS_SHARE = 0.5  # how much a sibling adds to a tree level, relative to the first guess
+_CALIBRATION_CONTEXT = 32  # tokens of context while timing: enough to be representative, cheap
+
+
+@dataclass
+class Calibration:
+    """Measured step costs: seconds of a forward vs new tokens, per model and thread count."""
+
+    target_alone: cost_model.CostCurve  # every core
+    target_beside: cost_model.CostCurve  # the cores a Saguaro worker leaves
+    draft_alone: cost_model.CostCurve
+    draft_beside: cost_model.CostCurve  # on the worker's threads, batched over branches
+
+
+@dataclass
+class Choice:
+    method: str
+    predicted_tokens_per_second: dict[str, float] = field(default_factory=dict)
+    acceptance: float = PRIOR_ACCEPTANCE
+    hit_rate: float = PRIOR_HIT_RATE
+
+
+_calibrations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _timed(model, tokens: list[int], threads: int) -> cost_model.CostCurve:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return forward_costs(model, tokens, repeats=2, context=_CALIBRATION_CONTEXT)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def calibrate(target, draft, lookahead: int, split: ThreadSplit) -> Calibration:
+    """Time the target and the draft (cached per model pair and thread split)."""
+    key = (id(draft), split.total, split.drafter, lookahead)
+    per_target = _calibrations.setdefault(target, {})
+    if key not in per_target:
+        chain = [1, lookahead + 1]
+        beside = split.target if split.drafter else split.total
+        branches = 3 * (lookahead + 1)  # the paper's default budget
+        per_target[key] = Calibration(
+            target_alone=_timed(target, chain, split.total),
+            target_beside=_timed(target, chain, beside),
+            draft_alone=_timed(draft, [1, 2, 4], split.total),
+            draft_beside=_timed(draft, [1, 2, branches], max(1, split.drafter)),
+        )
+        logger.info("saguaro auto: step costs measured %s", per_target[key])
+    return per_target[key]
+
+
+def level_acceptance(acceptance: float, width: int) -> float:
+    """Chance that one of `width` drafted siblings is accepted: each further sibling catches a
+    SECOND_GUESS_SHARE of what the first misses (a rough model; measured acceptance refines it)."""
+    return 1 - (1 - acceptance) ** (1 + SECOND_GUESS_SHARE * (width - 1))
+
+
+def predict(
+    calibration: Calibration,
+    lookahead: int,
+    tree_branching,
+    acceptance: float,
+    hit_rate: float,
+    concurrent: bool,
+) -> dict[str, float]:
+    """Predicted decode tokens/s per candidate method, each at its best draft length."""
+    c = calibration
+    rates = [acceptance] * lookahead
+    ks = range(1, lookahead + 1)
+    predicted = {
+        "autoregressive": 1.0 / c.target_alone(1),
+        "speculative": max(
+            cost_model.project_tokens_per_second("speculative", k, c.target_alone, c.draft_alone, rates)
+            for k in ks
+        ),
+    }
+    if tree_branching:
+        levels = list(tree_branching)
+        nodes_per_level = [math.prod(levels[: d + 1]) for d in range(len(levels))]
+        predicted["tree"] = cost_model.project_tokens_per_second(
+            "tree",
+            len(levels),
+            c.target_alone,
+            c.draft_alone,
+            rates,
+            tree_tokens=cost_model.expected_tokens(
+                [level_acceptance(acceptance, w) for w in levels], len(levels)
+            ),
+            tree_nodes=sum(nodes_per_level),
+            tree_levels=nodes_per_level,
+        )
+    if concurrent:  # Saguaro needs a drafter that runs beside the target
+
+        def saguaro_at(k: int) -> float:
+            # The budget the engine adapts to: the branches whose pre-speculation fits a verification.
+            fits = cost_model.largest_budget_within(c.target_beside(k + 1), c.draft_beside, k)
+            return cost_model.project_tokens_per_second(
+                "saguaro",
+                k,
+                c.target_beside,
+                c.draft_beside,
+                rates,
+                hit_rate=hit_rate,
+                branches=max(k + 1, fits),
+            )
+
+        predicted["saguaro"] = max(saguaro_at(k) for k in ks)
+    return predicted
+
+
+def choose(
+    target,
+    draft,
+    lookahead: int,
+    tree_branching,
+    split: ThreadSplit,
+    concurrent: bool,
+    acceptance: float,
+    hit_rate: float,
+) -> Choice:
+    calibration = calibrate(target, draft, lookahead, split)
+    predicted = predict(calibration, lookahead, tree_branching, acceptance, hit_rate, concurrent)
+    method = max(predicted, key=predicted.get)
+    logger.info("saguaro auto: chose %s (predicted tokens/s %s)", method, predicted)
+    return Choice(method, predicted, acceptance, hit_rate)

@@ -1,0 +1,64 @@
+"""method="auto": the cost model's choice from measured step costs, and exact output whatever it picks."""
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+
+import saguaro
+from saguaro import auto
+from saguaro.cost_model import CostCurve
+from saguaro.placement import ThreadSplit
+
+PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
+pytestmark = pytest.mark.timeout(180)
+
+
+def calibration(verify_growth: float, draft_step: float, beside_slowdown: float = 1.5) -> auto.Calibration:
+    """Step costs of a made-up machine: a target step of 100 ms growing by `verify_growth` per
+    extra token, a draft step of `draft_step` seconds (batched branches cost 1.2x)."""
+    target = CostCurve({1: 0.1, 5: 0.1 * (1 + 4 * verify_growth)})
+    beside = CostCurve({t: s * beside_slowdown for t, s in target.points.items()})
+    draft = CostCurve({1: draft_step, 2: draft_step * 1.05, 4: draft_step * 1.1, 15: draft_step * 1.2})
+    return auto.Calibration(target, beside, draft, draft)
+
+
+def test_speculation_is_chosen_only_where_verification_is_cheap():
+    cheap = auto.predict(calibration(0.03, 0.03), 4, [2, 2, 1, 1], 0.8, 0.8, concurrent=False)
+    assert max(cheap, key=cheap.get) in ("speculative", "tree") and "saguaro" not in cheap
+    assert cheap["speculative"] > 1.3 * cheap["autoregressive"]
+    costly = auto.predict(calibration(1.0, 0.03), 4, [2, 2, 1, 1], 0.8, 0.8, concurrent=False)
+    assert max(costly, key=costly.get) == "autoregressive"  # verifying T tokens costs T steps
+
+
+def test_saguaro_is_chosen_where_the_drafter_runs_beside_the_target_for_little():
+    # A spare core: the target is not slowed beside the drafter, and drafting is expensive.
+    spare = auto.predict(calibration(0.03, 0.06, beside_slowdown=1.0), 4, None, 0.8, 0.9, concurrent=True)
+    assert max(spare, key=spare.get) == "saguaro"
+    # Two busy cores: the target runs 1.5x slower beside the drafter and drafts are cheap.
+    busy = auto.predict(calibration(0.03, 0.01, beside_slowdown=1.5), 4, None, 0.8, 0.9, concurrent=True)
+    assert max(busy, key=busy.get) != "saguaro"
+
+
+def test_auto_is_exact_and_says_what_it_chose(monkeypatch):
+    # A machine where speculation pays (tiny models themselves sit in the overhead regime).
+    monkeypatch.setattr(auto, "calibrate", lambda *args: calibration(0.03, 0.01))
+    target = tiny_model("llama", seed=0)
+    expected = target.generate(PROMPT, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with saguaro.SpeculativeGenerator(target, perturbed_copy(target, 0.005), method="auto") as generator:
+        for _ in range(2):  # the second call chooses again, with the acceptance the first measured
+            out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+            assert out.sequences.tolist() == expected.tolist()
+            choice = generator.auto_choice
+            assert choice.method == generator.method == out.stats.method
+            assert choice.method == max(
+                choice.predicted_tokens_per_second, key=choice.predicted_tokens_per_second.get
+            )
+        assert generator.method != "autoregressive" and generator._auto_counts[0] > 0  # acceptance measured
+
+
+def test_calibration_is_measured_once_per_model_pair():
+    target, draft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    split = ThreadSplit(2, 1)
+    first = auto.calibrate(target, draft, 4, split)
+    assert auto.calibrate(target, draft, 4, split) is first
+    assert first.target_alone(1) > 0 and first.draft_beside(15) > 0
