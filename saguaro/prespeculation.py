@@ -78,7 +78,9 @@ class PreSpeculator:
     def reset(self, committed: list[int], sampling: SamplingConfig, seed: int) -> Draft:
         """A new sequence: `committed` tokens, drafts shaped by `sampling`, drawn with an RNG from `seed`."""
         start = time.perf_counter()
-        self.sampler = TokenSampler(sampling, torch.Generator().manual_seed(seed))
+        # On the drafter's device: its draws come from its own probabilities, wherever they live.
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        self.sampler = TokenSampler(sampling, generator)
         self.runner.reset()
         self.committed = list(committed)
         self._cache = SpeculationCache()

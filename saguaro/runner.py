@@ -87,7 +87,11 @@ class ModelRunner:
         past = self.length - cached_nodes  # committed context
         depths = torch.tensor(tree.depths()[cached_nodes:], device=self.device)
         positions = past + depths
-        if self._tree_kernel and cached_nodes == 0:
+        if tree.is_chain and not self._sliding_window and (len(tokens) == 1 or past == cached_nodes == 0):
+            # One new token sees the whole cache, and a prefill is plain causal attention: no mask
+            # at all lets HF pick causal SDPA, which also keeps grouped K/V heads unrepeated.
+            mask = None
+        elif self._tree_kernel and cached_nodes == 0:
             # The tree-attention backend takes the tree bit-packed; the prefix needs no mask.
             mask = pack_tree_mask(tree.ancestor_mask()).to(self.device)
         else:

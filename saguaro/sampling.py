@@ -96,12 +96,20 @@ class TokenSampler:
         return torch.softmax(self.scores(logits, histories), dim=-1)
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token id per row of [..., V] probabilities."""
+        """One token id per row of [..., V] probabilities.
+
+        Draws on the generator's device (a user's CPU generator with CUDA logits, say), so one
+        generator serves every draw and every uniform of a generation.
+        """
         flat = probs.reshape(-1, probs.shape[-1])
+        if self.generator is not None and self.generator.device != flat.device:
+            drawn = torch.multinomial(flat.to(self.generator.device), 1, generator=self.generator)
+            return drawn.to(probs.device).reshape(probs.shape[:-1])
         return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
 
     def uniform(self) -> float:
-        return torch.rand((), generator=self.generator).item()
+        device = self.generator.device if self.generator is not None else None
+        return torch.rand((), generator=self.generator, device=device).item()
 
     def choose(self, logits: torch.Tensor, history: list[int] | None = None) -> int:
         """The next token after a single position's logits [V], whose history is `history`."""

@@ -57,10 +57,11 @@ class WorkerError:
         return f"{self.type_name}: {self.message}"
 
 
-def _serve(conn: Connection, make_speculator) -> None:
+def _serve(conn: Connection, make_speculator, before_reply=lambda: None) -> None:
     """Worker loop: answer reset/resolve/catch_up requests, pre-speculate while the target verifies.
 
-    A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError).
+    A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError). `before_reply` runs
+    before each reply (a drafter on its own CUDA stream: let the reader see finished tensors).
     """
     inbox: deque = deque()
     failure: WorkerError | None = None
@@ -88,7 +89,9 @@ def _serve(conn: Connection, make_speculator) -> None:
                 return
             answered = False
             try:
-                conn.send((seq, getattr(speculator, kind)(*args)))  # reset, resolve or catch_up
+                draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
+                before_reply()
+                conn.send((seq, draft))
                 answered = True
                 speculator.prespeculate(request_waiting)
             except (EOFError, BrokenPipeError):
@@ -158,10 +161,10 @@ class DraftWorker:
         kwargs = self._speculator_kwargs
         if self.placement == "process":
             # fork shares the weights copy-on-write and starts at once, with no re-import of the
-            # user's __main__; spawn (where fork is missing) sends them as shared-memory tensors.
-            method = self.start_method or (
-                "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            )
+            # user's __main__; spawn sends them as shared-memory tensors where fork is missing or
+            # unsafe (a forked child cannot use CUDA once the parent has initialised it).
+            can_fork = "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+            method = self.start_method or ("fork" if can_fork else "spawn")
             ctx = torch.multiprocessing.get_context(method)
             self._conn, child = ctx.Pipe()
             model = self.model
@@ -180,8 +183,11 @@ class DraftWorker:
             stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
 
             def run():
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    _serve(child, lambda: PreSpeculator(model, **kwargs))
+                if stream is None:
+                    return _serve(child, lambda: PreSpeculator(model, **kwargs))
+                # Drafts made on the drafter's stream are read on the target's: finish them first.
+                with torch.cuda.stream(stream):
+                    _serve(child, lambda: PreSpeculator(model, **kwargs), stream.synchronize)
 
             self._thread = threading.Thread(target=run, daemon=True, name="saguaro-drafter")
             self._thread.start()

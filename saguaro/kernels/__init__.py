@@ -13,7 +13,7 @@ try:
     from .triton_tree_attention import tree_attention_triton
 
     HAS_TRITON = True
-except ImportError:
+except (ImportError, AttributeError):  # no Triton, or one older than 3.4 (no triton.knobs)
     HAS_TRITON = False
     _TRITON_INTERPRETED = False
 
