@@ -438,3 +438,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     model = model.to(torch.bfloat16)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def demo_pair_paths(progress: bool = True) -> tuple[str, str]:
+    """For commands run without --target/--draft: the demo pair's folders, fetched on first use."""
+    target, draft = fetch_demo_pair(progress=progress)
+    print(f"using the demo pair: target {target}, draft {draft}", file=sys.stderr, flush=True)
+    return str(target), str(draft)
