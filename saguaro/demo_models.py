@@ -147,7 +147,7 @@ DRAFT = DemoModel(
         b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da
         """,
     ),
-    disk_bytes=3 * GiB // 2,
+    disk_bytes=2 * GiB,
 )
 DEMO_PAIR = (TARGET, DRAFT)
 
