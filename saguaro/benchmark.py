@@ -3,7 +3,7 @@
 All methods run in one process on the same prompts, interleaved per prompt, so the ratios compare
 like with like on a machine whose speed drifts. Greedy outputs are checked against HF greedy: in
 fp32 they must be identical; in bf16 a kernel's different summation order can flip a near-tie,
-and any such mismatch is reported, never hidden. Beside the runs it measures step costs (a
+and any such mismatch is reported, never hidden. With --full, beside the runs it measures step costs (a
 forward over T tokens, per model and thread count) and checks the cost model against the runs:
 each run's time is predicted from those step costs and the forwards its acceptance led to.
 
@@ -286,7 +286,7 @@ def benchmark(args) -> dict:
     for generator in {id(g): g for g in generators.values()}.values():
         if isinstance(generator, saguaro.SpeculativeGenerator):
             generator.close()
-    results = {"setup": setup_description(args, target_bytes, bandwidth)}
+    measured = {}
     if args.full:
         print("measuring step costs again ...", flush=True)
         costs_after = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
@@ -295,13 +295,19 @@ def benchmark(args) -> dict:
             for row in runs:
                 predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
                 row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
-        results["step_costs"] = {name: curve.as_dict() for name, curve in curves.items()}
-        results["step_cost_drift"] = {name: costs_after[name](1) / costs_before[name](1) for name in curves}
-        results["projection"] = projection(rows, curves, args)
-    results["summary"] = summarize(rows, target_bytes, bandwidth)
-    results["observed_verify_seconds"] = observed_verify_seconds(rows)
-    results["runs"] = rows
-    return results
+        measured = {
+            "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
+            "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
+        }
+    # The keys in the order of earlier results files (docs/results), so runs diff cleanly.
+    return {
+        "setup": setup_description(args, target_bytes, bandwidth),
+        "summary": summarize(rows, target_bytes, bandwidth),
+        **measured,
+        "observed_verify_seconds": observed_verify_seconds(rows),
+        **({"projection": projection(rows, curves, args)} if args.full else {}),
+        "runs": rows,
+    }
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
