@@ -403,26 +403,26 @@ def _join(pieces: list[Path], gguf: Path, model: DemoModel, progress: bool) -> N
         )
 
 
+def _gguf_installed() -> bool:
+    importlib.invalidate_caches()  # a package pip just installed is not seen otherwise
+    return importlib.util.find_spec("gguf") is not None
+
+
 def _ensure_gguf_package() -> None:
     """transformers reads GGUF files with the `gguf` package; install it if it is missing."""
-    try:
-        importlib.import_module("gguf")
+    if _gguf_installed():
         return
-    except ImportError:
-        pass
     command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", "gguf"]
     warnings.warn("installing the `gguf` package, needed to convert the demo models", stacklevel=3)
     logger.warning("installing the `gguf` package: %s", " ".join(command))
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_SECONDS)
-        failed = done.returncode != 0
+        failed = subprocess.run(command, capture_output=True, timeout=PIP_TIMEOUT_SECONDS).returncode != 0
     except subprocess.TimeoutExpired:
         failed = True
-    importlib.invalidate_caches()
-    if failed or importlib.util.find_spec("gguf") is None:
+    if failed or not _gguf_installed():
         raise DemoFetchError(
             "converting the demo models needs the `gguf` package, and installing it failed: run "
-            "`pip install 'saguaro[demo]'` (or `pip install gguf`) and try again."
+            "`pip install 'saguaro[demo]'` (or `pip install gguf`) and try again. " + MORE_HELP
         )
 
 

