@@ -51,8 +51,11 @@ FULL_METHODS = HF_METHODS + (
 QUICK_METHODS = HF_METHODS + ("speculative", "tree", "saguaro")
 # What a run does with the arguments left unset; given ones always win. Only --full measures step
 # costs (two sweeps over 14 lengths on a 256-token context: most of a full run's time on a CPU).
+# Quick's sizes are an estimate from the step costs in docs/results/cpu-bf16.md: the demo pair in
+# bf16 on 2 cores spends about 2 minutes per prompt on these 5 methods (a third of it in prefills),
+# so with loading and warm-up about 5 minutes.
 PRESETS = {
-    "quick": {"methods": list(QUICK_METHODS), "num_prompts": 2, "max_new_tokens": 32},
+    "quick": {"methods": list(QUICK_METHODS), "num_prompts": 2, "max_new_tokens": 24},
     "full": {"methods": list(FULL_METHODS), "num_prompts": 3, "max_new_tokens": 64},
 }
 # The quick run warms up on the first prompt's first tokens: lazy initialisation does not depend on
@@ -502,7 +505,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the complete run: every method, 3 prompts x 64 tokens, step costs measured before and "
         "after the runs, the cost model checked against them and per-K projections (tens of minutes "
         "on a CPU). Without it: a quick comparison of "
-        f"{', '.join(QUICK_METHODS)} on 2 prompts x 32 tokens",
+        f"{', '.join(QUICK_METHODS)} on 2 prompts x 24 tokens",
     )
     parser.add_argument(
         "--methods",
@@ -520,7 +523,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per prompt and method (medians and quartiles over all)"
     )
-    parser.add_argument("--max-new-tokens", type=int, help="tokens per run (default 32, with --full 64)")
+    parser.add_argument("--max-new-tokens", type=int, help="tokens per run (default 24, with --full 64)")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
     parser.add_argument(
         "--tree-branching",

@@ -57,14 +57,14 @@ def test_bench_by_default_is_quick_on_the_demo_pair(pair_on_disk, tmp_path, monk
     results = json.loads(out.read_text())
     assert fetched == [None]  # the default folder ($SAGUARO_MODELS or ~/.cache/saguaro-models)
     assert results["setup"]["target"] == str(pair_on_disk / "target")
-    assert results["setup"]["max_new_tokens"] == 32 and results["setup"]["run"].startswith("quick")
+    assert results["setup"]["max_new_tokens"] == 24 and results["setup"]["run"].startswith("quick")
     summary = results["summary"]
     assert list(summary) == ["hf_greedy", "hf_assisted", "speculative", "tree", "saguaro"]
     for method, entry in summary.items():
         assert entry["runs"] == 2, method  # 2 prompts x 1 repeat
         if method != "hf_greedy":
             assert entry["outputs_matching_hf_greedy"] == "2/2", method
-    assert all(0 < r["new_tokens"] <= 32 for runs in results["runs"].values() for r in runs)
+    assert all(0 < r["new_tokens"] <= 24 for runs in results["runs"].values() for r in runs)
     assert [r["kind"] for r in results["runs"]["tree"]] == ["chat", "code"]
     # No step-cost sweeps, hence no cost-model check or projection, in a quick run.
     assert not {"step_costs", "projection"} & set(results)
