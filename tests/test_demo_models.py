@@ -179,6 +179,14 @@ def test_hub_offline_setting_is_honoured(monkeypatch, tmp_path):
         demo_models.hub_snapshot(demo_models.TARGET, tmp_path / "out")
 
 
+def test_an_unreachable_hub_is_found_out_quickly_and_left(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    with pytest.raises(HubUnavailable, match="127.0.0.1:9 unreachable"):
+        demo_models.hub_snapshot(demo_models.TARGET, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_short_of_disk_says_how_much_and_where_to_go(pair, tmp_path):
     models, registry = pair
     huge = tuple(DemoModel(m.folder, m.hub_id, m.gguf_sha256, m.parts, disk_bytes=1 << 60) for m in models)
