@@ -3,10 +3,12 @@
 All methods run in one process on the same prompts, interleaved per prompt, so the ratios compare
 like with like on a machine whose speed drifts. Greedy outputs are checked against HF greedy: in
 fp32 they must be identical; in bf16 a kernel's different summation order can flip a near-tie,
-and any such mismatch is reported, never hidden. Beside the runs it measures step costs (a
+and any such mismatch is reported, never hidden. With --full, beside the runs it measures step costs (a
 forward over T tokens, per model and thread count) and checks the cost model against the runs:
 each run's time is predicted from those step costs and the forwards its acceptance led to.
 
+    saguaro bench                      # quick: the demo pair (fetched on first use), 5 methods, minutes
+    saguaro bench --full               # every method, step costs before and after, cost-model check
     saguaro bench --target DIR --draft DIR [--dtype bfloat16] [--num-prompts 3] [--out results.json]
     saguaro bench --random-weights --target CONFIG_DIR --draft CONFIG_DIR --device cuda \\
                   --acceptance-from results.json     # GPU step costs + projected speedups
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import cost_model, report, step_costs
+from . import cost_model, demo_models, report, step_costs
 from .stats import add_counts
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
@@ -34,7 +36,7 @@ SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "sa
 # Suffixes on a saguaro method: "+sample" samples (do_sample=True); "+constant" drafts the full K
 # every round instead of the adaptive length, which shows the mechanism where adaptation turns it off.
 VARIANTS = ("sample", "constant")
-DEFAULT_METHODS = HF_METHODS + (
+FULL_METHODS = HF_METHODS + (
     "autoregressive",
     "prompt_lookup",
     "speculative",
@@ -45,6 +47,20 @@ DEFAULT_METHODS = HF_METHODS + (
     "speculative+sample",
     "saguaro+sample",
 )
+# The quick default: the HF baselines and saguaro's best methods, on two short prompts.
+QUICK_METHODS = HF_METHODS + ("speculative", "tree", "saguaro")
+# What a run does with the arguments left unset; given ones always win. Only --full measures step
+# costs (two sweeps over 14 lengths on a 256-token context: most of a full run's time on a CPU).
+# Quick's sizes are an estimate from the step costs in docs/results/cpu-bf16.md: the demo pair in
+# bf16 on 2 cores spends about 2 minutes per prompt on these 5 methods (a third of it in prefills),
+# so with loading and warm-up about 5 minutes.
+PRESETS = {
+    "quick": {"methods": list(QUICK_METHODS), "num_prompts": 2, "max_new_tokens": 24},
+    "full": {"methods": list(FULL_METHODS), "num_prompts": 3, "max_new_tokens": 64},
+}
+# The quick run warms up on the first prompt's first tokens: lazy initialisation does not depend on
+# the length, and a full-length prefill per method would cost a 1.5B model on 2 cores most of a minute.
+QUICK_WARMUP_TOKENS = 16
 STAT_KEYS = (
     "mean_accepted_length",
     "acceptance_rate",
@@ -221,12 +237,15 @@ def benchmark(args) -> dict:
         generators[method] = generators[name, schedule]
 
     warm = encode(tokenizer, prompts[0]["prompt"])
+    if not args.full:
+        warm = warm[:, :QUICK_WARMUP_TOKENS]
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
         run_method(method, generators, warm, 8, args.threads, args.temperature)
 
     prompt_lengths = [encode(tokenizer, p["prompt"]).shape[1] for p in prompts]
-    print("measuring step costs (forward over T new tokens) ...", flush=True)
-    costs_before = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
+    if args.full:
+        print("measuring step costs (forward over T new tokens) ...", flush=True)
+        costs_before = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
     bandwidth = step_costs.copy_bandwidth("cpu")
     target_bytes = step_costs.model_bytes(target)
 
@@ -270,21 +289,26 @@ def benchmark(args) -> dict:
     for generator in {id(g): g for g in generators.values()}.values():
         if isinstance(generator, saguaro.SpeculativeGenerator):
             generator.close()
-    print("measuring step costs again ...", flush=True)
-    costs_after = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
-    curves = average_costs(costs_before, costs_after)
-    for method, runs in rows.items():
-        for row in runs:
-            predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
-            row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
-    summary = summarize(rows, target_bytes, bandwidth)
+    measured = {}
+    if args.full:
+        print("measuring step costs again ...", flush=True)
+        costs_after = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
+        curves = average_costs(costs_before, costs_after)
+        for method, runs in rows.items():
+            for row in runs:
+                predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
+                row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
+        measured = {
+            "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
+            "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
+        }
+    # The keys in the order of earlier results files (docs/results), so runs diff cleanly.
     return {
         "setup": setup_description(args, target_bytes, bandwidth),
-        "summary": summary,
-        "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
-        "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
+        "summary": summarize(rows, target_bytes, bandwidth),
+        **measured,
         "observed_verify_seconds": observed_verify_seconds(rows),
-        "projection": projection(rows, curves, args),
+        **({"projection": projection(rows, curves, args)} if args.full else {}),
         "runs": rows,
     }
 
@@ -298,20 +322,22 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 
 def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) -> dict:
     """Per method: median tokens/s and its spread over runs, median per-run ratios against the
-    HF baselines, the target's share of the memory-bandwidth limit, and the cost model's error."""
+    HF baselines, the target's share of the memory-bandwidth limit, and the cost model's error
+    (where the runs carry predictions: --full)."""
     summary = {}
     for method, runs in rows.items():
         speeds = [r["tokens_per_second"] for r in runs]
         median = statistics.median(speeds)
-        predicted = statistics.median(r["predicted_tokens_per_second"] for r in runs)
         entry = {
             "median_tokens_per_second": median,
             "quartiles_tokens_per_second": quartiles(speeds),
             "runs": len(runs),
             "bandwidth_fraction": target_bytes * median / bandwidth,
-            "predicted_tokens_per_second": predicted,
-            "prediction_error": predicted / median - 1,
         }
+        if "predicted_tokens_per_second" in runs[0]:
+            predicted = statistics.median(r["predicted_tokens_per_second"] for r in runs)
+            entry["predicted_tokens_per_second"] = predicted
+            entry["prediction_error"] = predicted / median - 1
         for base in HF_METHODS:
             if base in rows and base != method:
                 ratios = [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(runs, rows[base])]
@@ -397,6 +423,7 @@ def setup_description(args, target_bytes: int, bandwidth: float) -> dict:
     import transformers
 
     return {
+        "run": "full" if args.full else "quick (--full adds every method, step costs, the cost-model check)",
         "target": args.target,
         "draft": args.draft,
         "dtype": args.dtype,
@@ -466,28 +493,37 @@ def random_weights_benchmark(args) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
-        required=True,
-        help="target model folder or hub id (a config folder with --random-weights)",
+        help="target model folder or hub id (a config folder with --random-weights); without "
+        "--target and --draft, the demo pair (Qwen2.5-Coder 1.5B and 0.5B, fetched on first use)",
     )
-    parser.add_argument("--draft", required=True, help="draft model sharing the target's tokenizer")
+    parser.add_argument("--draft", help="draft model sharing the target's tokenizer")
     parser.add_argument("--tokenizer", help="tokenizer folder or hub id (default: the target's)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the complete run: every method, 3 prompts x 64 tokens, step costs measured before and "
+        "after the runs, the cost model checked against them and per-K projections (tens of minutes "
+        "on a CPU). Without it: a quick comparison of "
+        f"{', '.join(QUICK_METHODS)} on 2 prompts x 24 tokens",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(DEFAULT_METHODS),
         help="methods to run, in order; append +sample to a saguaro method to sample, +constant "
         "to draft the full K every round "
-        f"(default: {' '.join(DEFAULT_METHODS)})",
+        f"(default: {' '.join(QUICK_METHODS)}; with --full: {' '.join(FULL_METHODS)})",
     )
     parser.add_argument(
         "--prompts", help="JSONL file with {'kind', 'prompt'} per line (default: benchmarks/prompts.jsonl)"
     )
-    parser.add_argument("--num-prompts", type=int, default=3, help="how many prompts to run (0 = all)")
+    parser.add_argument(
+        "--num-prompts", type=int, help="how many prompts to run (0 = all; default 2, with --full 3)"
+    )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs per prompt and method (medians and quartiles over all)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, help="tokens per run (default 24, with --full 64)")
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
     parser.add_argument(
         "--tree-branching",
@@ -498,7 +534,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--temperature", type=float, default=0.7, help="for the +sample methods")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--step-repeats", type=int, default=2, help="repeats per step-cost measurement")
+    parser.add_argument(
+        "--step-repeats", type=int, default=2, help="repeats per step-cost measurement (--full)"
+    )
     parser.add_argument(
         "--random-weights",
         action="store_true",
@@ -521,6 +559,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="saguaro bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    for key, value in PRESETS["full" if args.full else "quick"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     unknown = [
         m
         for m in args.methods
@@ -531,6 +572,15 @@ def main(argv=None) -> None:
             f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
             "optionally with +sample and/or +constant"
         )
+    if (args.target is None) != (args.draft is None):
+        parser.error("give both --target and --draft, or neither for the demo pair")
+    if args.acceptance_from and "projection" not in json.loads(Path(args.acceptance_from).read_text()):
+        parser.error(
+            f"{args.acceptance_from} has no acceptance per position (a quick run); make one with "
+            "`saguaro bench --full` and pass that to --acceptance-from"
+        )
+    if args.target is None:
+        args.target, args.draft = demo_models.demo_pair_paths(args.progress)
     results = random_weights_benchmark(args) if args.random_weights else benchmark(args)
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))

@@ -31,18 +31,44 @@ def markdown(results: dict) -> str:
                 f"| {_cell(s.get('median_accepted_length'), '.2f')} "
                 f"| {_cell(s.get('median_hit_rate'), '.2f')} "
                 f"| {s.get('outputs_matching_hf_greedy', '-')} | {s['bandwidth_fraction']:.0%} "
-                f"| {s['predicted_tokens_per_second']:.2f} ({s['prediction_error']:+.0%}) |"
+                f"| {_prediction(s)} |"
             )
         lines += [
             "",
             "Bandwidth used: target bytes x tokens/s / measured copy bandwidth (gpt-fast's measure; "
             "above 100% only by verifying several tokens per weight read).",
-            "Cost model: each run's time predicted from the step costs below and the forwards the run made.",
+            "Cost model: each run's time predicted from the step costs below and the forwards the run made."
+            if "step_costs" in results
+            else "Quick run: no step costs, cost-model check or projections (`saguaro bench --full`).",
         ]
+    if "step_costs" in results:
+        lines += _step_costs(results)
+    if results.get("observed_verify_seconds"):
+        lines += ["", "Verify time inside the runs (median per verified tokens):", ""]
+        for method, by_tokens in results["observed_verify_seconds"].items():
+            lines.append(
+                f"- {method}: " + ", ".join(f"T={t}: {v * 1000:.0f} ms" for t, v in by_tokens.items())
+            )
+    if results.get("tree_verify_seconds"):
+        lines += ["", "## Tree verification, seconds per target forward (root + tree)", ""]
+        for backend, by_tree in results["tree_verify_seconds"].items():
+            lines.append(f"- {backend}: " + ", ".join(f"{t}: {v * 1000:.2f} ms" for t, v in by_tree.items()))
+    if "projection" in results:
+        lines += _projection(results["projection"])
+    return "\n".join(lines) + "\n"
+
+
+def _prediction(s: dict) -> str:
+    if "predicted_tokens_per_second" not in s:
+        return "-"
+    return f"{s['predicted_tokens_per_second']:.2f} ({s['prediction_error']:+.0%})"
+
+
+def _step_costs(results: dict) -> list[str]:
     costs = results["step_costs"]
     names = list(costs)
     lengths = sorted({int(t) for curve in costs.values() for t in curve})
-    lines += ["", "## Step costs: seconds of one forward over T new tokens (x = multiple of T=1)", ""]
+    lines = ["", "## Step costs: seconds of one forward over T new tokens (x = multiple of T=1)", ""]
     if results.get("step_cost_drift"):
         lines += [
             "Measured before and after the runs on a 256-token context, averaged; one-token cost after / "
@@ -57,18 +83,11 @@ def markdown(results: dict) -> str:
             value = curve.get(str(t))
             cells.append("-" if value is None else f"{value * 1000:.1f} ms ({value / curve['1']:.1f}x)")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    if results.get("observed_verify_seconds"):
-        lines += ["", "Verify time inside the runs (median per verified tokens):", ""]
-        for method, by_tokens in results["observed_verify_seconds"].items():
-            lines.append(
-                f"- {method}: " + ", ".join(f"T={t}: {v * 1000:.0f} ms" for t, v in by_tokens.items())
-            )
-    if results.get("tree_verify_seconds"):
-        lines += ["", "## Tree verification, seconds per target forward (root + tree)", ""]
-        for backend, by_tree in results["tree_verify_seconds"].items():
-            lines.append(f"- {backend}: " + ", ".join(f"{t}: {v * 1000:.2f} ms" for t, v in by_tree.items()))
-    p = results["projection"]
-    lines += [
+    return lines
+
+
+def _projection(p: dict) -> list[str]:
+    lines = [
         "",
         "## Cost-model projection (decode only, no prefill)",
         "",
@@ -85,7 +104,7 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {method} | " + " | ".join(f"{v:.2f}" for v in by_k.values()) + f" | {p[method]['best_k']} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(results: dict, path: Path) -> bool:

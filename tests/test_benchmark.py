@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import WORDS, perturbed_copy, tiny_model, word_tokenizer
 
-from saguaro import benchmark
+from saguaro import benchmark, cli, demo_models
 
 
 @pytest.fixture(scope="module")
@@ -26,39 +26,64 @@ def pair_on_disk(tmp_path_factory):
     return root
 
 
+def tiny_options(root, out) -> list[str]:
+    """The tiny pair's word tokenizer and prompts, fp32 (greedy outputs must then equal HF's), quiet."""
+    return [
+        "--tokenizer",
+        str(root / "tokenizer"),
+        "--dtype",
+        "float32",
+        "--prompts",
+        str(root / "prompts.jsonl"),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+
+
 @pytest.mark.timeout(600)
-def test_bench_writes_json_markdown_and_plot_with_every_method(pair_on_disk, tmp_path):
+def test_bench_by_default_is_quick_on_the_demo_pair(pair_on_disk, tmp_path, monkeypatch):
+    fetched = []
+
+    def fake_fetch(dest=None, progress=True):
+        fetched.append(dest)
+        return pair_on_disk / "target", pair_on_disk / "draft"
+
+    monkeypatch.setattr(demo_models, "fetch_demo_pair", fake_fetch)
     out = tmp_path / "results.json"
-    benchmark.main(
-        [
-            "--target",
-            str(pair_on_disk / "target"),
-            "--draft",
-            str(pair_on_disk / "draft"),
-            "--tokenizer",
-            str(pair_on_disk / "tokenizer"),
-            "--dtype",
-            "float32",
-            "--prompts",
-            str(pair_on_disk / "prompts.jsonl"),
-            "--num-prompts",
-            "2",
-            "--repeats",
-            "2",
-            "--max-new-tokens",
-            "10",
-            "--threads",
-            "1",
-            "--step-repeats",
-            "1",
-            "--no-progress",
-            "--out",
-            str(out),
-        ]
-    )
+    benchmark.main(tiny_options(pair_on_disk, out))  # no --target/--draft, no --methods, no sizes
+    results = json.loads(out.read_text())
+    assert fetched == [None]  # the default folder ($SAGUARO_MODELS or ~/.cache/saguaro-models)
+    assert results["setup"]["target"] == str(pair_on_disk / "target")
+    assert results["setup"]["max_new_tokens"] == 24 and results["setup"]["run"].startswith("quick")
+    summary = results["summary"]
+    assert list(summary) == ["hf_greedy", "hf_assisted", "speculative", "tree", "saguaro"]
+    for method, entry in summary.items():
+        assert entry["runs"] == 2, method  # 2 prompts x 1 repeat
+        if method != "hf_greedy":
+            assert entry["outputs_matching_hf_greedy"] == "2/2", method
+    assert all(0 < r["new_tokens"] <= 24 for runs in results["runs"].values() for r in runs)
+    assert [r["kind"] for r in results["runs"]["tree"]] == ["chat", "code"]
+    # No step-cost sweeps, hence no cost-model check or projection, in a quick run.
+    assert not {"step_costs", "projection"} & set(results)
+    assert all("predicted_tokens_per_second" not in entry for entry in summary.values())
+    markdown = out.with_suffix(".md").read_text()
+    assert "| tree |" in markdown and "--full" in markdown and "Step costs" not in markdown
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+@pytest.mark.timeout(600)
+def test_bench_full_writes_json_markdown_and_plot_with_every_method(pair_on_disk, tmp_path):
+    out = tmp_path / "results.json"
+    sizes = ["--num-prompts", "2", "--repeats", "2", "--max-new-tokens", "10", "--step-repeats", "1"]
+    pair = ["--target", str(pair_on_disk / "target"), "--draft", str(pair_on_disk / "draft")]
+    benchmark.main(["--full", *pair, *sizes, *tiny_options(pair_on_disk, out)])
     results = json.loads(out.read_text())
     summary = results["summary"]
-    assert list(summary) == list(benchmark.DEFAULT_METHODS)
+    assert list(summary) == list(benchmark.FULL_METHODS)
+    assert results["setup"]["run"] == "full" and results["setup"]["max_new_tokens"] == 10  # given wins
     for method, entry in summary.items():
         assert entry["runs"] == 4 and entry["median_tokens_per_second"] > 0
         low, high = entry["quartiles_tokens_per_second"]
@@ -99,7 +124,38 @@ def test_bench_writes_json_markdown_and_plot_with_every_method(pair_on_disk, tmp
         gpu_mode["projection"]["acceptance_per_position"] == results["projection"]["acceptance_per_position"]
     )
 
-
-def test_unknown_method_is_rejected(pair_on_disk):
+    quick = tmp_path / "quick.json"
+    quick.write_text(json.dumps({key: value for key, value in results.items() if key != "projection"}))
     with pytest.raises(SystemExit):
-        benchmark.main(["--target", "x", "--draft", "y", "--methods", "medusa"])
+        benchmark.main(["--random-weights", "--target", "x", "--draft", "y", "--acceptance-from", str(quick)])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--target", "x", "--draft", "y", "--methods", "medusa"],
+        ["--target", "x"],  # the demo pair is both models or neither
+        ["--draft", "y"],
+    ],
+)
+def test_bad_arguments_are_rejected_before_any_fetch(argv, monkeypatch, capsys):
+    def no_fetch(dest=None, progress=True):
+        raise AssertionError("fetched the demo pair for a command that was going to fail")
+
+    monkeypatch.setattr(demo_models, "fetch_demo_pair", no_fetch)
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_failed_demo_fetch_ends_the_command_with_its_advice(monkeypatch, capsys):
+    def offline(dest=None, progress=True):
+        raise demo_models.DemoFetchError("the registry is unreachable; pass --target DIR --draft DIR")
+
+    monkeypatch.setattr(demo_models, "fetch_demo_pair", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "hello"])
+    assert exit_info.value.code == 1
+    assert "saguaro generate: error: the registry is unreachable; pass --target DIR --draft DIR" in (
+        capsys.readouterr().err
+    )
