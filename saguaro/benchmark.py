@@ -29,13 +29,16 @@ import torch
 from tqdm import tqdm
 
 from . import cost_model, demo_models, report, step_costs
+from .placement import ThreadSplit
 from .stats import add_counts
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
-SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro")
+SAGUARO_METHODS = ("autoregressive", "prompt_lookup", "speculative", "tree", "saguaro", "auto")
 # Suffixes on a saguaro method: "+sample" samples (do_sample=True); "+constant" drafts the full K
-# every round instead of the adaptive length, which shows the mechanism where adaptation turns it off.
-VARIANTS = ("sample", "constant")
+# every round instead of the adaptive length, which shows the mechanism where adaptation turns it off;
+# "+1thread" keeps the target on one thread throughout (a Saguaro worker still gets its own core),
+# the like-for-like comparison that shows whether drafting is hidden.
+VARIANTS = ("sample", "constant", "1thread")
 FULL_METHODS = HF_METHODS + (
     "autoregressive",
     "prompt_lookup",
@@ -62,6 +65,7 @@ PRESETS = {
 # the length, and a full-length prefill per method would cost a 1.5B model on 2 cores most of a minute.
 QUICK_WARMUP_TOKENS = 16
 STAT_KEYS = (
+    "chosen_method",
     "mean_accepted_length",
     "acceptance_rate",
     "accepted_histogram",
@@ -147,12 +151,13 @@ def run_method(
     method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int, temperature: float
 ):
     """Returns (new token ids, seconds, saguaro stats or {}, forward trace)."""
-    # Saguaro's target runs on one core while its drafter process uses another; every other
-    # method gets all `threads`.
-    torch.set_num_threads(1 if base_method(method) == "saguaro" else threads)
+    # Every method gets all `threads`, as a user's call would: a Saguaro generator splits the
+    # cores between its target and its worker itself.
+    torch.set_num_threads(1 if "1thread" in variants(method) else threads)
     target, draft = generators["models"]
     sampling = {"do_sample": True, "temperature": temperature} if "sample" in variants(method) else {}
-    traced = {"target": target} if base_method(method) == "saguaro" else {"target": target, "draft": draft}
+    in_process = base_method(method) != "saguaro"  # a Saguaro drafter works in its own process
+    traced = {"target": target, "draft": draft} if in_process else {"target": target}
     with forward_trace(**traced) as trace:
         start = time.perf_counter()
         if method in HF_METHODS:
@@ -169,7 +174,9 @@ def run_method(
             ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **sampling
         )
         seconds = time.perf_counter() - start
-    return result.sequences[0, ids.shape[1] :].tolist(), seconds, result.stats.as_dict(), trace
+    stats = result.stats.as_dict()
+    stats["chosen_method"] = generators[method].method  # what "auto" settled on
+    return result.sequences[0, ids.shape[1] :].tolist(), seconds, stats, trace
 
 
 def measure_costs(
@@ -225,8 +232,10 @@ def benchmark(args) -> dict:
         schedule = "constant" if "constant" in variants(method) else "adaptive"
         if name in HF_METHODS:
             continue
-        if (name, schedule) not in generators:  # a sampled variant shares its generator (and worker)
-            generators[name, schedule] = saguaro.SpeculativeGenerator(
+        one_thread = "1thread" in variants(method)
+        key = (name, schedule, one_thread)
+        if key not in generators:  # a sampled variant shares its generator (and worker)
+            generators[key] = saguaro.SpeculativeGenerator(
                 target,
                 draft,
                 method=name,
@@ -234,7 +243,9 @@ def benchmark(args) -> dict:
                 tree_branching=args.tree_branching,
                 speculation_schedule=schedule,
             )
-        generators[method] = generators[name, schedule]
+            if one_thread and name == "saguaro":  # the target on one thread even while the drafter idles
+                generators[key].threads = ThreadSplit(total=1, drafter=0)
+        generators[method] = generators[key]
 
     warm = encode(tokenizer, prompts[0]["prompt"])
     if not args.full:
@@ -350,11 +361,32 @@ def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) 
             entry["accepted_histogram"] = histogram
         if base_method(method) == "saguaro":
             entry["median_hit_rate"] = statistics.median(r["hit_rate"] for r in runs)
+        if runs[0].get("rounds"):
+            entry.update(per_round_times(runs))
+        if base_method(method) == "auto":
+            entry["chosen_methods"] = sorted({r["chosen_method"] for r in runs})
         checked = [r["matches_hf_greedy"] for r in runs if r["matches_hf_greedy"] is not None]
         if checked:
             entry["outputs_matching_hf_greedy"] = f"{sum(checked)}/{len(checked)}"
         summary[method] = entry
     return summary
+
+
+def per_round_times(runs: list[dict]) -> dict[str, float]:
+    """Medians over runs of tokens per round, the target's wait for drafts and the drafter's busy
+    time per round, and the share of decode time (after the prefill) the target spent waiting."""
+
+    def median(value) -> float:
+        return statistics.median(value(r) for r in runs)
+
+    return {
+        "tokens_per_round": median(lambda r: r["new_tokens"] / r["rounds"]),
+        "wait_seconds_per_round": median(lambda r: r["draft_seconds"] / r["rounds"]),
+        "drafter_busy_seconds_per_round": median(lambda r: r["drafter_busy_seconds"] / r["rounds"]),
+        "wait_fraction_of_decode": median(
+            lambda r: r["draft_seconds"] / max(r["seconds"] - r["prefill_seconds"], 1e-9)
+        ),
+    }
 
 
 def observed_verify_seconds(rows: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -570,7 +602,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(
             f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
-            "optionally with +sample and/or +constant"
+            "optionally with +sample, +constant and/or +1thread"
         )
     if (args.target is None) != (args.draft is None):
         parser.error("give both --target and --draft, or neither for the demo pair")

@@ -9,6 +9,27 @@ def _cell(value, fmt: str, unit: str = "") -> str:
     return "-" if value is None else format(value, fmt) + unit
 
 
+def _rounds(summary: dict) -> list[str]:
+    """Where each speculative method's time goes, per round."""
+    rows = {m: s for m, s in summary.items() if "tokens_per_round" in s}
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Rounds (medians over runs)",
+        "",
+        "| method | tokens/round | target wait/round | drafter busy/round | wait share of decode | chose |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, s in rows.items():
+        lines.append(
+            f"| {method} | {s['tokens_per_round']:.2f} | {s['wait_seconds_per_round'] * 1000:.0f} ms "
+            f"| {s['drafter_busy_seconds_per_round'] * 1000:.0f} ms | {s['wait_fraction_of_decode']:.0%} "
+            f"| {', '.join(s.get('chosen_methods', [])) or '-'} |"
+        )
+    return lines
+
+
 def markdown(results: dict) -> str:
     setup = results["setup"]
     lines = [f"# saguaro bench: {setup.get('mode', 'measured')}", ""]
@@ -33,6 +54,7 @@ def markdown(results: dict) -> str:
                 f"| {s.get('outputs_matching_hf_greedy', '-')} | {s['bandwidth_fraction']:.0%} "
                 f"| {_prediction(s)} |"
             )
+        lines += _rounds(results["summary"])
         lines += [
             "",
             "Bandwidth used: target bytes x tokens/s / measured copy bandwidth (gpt-fast's measure; "

@@ -1,6 +1,7 @@
 """`saguaro bench` end to end on tiny models saved as folders (with a word-level tokenizer)."""
 
 import json
+import statistics
 
 import pytest
 from conftest import WORDS, perturbed_copy, tiny_model, word_tokenizer
@@ -159,3 +160,28 @@ def test_a_failed_demo_fetch_ends_the_command_with_its_advice(monkeypatch, capsy
     assert "saguaro generate: error: the registry is unreachable; pass --target DIR --draft DIR" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.timeout(600)
+def test_bench_reports_rounds_one_thread_variants_and_what_auto_chose(pair_on_disk, tmp_path):
+    out = tmp_path / "results.json"
+    methods = ["hf_greedy", "speculative+1thread", "saguaro+1thread", "auto"]
+    benchmark.main(
+        ["--target", str(pair_on_disk / "target"), "--draft", str(pair_on_disk / "draft")]
+        + tiny_options(pair_on_disk, out)
+        + ["--methods", *methods, "--num-prompts", "2", "--max-new-tokens", "20"]
+    )
+    results = json.loads(out.read_text())
+    summary = results["summary"]
+    for method in ("speculative+1thread", "saguaro+1thread", "auto"):
+        entry = summary[method]
+        assert entry["outputs_matching_hf_greedy"] == "2/2"
+        runs = results["runs"][method]
+        assert entry["tokens_per_round"] == statistics.median(r["new_tokens"] / r["rounds"] for r in runs)
+        assert 0 <= entry["wait_fraction_of_decode"] < 1
+    assert summary["saguaro+1thread"]["drafter_busy_seconds_per_round"] > 0
+    assert summary["auto"]["chosen_methods"] and set(summary["auto"]["chosen_methods"]) <= set(
+        benchmark.SAGUARO_METHODS
+    )
+    report = (tmp_path / "results.md").read_text()
+    assert "## Rounds" in report and "saguaro+1thread" in report
