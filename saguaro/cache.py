@@ -123,8 +123,13 @@ class SpeculativeCache(Cache):
         `keep` must be increasing (a root-to-node path in a tree is), so moving entries down never
         overwrites one that is still to be read.
         """
-        keep = torch.as_tensor(keep, dtype=torch.long)
-        if keep.numel() and (keep[1:] <= keep[:-1]).any():
-            raise ValueError(f"commit_path needs increasing indices, got {keep.tolist()}")
+        keep = list(keep)
+        if any(b <= a for a, b in zip(keep, keep[1:])):
+            raise ValueError(f"commit_path needs increasing indices, got {keep}")
+        if keep == list(range(len(keep))):  # an accepted chain prefix is already in place: no copy
+            self.rollback(start + len(keep))
+            return
+        device = next((layer.device for layer in self.layers if layer.is_initialized), "cpu")
+        indices = torch.tensor(keep, dtype=torch.long, device=device)  # one host-to-device copy
         for layer in self.layers:
-            layer.commit_path(start, keep.to(layer.device if layer.is_initialized else keep.device))
+            layer.commit_path(start, indices)
