@@ -285,8 +285,7 @@ class SpeculativeGenerator:
                 "(output stays exact, pre-speculation is off). Pass strict=True to raise instead",
                 stacklevel=3,
             )
-        if self._worker is not None:
-            self._finalizer()
+        self.close()  # what is left of the failed worker (a second failure finds the inline one)
         self._worker = DraftWorker(self.draft_model, "inline", **self._speculator_kwargs)
         return self._worker
 
