@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
-from .cost_model import LookaheadController
+from .cost_model import LookaheadController, TreeDepthController
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
 from .faults import warn
@@ -24,9 +24,15 @@ from .workers import PLACEMENTS, DraftWorker, WorkerFailed
 
 METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup")
 SCHEDULES = ("adaptive", "constant")
-# How drafting time grows with the draft length, per method whose chain length adapts. Saguaro's
+# How drafting time grows with the draft length, per method whose draft length adapts. Saguaro's
 # drafter works while the target verifies: the target waits once per round, whatever the length.
-ADAPTIVE_DRAFT_COST = {"speculative": "per_token", "prompt_lookup": "free", "saguaro": "per_round"}
+# A tree adapts its depth (one draft forward per level; see TreeDepthController).
+ADAPTIVE_DRAFT_COST = {
+    "speculative": "per_token",
+    "prompt_lookup": "free",
+    "saguaro": "per_round",
+    "tree": "per_token",
+}
 MODEL_FREE = ("autoregressive", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
 
@@ -251,7 +257,8 @@ class SpeculativeGenerator:
         # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
         self.lookahead = None
         if speculation_schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
-            self.lookahead = LookaheadController(num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
+            controller = TreeDepthController if method == "tree" else LookaheadController
+            self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
 
     def _draft_worker(self) -> DraftWorker:
         if self._worker is None:

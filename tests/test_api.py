@@ -10,6 +10,7 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
+from saguaro.cost_model import LookaheadController, TreeDepthController
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 EOS_PROMPT = torch.tensor([[1, 13, 51, 16, 20, 79, 45, 71, 17]])  # the target emits EOS (2) after it
@@ -266,3 +267,22 @@ def test_a_model_on_the_meta_device_gets_a_clear_error(pair):
     # What the old hint suggested (draft_device="meta") must not get past the check either.
     with pytest.raises(ValueError, match="meta device"):
         saguaro.SpeculativeGenerator(target, meta, draft_device="meta")
+
+
+def test_tree_adapts_its_depth_and_stays_exact(pair, monkeypatch):
+    target, draft = pair
+    expected = target.generate(PROMPT, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with saguaro.SpeculativeGenerator(target, draft, method="tree", tree_branching=[2, 2, 1, 1]) as generator:
+        assert isinstance(generator.lookahead, TreeDepthController) and generator.lookahead.max_k == 4
+        out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+        assert out.sequences.tolist() == expected.tolist()
+        # The controller booked the rounds under the depths it chose (4 at first: nothing measured).
+        assert (
+            generator.lookahead.acceptance.reached[0] > 0
+            and out.stats.round_log[0]["drafted"] == 2 + 4 + 4 + 4
+        )
+        # Whatever depth it chooses, the tree is cut to it: depth 1 is the first level's 2 nodes.
+        monkeypatch.setattr(LookaheadController, "choose", lambda self, limit: min(1, limit))
+        cut = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+    assert cut.sequences.tolist() == expected.tolist()
+    assert {r["drafted"] for r in cut.stats.round_log} == {2}
