@@ -66,9 +66,11 @@ def test_bench_writes_json_markdown_and_plot_with_every_method(pair_on_disk, tmp
         if method != "hf_greedy" and not method.endswith("+sample"):
             assert entry["outputs_matching_hf_greedy"] == "4/4", method  # fp32: identical
     assert "outputs_matching_hf_greedy" not in summary["saguaro+sample"]
-    assert (
-        summary["saguaro"]["median_hit_rate"] >= 0 and summary["speculative"]["median_accepted_length"] >= 1
-    )
+    # Speculation really ran: the close draft's tokens are accepted, Saguaro's speculation cache
+    # hits, and plain decoding emits exactly one token per target forward.
+    assert summary["speculative+constant"]["median_accepted_length"] > 1.5
+    assert summary["saguaro+constant"]["median_hit_rate"] > 0
+    assert summary["autoregressive"]["median_accepted_length"] == 1
     assert set(results["step_costs"]) == {"target@1", "draft@1"}
     assert results["projection"]["speculative"]["best_k"] in range(1, 9)
     markdown = out.with_suffix(".md").read_text()
