@@ -284,11 +284,15 @@ class Enabled:
 def enable(model, draft_model=None, method: str = "speculative", strict: bool = False, **options) -> Enabled:
     """Make `model.generate(...)` speculative with saguaro; `disable(model)` (or leaving the returned
     handle's `with` block) restores HF's. Options are SpeculativeGenerator's (num_speculative_tokens,
-    tree_branching, placement, draft_device, ...)."""
+    tree_branching, placement, draft_device, ...). strict=True raises `UnsupportedGenerateCall` for
+    calls HF would have to serve, and a drafter worker's failure instead of drafting inline."""
     if not hasattr(model, "generate"):
         raise TypeError(f"{type(model).__name__} has no generate(); load the model with AutoModelForCausalLM")
     disable(model)
-    handle = Enabled(model, SpeculativeGenerator(model, draft_model, method, **options), strict)
+    # strict also means no silent inline drafting after a worker failure.
+    handle = Enabled(
+        model, SpeculativeGenerator(model, draft_model, method, strict=strict, **options), strict
+    )
     model.generate = handle.generate
     model._saguaro = handle
     return handle

@@ -354,3 +354,13 @@ def test_a_pad_token_inside_an_unmasked_prompt_runs_as_in_hf(pair):
         left = torch.tensor([[0, 0, 1, 17, 5, 80]])
         served = target.generate(left, max_new_tokens=10, do_sample=False)
     assert served.tolist() == target.generate(left, max_new_tokens=10, do_sample=False).tolist()
+
+
+def test_strict_enable_also_raises_worker_failures(pair):
+    target, draft = pair
+    with saguaro.enable(
+        target, draft_model=draft, method="saguaro", placement="inline", strict=True
+    ) as handle:
+        assert handle.generator.strict
+    with saguaro.enable(target, draft_model=draft, method="saguaro", placement="inline") as handle:
+        assert not handle.generator.strict
