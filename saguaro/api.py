@@ -270,9 +270,9 @@ class SpeculativeGenerator:
 
     def __getstate__(self) -> dict:
         # A copy (deepcopy, pickle) must not share the live worker, its finalizer or the lock: it
-        # gets a fresh lock and starts a worker of its own on its first call.
+        # gets a fresh lock and starts a worker of its own on its first call (warned afresh if it fails).
         state = dict(vars(self))
-        state.update(_worker=None, _finalizer=None, _lock=None)
+        state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
         return state
 
     def __setstate__(self, state: dict) -> None:
