@@ -24,8 +24,9 @@ def hf_greedy(model, prompt, max_new_tokens):
 
 
 def race_two_calls(generator):
-    """Two threads released together, each generating one of PROMPTS: [(sequences, worker
-    failures)] per thread, and the exceptions raised (a SaguaroWarning counts as one)."""
+    """Two threads released together, each generating one of PROMPTS with `generator` (a
+    SpeculativeGenerator or an enabled model): [(sequences, worker failures)] per thread, and the
+    exceptions raised (a SaguaroWarning counts as one)."""
     start = threading.Barrier(2)
     results, errors = [None, None], []
 
@@ -49,25 +50,30 @@ def race_two_calls(generator):
     return results, errors
 
 
-@pytest.mark.parametrize("method", ["saguaro", "speculative"])
-def test_concurrent_calls_on_one_generator_are_serialised_and_exact(method, monkeypatch):
-    target = tiny_model("llama", seed=0)
-    expected = [hf_greedy(target, prompt, 12) for prompt in PROMPTS]
-    # Count generations in flight: the lock must keep it at one.
-    inside, most_inside, count_lock = [0], [0], threading.Lock()
+@pytest.fixture
+def most_in_flight(monkeypatch):
+    """[n]: the most generations (rows) ever running at once on any generator during the test."""
+    inside, most, lock = [0], [0], threading.Lock()
     real_generate_one = SpeculativeGenerator._generate_one
 
     def counted(self, *args):
-        with count_lock:
+        with lock:
             inside[0] += 1
-            most_inside[0] = max(most_inside[0], inside[0])
+            most[0] = max(most[0], inside[0])
         try:
             return real_generate_one(self, *args)
         finally:
-            with count_lock:
+            with lock:
                 inside[0] -= 1
 
     monkeypatch.setattr(SpeculativeGenerator, "_generate_one", counted)
+    return most
+
+
+@pytest.mark.parametrize("method", ["saguaro", "speculative"])
+def test_concurrent_calls_on_one_generator_are_serialised_and_exact(method, most_in_flight):
+    target = tiny_model("llama", seed=0)
+    expected = [hf_greedy(target, prompt, 12) for prompt in PROMPTS]
     options = {"placement": "process", "worker_timeout": 30.0} if method == "saguaro" else {}
     with saguaro.SpeculativeGenerator(
         target, perturbed_copy(target, 0.005), method=method, **options
@@ -76,7 +82,21 @@ def test_concurrent_calls_on_one_generator_are_serialised_and_exact(method, monk
             results, errors = race_two_calls(generator)
             assert not errors, (race, errors)
             assert results == [(expected[0], 0), (expected[1], 0)], race
-    assert most_inside[0] == 1
+    assert most_in_flight == [1]
+    assert multiprocessing.active_children() == []
+
+
+def test_concurrent_calls_on_one_enabled_model_are_serialised_and_exact(most_in_flight):
+    target = tiny_model("llama", seed=0)
+    expected = [hf_greedy(target, prompt, 12) for prompt in PROMPTS]
+    with saguaro.enable(
+        target, draft_model=perturbed_copy(target, 0.005), method="saguaro", placement="process"
+    ):
+        for race in range(5):
+            results, errors = race_two_calls(target)
+            assert not errors, (race, errors)
+            assert results == [(expected[0], 0), (expected[1], 0)], race
+    assert most_in_flight == [1]
     assert multiprocessing.active_children() == []
 
 
