@@ -26,12 +26,14 @@ else:
     target, draft = target.to(draft_device), draft.to(draft_device)
 print(f"target on {target.device}, drafter on {draft_device}")
 
+inputs = tokenizer(prompts[0], return_tensors="pt").to(target.device)
+expected = target.generate(**inputs, max_new_tokens=40, do_sample=False)  # plain HF
 with saguaro.enable(
     target, draft_model=draft, method="saguaro", placement="thread", draft_device=draft_device
 ):
-    inputs = tokenizer(prompts[0], return_tensors="pt").to(target.device)
     out = target.generate(**inputs, max_new_tokens=40, do_sample=False, return_dict_in_generate=True)
 print(tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
 print(
+    f"identical to HF generate: {out.sequences.tolist() == expected.tolist()}; "
     f"cache hit rate {out.stats.hit_rate:.2f}, {out.stats.mean_accepted_length:.2f} tokens per target forward"
 )

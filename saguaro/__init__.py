@@ -1,6 +1,7 @@
 """saguaro: lossless speculative (and speculative speculative) decoding for Hugging Face causal LMs."""
 
 from .api import METHODS, GenerateOutput, SpeculativeGenerator, generate
+from .faults import SaguaroWarning
 from .hf_generate import UnsupportedGenerateCall, disable, enable
 from .kernels.hf_attention import TREE_ATTENTION, register_hf_attention
 from .stats import GenerationStats
@@ -14,6 +15,7 @@ __all__ = [
     "enable",
     "disable",
     "UnsupportedGenerateCall",
+    "SaguaroWarning",
     "SpeculativeGenerator",
     "DynamicTree",
     "TREE_ATTENTION",

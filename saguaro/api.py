@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import logging
+import functools
+import numbers
+import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -12,23 +13,29 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto
-from .cost_model import LookaheadController
+from .cost_model import LookaheadController, TreeDepthController
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
+from .faults import logger, warn
 from .placement import NoSplit, ThreadSplit
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
 from .tree import DynamicTree, static_tree
-from .workers import PLACEMENTS, DraftWorker
+from .workers import PLACEMENTS, DraftWorker, WorkerFailed
 
 METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup", "auto")
 SCHEDULES = ("adaptive", "constant")
-# How drafting time grows with the draft length, per method whose chain length adapts. Saguaro's
+# How drafting time grows with the draft length, per method whose draft length adapts. Saguaro's
 # drafter works while the target verifies: the target waits once per round, whatever the length.
-ADAPTIVE_DRAFT_COST = {"speculative": "per_token", "prompt_lookup": "free", "saguaro": "per_round"}
+# A tree adapts its depth (one draft forward per level; see TreeDepthController).
+ADAPTIVE_DRAFT_COST = {
+    "speculative": "per_token",
+    "prompt_lookup": "free",
+    "saguaro": "per_round",
+    "tree": "per_token",
+}
 MODEL_FREE = ("autoregressive", "prompt_lookup")
-logger = logging.getLogger("saguaro")
 DEFAULT_TREE = (2, 2, 1, 1)
 
 
@@ -58,8 +65,17 @@ def _prompt_rows(input_ids, attention_mask) -> tuple[torch.Tensor, list[list[int
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
     if ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. the BOS token)")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        # HF fails deep in the embedding lookup; say it here, and how to fix it.
+        raise TypeError(
+            f"input_ids must hold integer token ids, got dtype {ids.dtype}; tokenize the text, or convert "
+            "with input_ids.long()"
+        )
+    # Like HF, a float mask (1.0 / 0.0) is as good as an integer one: nonzero means attend.
     mask = (
-        torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).reshape(ids.shape)
+        torch.ones_like(ids)
+        if attention_mask is None
+        else torch.as_tensor(attention_mask).reshape(ids.shape).ne(0).long()
     )
     rows, pads = [], []
     for row, row_mask in zip(ids.tolist(), mask.tolist()):
@@ -86,6 +102,12 @@ def _check_pair(target, draft_model, draft_device) -> None:
             raise TypeError(
                 f"{role} ({type(model).__name__}) is not a decoder-only causal LM; load it with "
                 "AutoModelForCausalLM"
+            )
+        if model.device.type == "meta":
+            # Shapes without weights: no draft_device can make it run (the device hint below would).
+            raise ValueError(
+                f"{role} is on the meta device, so it has no weights; load it with its weights (no "
+                "meta-device init, no device_map that offloads it) before passing it to saguaro"
             )
     if draft_model.device != target.device and (
         draft_device is None or torch.device(draft_device) != draft_model.device
@@ -114,12 +136,59 @@ def _check_pair(target, draft_model, draft_device) -> None:
             )
 
 
+def _check_saguaro_options(target, draft_model, num_speculative_tokens, saguaro_budget, worker_timeout):
+    """Clear errors for options the Saguaro worker would otherwise trip over mid-generation."""
+    if saguaro_budget is not None:
+        # geometric_fanout gives each of the K + 1 verification outcomes at least one guess.
+        floor = num_speculative_tokens + 1
+        if not isinstance(saguaro_budget, numbers.Integral) or isinstance(saguaro_budget, bool):
+            raise ValueError(f"saguaro_budget must be an int (or None to adapt it), got {saguaro_budget!r}")
+        if saguaro_budget < floor:
+            raise ValueError(
+                f"saguaro_budget={saguaro_budget} cannot give each of the {floor} verification outcomes "
+                f"a guess: use at least num_speculative_tokens + 1 = {floor}, or None to adapt it"
+            )
+        # An outcome's guesses are the top-F_k tokens of the draft's distribution (F_k <= budget).
+        vocab = min(m.config.vocab_size for m in (target, draft_model) if m is not None)
+        if saguaro_budget > vocab:
+            raise ValueError(
+                f"saguaro_budget={saguaro_budget} exceeds the {vocab}-token vocabulary, so an outcome "
+                f"could need more guesses than there are tokens; lower it to at most {vocab}"
+            )
+    if (
+        not isinstance(worker_timeout, numbers.Real)
+        or isinstance(worker_timeout, bool)
+        or not worker_timeout > 0
+    ):
+        raise ValueError(
+            f"worker_timeout (seconds to wait for a draft) must be a number > 0, got {worker_timeout!r}"
+        )
+
+
+def _serialised(method):
+    """Hold the generator's lock for the whole call: its models' caches, its worker and its
+    draft-length controller serve one generation at a time."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
 class SpeculativeGenerator:
     """A target, its draft model and a decoding method, reusable across generate() calls.
 
     For method="saguaro" it owns the drafter worker (a process on CPU, a thread on GPU), started
     on the first call and stopped by close(), by leaving a `with` block, or when the generator is
-    garbage collected or the interpreter exits - never left behind.
+    garbage collected or the interpreter exits - never left behind. A worker that fails is replaced
+    by inline drafting with a `SaguaroWarning` (once per generator), or re-raised with strict=True.
+
+    Thread-safe: concurrent generate() calls are serialised (one lock held for the whole call), as
+    they share the models' caches, the worker and the draft-length controller.
+    copy.deepcopy and pickle copy the generator without its worker (the copy starts its own on its
+    first call) and leave the original untouched.
     """
 
     def __init__(
@@ -135,6 +204,7 @@ class SpeculativeGenerator:
         worker_timeout: float = 60.0,
         speculation_schedule: str = "adaptive",
         draft_device: str | torch.device | None = None,
+        strict: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -165,6 +235,7 @@ class SpeculativeGenerator:
                 "saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], "
                 f"got {saguaro_reshape}"
             )
+        _check_saguaro_options(target, draft_model, num_speculative_tokens, saguaro_budget, worker_timeout)
         self.target, self.draft_model = target, draft_model
         self.num_speculative_tokens = num_speculative_tokens
         self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
@@ -174,6 +245,7 @@ class SpeculativeGenerator:
         self.auto = method == "auto"
         self.auto_choice: auto.Choice | None = None
         self._auto_counts = [0, 0, 0, 0]  # accepted, rejected, hits, rounds after the first
+        self.strict = strict
         self._speculator_kwargs = dict(
             lookahead=num_speculative_tokens,
             budget=saguaro_budget,
@@ -182,6 +254,8 @@ class SpeculativeGenerator:
         )
         self._worker: DraftWorker | None = None
         self._finalizer = None
+        self._lock = threading.Lock()
+        self._warned_worker_failure = False
         if self.auto:
             method = "speculative" if draft_model is not None else "prompt_lookup"
         self._configure(method)
@@ -199,7 +273,8 @@ class SpeculativeGenerator:
         # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
         self.lookahead = None
         if self._schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
-            self.lookahead = LookaheadController(self.num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
+            controller = TreeDepthController if method == "tree" else LookaheadController
+            self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
 
     def _choose_method(self) -> None:
         """method="auto": the method the cost model predicts fastest, from step costs measured once
@@ -250,13 +325,35 @@ class SpeculativeGenerator:
             logger.info("saguaro: drafter worker restarted (restart %d)", self._worker.restarts)
         return self._worker
 
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy, pickle) must not share the live worker, its finalizer or the lock: it
+        # gets a fresh lock and starts a worker of its own on its first call (warned afresh if it fails).
+        state = dict(vars(self))
+        state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self._lock = threading.Lock()
+
     def _inline_worker(self, error: BaseException | None = None) -> DraftWorker:
-        """After a worker failure: the same handle drafts inline for the rest of the call."""
-        message = f"saguaro: {error}; drafting inline (output unchanged), a new worker starts on a later call"
+        """After a worker failure: the same handle drafts inline for the rest of the call and
+        restarts the worker on a later one. The first failure of a generator warns (with the
+        worker's traceback), later ones are logged; under strict=True `error` is re-raised."""
+        if self.strict:
+            raise error if error is not None else WorkerFailed("the drafter worker failed")
+        cause = f" ({type(error).__name__}: {error})" if error is not None else ""
+        message = (
+            f"saguaro: the {self.placement} drafter worker failed{cause}; drafting inline for the rest of "
+            "this call (output stays exact), a new worker starts on a later call. Pass strict=True to raise"
+        )
         if getattr(error, "remote_traceback", None):
-            message += "\n" + error.remote_traceback
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
-        logger.warning(message)
+            message += "\nin the worker:\n" + error.remote_traceback
+        if self._warned_worker_failure:
+            logger.warning(message)
+        else:
+            self._warned_worker_failure = True
+            warn(message, stacklevel=3)
         return self._worker
 
     def _tree_extent(self) -> tuple[int, int]:
@@ -278,6 +375,7 @@ class SpeculativeGenerator:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @_serialised
     def generate(
         self,
         input_ids,
@@ -300,17 +398,25 @@ class SpeculativeGenerator:
         one after another, each exactly as alone; finished rows are padded with pad_token_id.
         `logits_processor` (HF processors applied to the target's scores, each position with its own
         history) is one LogitsProcessorList for all rows or a list of them, one per row."""
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if (
+            not isinstance(max_new_tokens, numbers.Integral)
+            or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 1
+        ):
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        max_new_tokens = int(max_new_tokens)  # numpy integers too
         ids, prompts, pads = _prompt_rows(input_ids, attention_mask)
         if streamer is not None and len(prompts) > 1:
             raise ValueError("a streamer takes one sequence: stream with batch size 1, or drop streamer=")
         limit = getattr(self.target.config, "max_position_embeddings", None)
         longest = max(len(p) for p in prompts)
         if limit and longest + max_new_tokens > limit:
-            raise ValueError(
-                f"a {longest}-token prompt + max_new_tokens={max_new_tokens} exceeds the target's "
-                f"{limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+            # As HF: the model may cope (rotary positions extrapolate) or fail; warn and try.
+            warn(
+                f"saguaro: a {longest}-token prompt + max_new_tokens={max_new_tokens} exceeds the target's "
+                f"{limit} positions (max_position_embeddings); the model may degrade or fail past them. "
+                "Shorten the prompt or lower max_new_tokens to stay within them",
+                stacklevel=3,
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         if self.auto:

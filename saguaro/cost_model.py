@@ -149,6 +149,28 @@ class LookaheadController:
         return max(range(1, top + 1), key=self.tokens_per_second)
 
 
+class TreeDepthController(LookaheadController):
+    """LookaheadController for a token tree: chooses the depth the tree is cut to (0 to its full
+    depth) from measured round costs and per-depth acceptance.
+
+    The engine reports a tree round as (nodes drafted, path length accepted); this controller
+    books it under the depth it chose, so acceptance is per depth, a "per_token" draft cost is per
+    level (one draft forward each), and the verify curve is indexed by depth + 1 (a fixed tree
+    shape cut to a depth always has the same node count, so cost per depth is what the choice needs).
+    """
+
+    def __init__(self, max_k: int, draft_cost: str = "per_token", probe_every: int = 16):
+        super().__init__(max_k, draft_cost, probe_every)
+        self._depth = 0
+
+    def choose(self, limit: int) -> int:
+        self._depth = super().choose(limit)
+        return self._depth
+
+    def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+        super().observe(self._depth if drafted else 0, accepted, verify_seconds, draft_seconds)
+
+
 # -- offline: predicted time of measured runs, and projections -------------------------------------
 def predict_run_seconds(
     method: str, trace: dict, target: CostCurve, draft: CostCurve, lookahead: int

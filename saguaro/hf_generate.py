@@ -12,7 +12,7 @@ HF generate with a one-time warning, or raises `UnsupportedGenerateCall` under s
 
 from __future__ import annotations
 
-import warnings
+import types
 
 import torch
 from transformers.generation.stopping_criteria import (
@@ -21,7 +21,9 @@ from transformers.generation.stopping_criteria import (
     StoppingCriteriaList,
 )
 
+from . import hf_internals as hf
 from .api import SpeculativeGenerator
+from .faults import warn
 from .sampling import SamplingConfig
 
 # HF processors whose scores at a position depend only on the tokens before it (and fixed
@@ -89,6 +91,12 @@ def _unsupported_setting(config, batch: int, prefix_allowed_tokens_fn) -> str | 
     return None
 
 
+def _has_inner_padding(attention_mask: torch.Tensor) -> bool:
+    """True if some row has a masked position after an attended one (not plain left padding)."""
+    attended = attention_mask.ne(0).long()
+    return bool((attended.cummax(dim=1).values != attended).any())
+
+
 class Enabled:
     """What `enable` returns: the patched model's state; a context manager that disables on exit."""
 
@@ -97,6 +105,20 @@ class Enabled:
         self.had_instance_generate = "generate" in vars(model)
         self.original = model.generate  # the bound HF method (or whatever the instance had)
         self._warned: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        # A copy of the model (deepcopy, pickle) copies this handle with it. HF's generate is
+        # rebound to the copy on arrival: pickled as a bound method it would be looked up on the
+        # half-built copy, and could resolve to this very wrapper.
+        state = dict(vars(self))
+        if not self.had_instance_generate:
+            state["original"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        if self.original is None:
+            self.original = types.MethodType(type(self.model).generate, self.model)
 
     def __enter__(self) -> Enabled:
         return self
@@ -112,9 +134,7 @@ class Enabled:
             )
         if reason not in self._warned:
             self._warned.add(reason)
-            warnings.warn(
-                f"saguaro: {reason} is not served speculatively; this call runs HF generate", stacklevel=3
-            )
+            warn(f"saguaro: {reason} is not served speculatively; this call runs HF generate", stacklevel=3)
         return call()
 
     @torch.no_grad()
@@ -180,7 +200,7 @@ class Enabled:
             and (generation_config is None or generation_config.min_length is None)
             and model.generation_config.min_length is None
         )
-        config, model_kwargs = model._prepare_generation_config(generation_config, **user_kwargs)
+        config, model_kwargs = hf.prepare_generation_config(model, generation_config, user_kwargs)
         input_ids = inputs if inputs is not None else model_kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError(
@@ -197,24 +217,26 @@ class Enabled:
         if reason:
             return self._fall_back(reason, original)
 
-        model._prepare_special_tokens(
-            config, attention_mask is not None, device=input_ids.device, batch_size=input_ids.shape[0]
-        )
+        hf.prepare_special_tokens(model, config, attention_mask is not None, input_ids)
         if attention_mask is None:  # as HF: padding tokens in the input are masked
-            attention_mask = model._prepare_attention_mask_for_generation(input_ids, config, model_kwargs)
+            attention_mask = hf.infer_attention_mask(model, input_ids, config, model_kwargs)
+            if _has_inner_padding(attention_mask):
+                # HF then attends around a pad token inside a prompt; saguaro's rows take only
+                # left padding, so HF serves the call (an explicit attention_mask avoids this).
+                return self._fall_back("a prompt with pad_token_id inside it and no attention_mask", original)
         length = input_ids.shape[1]
-        config = model._prepare_generated_length(
-            config, has_default_max_length, has_default_min_length, "input_ids", length, input_ids
+        config = hf.prepare_generated_length(
+            model, config, has_default_max_length, has_default_min_length, input_ids
         )
         # Per row: some processors read the row's padding from the mask (repetition penalty skips it).
         processors = [
-            model._get_logits_processor(
+            hf.logits_processor(
+                model,
                 config,
-                input_ids_seq_length=length,
-                encoder_input_ids=row_ids,
-                prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
-                device=input_ids.device,
-                model_kwargs={**model_kwargs, "attention_mask": row_mask},
+                length,
+                row_ids,
+                prefix_allowed_tokens_fn,
+                {**model_kwargs, "attention_mask": row_mask},
             )
             for row_ids, row_mask in zip(input_ids.split(1), attention_mask.split(1))
         ]
@@ -223,8 +245,8 @@ class Enabled:
             return self._fall_back(f"logits processors {unknown}", original)
         criteria = StoppingCriteriaList(
             c
-            for c in model._get_stopping_criteria(
-                config, stopping_criteria or StoppingCriteriaList(), tokenizer
+            for c in hf.stopping_criteria(
+                model, config, stopping_criteria or StoppingCriteriaList(), tokenizer
             )
             if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))  # saguaro's own StopRule does these
         )
@@ -234,8 +256,7 @@ class Enabled:
                 f"max_length={config.max_length} leaves no room after the {length}-token input; "
                 "use max_new_tokens= to say how many tokens to generate"
             )
-        eos = None if config._eos_token_tensor is None else config._eos_token_tensor.reshape(-1).tolist()
-        pad = None if config._pad_token_tensor is None else int(config._pad_token_tensor)
+        eos, pad = hf.special_tokens(config)
         sampling = SamplingConfig(
             bool(config.do_sample),
             1.0 if config.temperature is None else config.temperature,
@@ -263,11 +284,15 @@ class Enabled:
 def enable(model, draft_model=None, method: str = "speculative", strict: bool = False, **options) -> Enabled:
     """Make `model.generate(...)` speculative with saguaro; `disable(model)` (or leaving the returned
     handle's `with` block) restores HF's. Options are SpeculativeGenerator's (num_speculative_tokens,
-    tree_branching, placement, draft_device, ...)."""
+    tree_branching, placement, draft_device, ...). strict=True raises `UnsupportedGenerateCall` for
+    calls HF would have to serve, and a drafter worker's failure instead of drafting inline."""
     if not hasattr(model, "generate"):
         raise TypeError(f"{type(model).__name__} has no generate(); load the model with AutoModelForCausalLM")
     disable(model)
-    handle = Enabled(model, SpeculativeGenerator(model, draft_model, method, **options), strict)
+    # strict also means no silent inline drafting after a worker failure.
+    handle = Enabled(
+        model, SpeculativeGenerator(model, draft_model, method, strict=strict, **options), strict
+    )
     model.generate = handle.generate
     model._saguaro = handle
     return handle

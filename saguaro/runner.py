@@ -51,6 +51,11 @@ class ModelRunner:
         # Models loaded with attn_implementation="saguaro_tree" verify trees with our kernel,
         # which does not implement sliding windows: those keep the dense mask.
         self._tree_kernel = model.config._attn_implementation == TREE_ATTENTION and not self._sliding_window
+        # A draft whose embedding table is a little smaller than the target's (same tokenizer, padded
+        # differently) is still fed every committed token, some of which it lacks. Any id it has
+        # stands in for them: what the draft proposes after them is only a guess that verification
+        # checks, and it never proposes ids it lacks, as its logits do not cover them.
+        self._embedding_rows = model.get_input_embeddings().num_embeddings
 
     @property
     def length(self) -> int:
@@ -79,6 +84,7 @@ class ModelRunner:
         more, and the LM head over a large vocabulary is a sizable share of a forward.
         """
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        tokens = tokens.masked_fill(tokens >= self._embedding_rows, 0)
         tree = tree or TokenTree.chain(len(tokens))
         if len(tree) != cached_nodes + len(tokens):
             raise ValueError(

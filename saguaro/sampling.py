@@ -39,8 +39,9 @@ class SamplingConfig:
             )
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             raise ValueError(f"top_k must be a non-negative int (0 or None disables it), got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 or None disables it), got {self.top_p!r}")
+        # As HF's generate: top_p >= 1 keeps every token (no top-p warper), only a negative one is an error.
+        if self.top_p is not None and not self.top_p >= 0:
+            raise ValueError(f"top_p must be >= 0 (1 or more, or None, disables it), got {self.top_p!r}")
 
 
 class TokenSampler:

@@ -23,12 +23,13 @@ def predict_outcomes(
 
     position_probs[k] is the drafter's q after d_1..d_k. A rejected d_{k+1} is never the bonus
     token (the residual max(0, p - q) is zero there), so it is excluded; for k = K nothing is.
-    Tokens with no mass are never guessed.
+    Tokens with no mass are never guessed. A draft token the drafter's vocabulary lacks (copied
+    from the sequence by prompt lookup) has no entry to exclude.
     """
     outcomes = []
     for k, fan in enumerate(fanout):
         probs = position_probs[k].clone()
-        if k < len(drafts):
+        if k < len(drafts) and drafts[k] < probs.shape[-1]:
             probs[drafts[k]] = 0
         top = probs.topk(min(fan, probs.shape[-1]))
         outcomes += [(k, int(t)) for t, p in zip(top.indices.tolist(), top.values.tolist()) if p > 0]

@@ -1,5 +1,7 @@
 """Tiny random-weight models built from configs: fast, exact, no model hub."""
 
+import time
+
 import pytest
 import torch
 import transformers
@@ -116,3 +118,17 @@ def _one_thread():
     # Deterministic and fair on a 2-core machine; tests never assert timings.
     torch.set_num_threads(1)
     yield
+
+
+def slow_verification(monkeypatch, seconds: float = 0.03):
+    """Make each verification last `seconds`, as a large target's does: pre-speculation, which the
+    outcome interrupts, then has the time to reach full depth (tiny models verify in ~1 ms)."""
+    from saguaro import engines
+
+    real_verify = engines.verify_proposal
+
+    def verify(*args):
+        time.sleep(seconds)
+        return real_verify(*args)
+
+    monkeypatch.setattr(engines, "verify_proposal", verify)

@@ -270,12 +270,8 @@ def test_bad_input_raises_specific_errors(pair):
             )
         with pytest.raises(ValueError, match="empty"):
             target.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
-        with pytest.raises(ValueError, match="max_position_embeddings"):
-            target.generate(ids, max_new_tokens=600)
         with pytest.raises(ValueError, match="temperature"):
             target.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.0)
-        with pytest.raises(ValueError, match="top_p"):
-            target.generate(ids, max_new_tokens=4, do_sample=True, top_p=1.5)
     with pytest.raises(ValueError, match="unknown method"):
         saguaro.enable(target, draft_model=draft, method="medusa")
     with pytest.raises(ValueError, match="vocabularies differ"):
@@ -284,7 +280,7 @@ def test_bad_input_raises_specific_errors(pair):
     other_eos.generation_config.eos_token_id = 7
     with pytest.raises(ValueError, match="eos_token_id"):
         saguaro.enable(target, draft_model=other_eos)
-    with pytest.raises(ValueError, match="draft_device"):
+    with pytest.raises(ValueError, match="meta device"):
         saguaro.enable(target, draft_model=copy.deepcopy(draft).to("meta"))
     from transformers import BertConfig, BertModel
 
@@ -296,3 +292,75 @@ def test_bad_input_raises_specific_errors(pair):
     with pytest.raises(TypeError, match="decoder-only"):
         saguaro.enable(target, draft_model=encoder)
     assert "_saguaro" not in vars(target)  # a failed enable leaves the model untouched
+
+
+def test_a_float_attention_mask_is_accepted_as_by_hf(pair):
+    target, draft = pair
+    ids, mask = left_padded_batch(3, seed=2)
+    expected = target.generate(ids, attention_mask=mask.float(), max_new_tokens=10, do_sample=False)
+    with saguaro.enable(target, draft_model=draft, strict=True):
+        out = target.generate(ids, attention_mask=mask.float(), max_new_tokens=10, do_sample=False)
+    assert out.tolist() == expected.tolist()
+
+
+def test_float_input_ids_are_rejected_as_by_hf(pair):
+    target, draft = pair
+    ids = torch.tensor([[1.0, 5.0, 9.0, 14.0]])
+    with pytest.raises(RuntimeError):  # HF fails in the embedding lookup
+        target.generate(ids, max_new_tokens=4, do_sample=False)
+    with saguaro.enable(target, draft_model=draft):
+        with pytest.raises(TypeError, match="input_ids.long()"):
+            target.generate(ids, max_new_tokens=4, do_sample=False)
+
+
+def test_past_max_position_embeddings_warns_and_generates_as_hf():
+    target = tiny_model("llama", seed=0)
+    target.config.max_position_embeddings = 16
+    ids = torch.tensor([[1, 5, 9, 14, 22, 31]])
+    expected = target.generate(ids, max_new_tokens=20, do_sample=False)
+    with saguaro.enable(target, draft_model=perturbed_copy(target, 0.003), strict=True):
+        with pytest.warns(saguaro.SaguaroWarning, match="max_position_embeddings"):
+            out = target.generate(ids, max_new_tokens=20, do_sample=False)
+    assert out.tolist() == expected.tolist()
+
+
+def test_top_p_above_one_is_ignored_as_by_hf(pair):
+    # HF builds no top-p warper for top_p >= 1 (and does not raise): samples as with top_p=1.
+    target, draft = pair
+    ids = torch.tensor([[1, 5, 9, 14]])
+    runs = []
+    with saguaro.enable(target, draft_model=draft, speculation_schedule="constant", strict=True):
+        for top_p in (1.0, 1.5):
+            torch.manual_seed(5)
+            runs.append(target.generate(ids, max_new_tokens=12, do_sample=True, top_p=top_p).tolist())
+    assert runs[0] == runs[1]
+
+
+def test_a_pad_token_inside_an_unmasked_prompt_runs_as_in_hf(pair):
+    # HF masks a pad id found anywhere in a prompt given without attention_mask, leaving a hole
+    # that saguaro's rows (left padding only) cannot serve: HF generates it, with a warning, and
+    # never a "left padding" error the caller did nothing to cause.
+    target, draft = pair
+    ids = torch.tensor([[1, 17, 0, 5, 80, 42]])
+    expected = target.generate(ids, max_new_tokens=10, do_sample=False)
+    with saguaro.enable(target, draft_model=draft):
+        with pytest.warns(saguaro.SaguaroWarning, match="pad_token_id inside"):
+            out = target.generate(ids, max_new_tokens=10, do_sample=False)
+    assert out.tolist() == expected.tolist()
+    with saguaro.enable(target, draft_model=draft, strict=True):
+        with pytest.raises(saguaro.UnsupportedGenerateCall, match="pad_token_id inside"):
+            target.generate(ids, max_new_tokens=10, do_sample=False)
+        # Left padding alone (no mask given) is still served.
+        left = torch.tensor([[0, 0, 1, 17, 5, 80]])
+        served = target.generate(left, max_new_tokens=10, do_sample=False)
+    assert served.tolist() == target.generate(left, max_new_tokens=10, do_sample=False).tolist()
+
+
+def test_strict_enable_also_raises_worker_failures(pair):
+    target, draft = pair
+    with saguaro.enable(
+        target, draft_model=draft, method="saguaro", placement="inline", strict=True
+    ) as handle:
+        assert handle.generator.strict
+    with saguaro.enable(target, draft_model=draft, method="saguaro", placement="inline") as handle:
+        assert not handle.generator.strict

@@ -4,15 +4,15 @@ drafter worker that never outlives its generator nor loses a token when it dies.
 import multiprocessing
 import os
 import signal
-import time
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
+from conftest import perturbed_copy, slow_verification, tiny_model
 
 import saguaro
 from saguaro import engines
 from saguaro.fanout import geometric_fanout
+from saguaro.workers import WorkerFailed
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 pytestmark = pytest.mark.timeout(180)
@@ -61,18 +61,6 @@ def test_saguaro_greedy_matches_target_in_other_placements(placement):
         assert out.stats.hits == 0
 
 
-def slow_verification(monkeypatch, seconds: float = 0.03):
-    """Make each verification last `seconds`, as a large target's does: pre-speculation, which the
-    outcome interrupts, then has the time to reach full depth (tiny models verify in ~1 ms)."""
-    real_verify = engines.verify_proposal
-
-    def verify(*args):
-        time.sleep(seconds)
-        return real_verify(*args)
-
-    monkeypatch.setattr(engines, "verify_proposal", verify)
-
-
 def test_perfect_drafter_always_hits_and_random_drafter_almost_never(monkeypatch):
     slow_verification(monkeypatch)
     target = tiny_model("llama", seed=0)
@@ -111,11 +99,54 @@ def test_killing_the_worker_mid_generation_loses_nothing(monkeypatch):
         return real_verify(*args)
 
     monkeypatch.setattr(engines, "verify_proposal", verify_then_kill)
-    with generator:
+    with generator, pytest.warns(saguaro.SaguaroWarning, match="drafter worker failed") as caught:
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
         again = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[])  # inline from now on
     assert out.sequences.tolist() == again.tolist() == hf_greedy(target, 40)
     assert out.stats.worker_failures == 1
+    assert len([w for w in caught if issubclass(w.category, saguaro.SaguaroWarning)]) == 1
+    assert multiprocessing.active_children() == []
+
+
+def test_a_worker_failure_warns_once_per_generator_naming_the_error(caplog):
+    target = tiny_model("llama", seed=0)
+    generator = saguaro.SpeculativeGenerator(target, target, method="saguaro", placement="inline")
+    with pytest.warns(saguaro.SaguaroWarning) as caught, caplog.at_level("WARNING", logger="saguaro"):
+        generator._inline_worker(WorkerFailed("no answer within 60s"))
+        generator._inline_worker(WorkerFailed("gone"))
+        generator._inline_worker()  # an engine that passes no error
+    assert len(caught) == 1 and "WorkerFailed: no answer within 60s" in str(caught[0].message)
+    # Every failure is logged; only the first is a warning.
+    assert [r.name for r in caplog.records] == ["saguaro"] * 3 and "gone" in caplog.records[1].getMessage()
+
+
+def test_strict_raises_a_worker_failure_instead_of_drafting_inline(monkeypatch):
+    target = tiny_model("llama", seed=0)
+    generator = saguaro.SpeculativeGenerator(
+        target,
+        perturbed_copy(target, 0.005),
+        method="saguaro",
+        speculation_schedule="constant",
+        placement="process",
+        strict=True,
+    )
+    rounds = []
+    real_verify = engines.verify_proposal
+
+    def verify_then_kill(*args):
+        rounds.append(1)
+        if len(rounds) == 2:
+            os.kill(worker_process(generator).pid, signal.SIGKILL)
+        return real_verify(*args)
+
+    monkeypatch.setattr(engines, "verify_proposal", verify_then_kill)
+    with generator:
+        with pytest.raises(WorkerFailed):
+            generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[])
+        error = WorkerFailed("stalled")
+        with pytest.raises(WorkerFailed, match="stalled") as raised:
+            generator._inline_worker(error)
+        assert raised.value is error
     assert multiprocessing.active_children() == []
 
 
@@ -133,7 +164,8 @@ def test_a_stalled_worker_times_out_and_is_killed_on_close():
         generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
         stalled = worker_process(generator)
         os.kill(stalled.pid, signal.SIGSTOP)
-        out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+        with pytest.warns(saguaro.SaguaroWarning, match="drafter worker failed"):
+            out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
     assert out.sequences.tolist() == hf_greedy(target, 30) and out.stats.worker_failures == 1
     assert not stalled.is_alive() and multiprocessing.active_children() == []
 
@@ -167,22 +199,52 @@ def test_context_manager_cleans_up_on_exception():
     assert not process.is_alive() and multiprocessing.active_children() == []
 
 
-def test_saguaro_stats_are_reported():
+def test_saguaro_stats_are_reported(monkeypatch):
+    slow_verification(monkeypatch)  # pre-speculation finishes, so the cache hits
     target = tiny_model("llama", seed=0)
     out = saguaro.generate(
         target,
         PROMPT,
-        draft_model=perturbed_copy(target, 0.005),
+        draft_model=perturbed_copy(target, 0.05),
         method="saguaro",
         speculation_schedule="constant",
+        placement="process",
         max_new_tokens=30,
         eos_token_id=[],
         return_dict_in_generate=True,
     )
-    stats = out.stats.as_dict()
-    assert 0 <= stats["hit_rate"] <= 1 and stats["hits"] <= stats["rounds"]
-    assert 0 <= stats["target_idle_fraction"] <= 1 and 0 <= stats["drafter_idle_fraction"] <= 1
-    assert stats["accepted"] + stats["rounds"] + 1 == 30
+    assert out.sequences.tolist() == hf_greedy(target, 30)
+    stats, log = out.stats.as_dict(), out.stats.round_log
+    # The totals are the per-round log's, and the rates follow from them.
+    assert stats["hits"] == sum(r["source"] == "cache" for r in log) > 0
+    assert stats["hit_rate"] == pytest.approx(stats["hits"] / (stats["rounds"] - 1))
+    assert (
+        stats["drafted"]
+        == sum(r["drafted"] for r in log)
+        > stats["accepted"]
+        == sum(r["accepted"] for r in log)
+        > 0
+    )
+    assert stats["acceptance_rate"] == pytest.approx(stats["accepted"] / stats["drafted"])
+    assert stats["accepted"] + stats["rounds"] + 1 == 30 and stats["new_tokens"] == 30
+    # Branches were prepared while rounds were verified; none before the first.
+    assert log[0]["branches"] == 0 and sum(r["branches"] for r in log) > 0
+    assert stats["drafter_busy_seconds"] > 0
+    assert stats["worker_failures"] == 0
+
+
+def test_default_adaptive_schedule_runs_through_a_process_worker():
+    target = tiny_model("llama", seed=0)
+    with saguaro.SpeculativeGenerator(
+        target, perturbed_copy(target, 0.005), method="saguaro", placement="process"
+    ) as generator:
+        assert generator.lookahead is not None  # the default schedule is the adaptive controller
+        out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+        assert worker_process(generator).is_alive()
+    assert out.sequences.tolist() == hf_greedy(target, 40)
+    # Speculation ran: the first round always drafts the full length (nothing measured yet).
+    assert out.stats.drafted >= 4 and out.stats.accepted > 0 and out.stats.worker_failures == 0
+    assert generator.lookahead.verify  # the controller measured the rounds it chose
 
 
 @pytest.mark.parametrize("acceptance", [0.2, 0.5, 0.9])

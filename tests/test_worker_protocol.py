@@ -8,8 +8,8 @@ import signal
 
 import pytest
 import torch
-from conftest import perturbed_copy, tiny_model
-from test_saguaro import PROMPT, hf_greedy, slow_verification, worker_process
+from conftest import perturbed_copy, slow_verification, tiny_model
+from test_saguaro import PROMPT, hf_greedy, worker_process
 
 import saguaro
 from saguaro import prespeculation
