@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from .cost_model import LookaheadController
+from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
 from .runner import ModelRunner
@@ -130,6 +131,8 @@ class SpeculativeGenerator:
         worker_timeout: float = 60.0,
         speculation_schedule: str = "adaptive",
         draft_device: str | torch.device | None = None,
+        draft_quantization: str | None = "auto",
+        draft_vocab_size: int | str | None = "auto",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -155,6 +158,7 @@ class SpeculativeGenerator:
             raise ValueError(
                 f"unknown speculation_schedule {speculation_schedule!r}; use one of {', '.join(SCHEDULES)}"
             )
+        check_draft_options(draft_quantization, draft_vocab_size, draft_model)
         if not 0 < saguaro_reshape <= 1:
             raise ValueError(
                 "saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], "
@@ -175,6 +179,13 @@ class SpeculativeGenerator:
             vocab_size=target.config.vocab_size,
             reshape_c=saguaro_reshape,
         )
+        # The draft the drafters run (quantized / reduced vocabulary, see draft_compression), built
+        # once: on the first call under "auto", which measures on that call's first prompt.
+        self._draft_options = (draft_quantization, draft_vocab_size)
+        self._draft = None
+        self.draft_configuration: DraftConfiguration | None = None
+        if method not in MODEL_FREE and "auto" not in self._draft_options:
+            self._prepared_draft([])
         self._worker: DraftWorker | None = None
         self._finalizer = None
         # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
@@ -182,10 +193,19 @@ class SpeculativeGenerator:
         if speculation_schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
             self.lookahead = LookaheadController(num_speculative_tokens, ADAPTIVE_DRAFT_COST[method])
 
+    def _prepared_draft(self, sample: list[int]):
+        if self._draft is None:
+            # Measured with the threads it will draft with: a worker process drafts on one.
+            threads = 1 if self.method == "saguaro" and self.placement == "process" else None
+            self._draft, self.draft_configuration = prepare_draft(
+                self.draft_model, *self._draft_options, sample, threads
+            )
+        return self._draft
+
     def _draft_worker(self) -> DraftWorker:
         if self._worker is None:
             self._worker = DraftWorker(
-                self.draft_model, self.placement, self.worker_timeout, **self._speculator_kwargs
+                self._draft, self.placement, self.worker_timeout, **self._speculator_kwargs
             )
             self._finalizer = weakref.finalize(self, self._worker.close)
         return self._worker
@@ -194,7 +214,7 @@ class SpeculativeGenerator:
         """After a worker failure: stop what is left of it and draft in this process from now on."""
         if self._worker is not None:
             self._finalizer()
-        self._worker = DraftWorker(self.draft_model, "inline", **self._speculator_kwargs)
+        self._worker = DraftWorker(self._draft, "inline", **self._speculator_kwargs)
         return self._worker
 
     def _tree_extent(self) -> tuple[int, int]:
@@ -290,6 +310,9 @@ class SpeculativeGenerator:
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
         runner = ModelRunner(self.target, capacity)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
+        if self.method not in MODEL_FREE:
+            self._prepared_draft(prompt)
+            stats.draft_configuration = asdict(self.draft_configuration)
         start = time.perf_counter()
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
@@ -310,7 +333,7 @@ class SpeculativeGenerator:
             )
         else:
             drafter = ModelDrafter(
-                self.draft_model, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape
+                self._draft, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape
             )
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
         stats.total_seconds = time.perf_counter() - start
@@ -348,6 +371,11 @@ def generate(
     a tree attention mask) or "saguaro" (speculative speculative decoding: the drafter prepares
     the next draft for the likely verification outcomes while the target verifies; options
     placement=, saguaro_budget=, saguaro_reshape=, worker_timeout=, draft_device=).
+    draft_quantization ("auto", "int8", "int4", None) and draft_vocab_size ("auto", an int, None)
+    make the draft cheaper (weight-only quantized linears; logits for the lowest ids plus the
+    special ones only) without touching exactness; "auto" measures the variants on the first prompt
+    and keeps the plain draft unless one is clearly faster per accepted token. The choice is in
+    `.stats.draft_configuration` (and `SpeculativeGenerator.draft_configuration`).
     With speculation_schedule="adaptive" (default) each round drafts the length that maximises
     measured tokens/s (0 = a plain target step when speculation loses, as on CPUs where verifying
     T tokens costs ~T steps); "constant" always drafts num_speculative_tokens.
