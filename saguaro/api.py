@@ -198,7 +198,12 @@ class SpeculativeGenerator:
             # Measured with the threads it will draft with: a worker process drafts on one.
             threads = 1 if self.method == "saguaro" and self.placement == "process" else None
             self._draft, self.draft_configuration = prepare_draft(
-                self.draft_model, *self._draft_options, sample, threads
+                self.draft_model,
+                self.target,
+                *self._draft_options,
+                sample,
+                threads,
+                self.num_speculative_tokens,
             )
         return self._draft
 

@@ -74,6 +74,11 @@ class DraftConfiguration:
     # step, and teacher-forced top-1 agreement with the plain draft.
     step_seconds: dict[str, float] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)
+    # Under auto: the target's cost of verifying a round, the plain draft's top-1 agreement with the
+    # target (its acceptance estimate), and the chosen variant's estimated tokens/s over the baseline's.
+    verify_seconds: float = 0.0
+    target_agreement: float = 0.0
+    estimated_gain: float = 1.0
     note: str = ""
     setup_seconds: float = 0.0  # building (and under auto, measuring) the variants
 
@@ -223,7 +228,15 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 # --- quantization ------------------------------------------------------------------------------
 
 
-def _cpu_quantized(linear: nn.Linear, mode: str, group_size: int) -> _WeightOnlyLinear:
+def _cpu_quantized(linear: nn.Linear, mode: str, group_size: int, memo: dict) -> _WeightOnlyLinear:
+    # Quantized modules hold no state but their buffers: one per source weight serves every copy.
+    key = (id(linear.weight), mode, group_size)
+    if key not in memo:
+        memo[key] = _build_cpu_quantized(linear, mode, group_size)
+    return memo[key]
+
+
+def _build_cpu_quantized(linear: nn.Linear, mode: str, group_size: int) -> _WeightOnlyLinear:
     if mode == "int4":
         try:
             module = Int4WeightOnlyLinear(linear, group_size)
@@ -255,22 +268,26 @@ def _quantize_with_torchao(model: nn.Module, mode: str, group_size: int) -> None
     quantize_(model, config)
 
 
-def quantize_draft(model: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+def quantize_draft(
+    model: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE, memo: dict | None = None
+) -> nn.Module:
     """A new model whose nn.Linear layers (LM head included) hold weight-only int8 or int4 weights.
 
     int8: symmetric per output channel. int4: asymmetric per group of `group_size` inputs; a layer
     whose in_features the group size does not divide, or that the kernel refuses, keeps int8.
     The caller's model is unchanged; a head tied to the input embedding is quantized in the copy
-    while the embedding keeps its weights. On CUDA this needs torchao.
+    while the embedding keeps its weights. On CUDA this needs torchao. `memo` (a dict kept by the
+    caller while the weights live) reuses the quantized layers of an earlier call on the same weights.
     """
     if mode not in QUANTIZATIONS:
         raise ValueError(f"unknown draft quantization {mode!r}; use one of {', '.join(QUANTIZATIONS)}")
     clone = clone_module_tree(model)
+    memo = {} if memo is None else memo
     device = next(model.parameters()).device
     if device.type == "cpu":
         linears = [(name, m) for name, m in clone.named_modules() if isinstance(m, nn.Linear)]
         for name, linear in linears:
-            _set_submodule(clone, name, _cpu_quantized(linear, mode, group_size))
+            _set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo))
     elif device.type == "cuda":
         _quantize_with_torchao(clone, mode, group_size)
     else:
@@ -349,14 +366,14 @@ def restrict_draft_vocabulary(model: nn.Module, keep_ids) -> nn.Module:
 
 
 def compress_draft(
-    model: nn.Module, quantization: str | None = None, vocab_size: int | None = None
+    model: nn.Module, quantization: str | None = None, vocab_size: int | None = None, memo: dict | None = None
 ) -> nn.Module:
-    """The draft with a `default_draft_vocabulary` of `vocab_size` ids and then `quantization`;
-    the model itself when both are None."""
+    """The draft with a `default_draft_vocabulary` of `vocab_size` ids and then `quantization`
+    (`memo` as in quantize_draft); the model itself when both are None."""
     if vocab_size is not None:
         model = restrict_draft_vocabulary(model, default_draft_vocabulary(model, vocab_size))
     if quantization is not None:
-        model = quantize_draft(model, quantization)
+        model = quantize_draft(model, quantization, memo=memo)
     return model
 
 
@@ -378,10 +395,33 @@ def _measure(model, sample: list[int], steps: int, continuation: list[int] | Non
     return predictions, fed, statistics.median(seconds[1:])  # the first step warms up
 
 
+def _measure_target(target, sample: list[int], continuation: list[int], lookahead: int, repeats: int = 3):
+    """The target's top-1 predictions over `sample` and the median seconds of verifying
+    `lookahead` drafts (a forward over lookahead + 1 tokens) after it."""
+    runner = ModelRunner(target, len(sample) + lookahead + 1)
+    predictions = runner.forward(sample).argmax(-1).tolist()
+    block = (continuation * (lookahead + 1))[: lookahead + 1]
+    seconds = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        int(runner.forward(block)[-1].argmax())  # int(): waits for the device
+        seconds.append(time.perf_counter() - start)
+        runner.rollback(len(sample))
+    return predictions, statistics.median(seconds[1:])
+
+
+def expected_tokens(acceptance: float, lookahead: int) -> float:
+    """Tokens per round of `lookahead` drafts each accepted with probability `acceptance`:
+    1 + a + ... + a^lookahead (the accepted run plus the target's own token)."""
+    return sum(acceptance**i for i in range(lookahead + 1))
+
+
 def choose_draft_configuration(
     draft: nn.Module,
+    target: nn.Module,
     sample_ids: list[int],
     threads: int | None = None,
+    lookahead: int = 4,
     quantizations=(None, *QUANTIZATIONS),
     vocab_sizes=(None, AUTO_VOCAB_SIZE),
     steps: int = AUTO_STEPS,
@@ -389,42 +429,57 @@ def choose_draft_configuration(
 ) -> tuple[nn.Module, DraftConfiguration]:
     """Measure every (quantization, vocabulary size) variant and return the best with its record.
 
-    Each variant runs the last AUTO_CONTEXT tokens of `sample_ids`, then `steps` one-token steps
-    (the plain draft's greedy continuation, teacher-forced into the others) with `threads` torch
-    threads. Its score is its top-1 agreement with the plain draft over those positions (the share
-    of the plain draft's acceptance it keeps) per second of a step. The first variant is the
-    baseline; another wins only when it scores more than `min_gain` better. A variant that cannot
-    be built on this platform is skipped with a warning (the baseline is not: its error is raised).
+    On the last AUTO_CONTEXT tokens of `sample_ids`: the target's cost of verifying `lookahead`
+    drafts (with the calling thread count) and its top-1 agreement with the plain draft, the
+    plain draft's acceptance estimate a. Each variant then runs the sample and `steps` one-token
+    steps (the plain draft's greedy continuation, teacher-forced) with `threads` threads: its step
+    cost d and its top-1 agreement r with the plain draft, so its acceptance is about a * r. Its
+    score is the expected tokens per second of a round, expected_tokens(a * r) / (verify +
+    lookahead * d). The first variant is the baseline; another wins only when it scores more than
+    `min_gain` better. A variant that cannot be built on this platform is skipped with a warning
+    (the baseline is not: its error is raised).
     """
     sample = [int(t) for t in sample_ids][-AUTO_CONTEXT:]
     if not sample:
         raise ValueError("choosing a draft configuration needs at least one sample token")
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or previous_threads)
+    record = DraftConfiguration(chosen_by="auto")
     try:
+        torch.set_num_threads(threads or previous_threads)
         reference, continuation, plain_seconds = _measure(draft, sample, steps)
-        record = DraftConfiguration(chosen_by="auto")
+        torch.set_num_threads(previous_threads)
+        target_predictions, record.verify_seconds = _measure_target(target, sample, continuation, lookahead)
+        # Laplace's rule: a short sample neither promises nor rules out acceptance.
+        matches = sum(a == b for a, b in zip(reference, target_predictions))
+        record.target_agreement = (matches + 1) / (len(sample) + 2)
+        torch.set_num_threads(threads or previous_threads)
         baseline = best = None  # (variant, model, score); other variants are dropped once measured
-        for variant in [(q, v) for v in vocab_sizes for q in quantizations]:
-            try:
-                model = compress_draft(draft, *variant)
-            except DraftCompressionUnavailable as error:
+        for quantization in quantizations:
+            memo: dict = {}  # quantized linears by weight: the vocabulary variants share one body
+            for variant in [(quantization, v) for v in vocab_sizes]:
+                try:
+                    model = compress_draft(draft, *variant, memo=memo)
+                except DraftCompressionUnavailable as error:
+                    if baseline is None:
+                        raise
+                    _warn(f"draft variant {variant_label(*variant)} skipped: {error}")
+                    continue
+                if model is draft:
+                    seconds, agreement = plain_seconds, 1.0
+                else:
+                    predictions, _, seconds = _measure(model, sample, steps, continuation)
+                    agreement = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
+                record.step_seconds[variant_label(*variant)] = seconds
+                record.agreement[variant_label(*variant)] = agreement
+                score = expected_tokens(record.target_agreement * agreement, lookahead) / (
+                    record.verify_seconds + lookahead * seconds
+                )
                 if baseline is None:
-                    raise
-                _warn(f"draft variant {variant_label(*variant)} skipped: {error}")
-                continue
-            if model is draft:
-                seconds, agreement = plain_seconds, 1.0
-            else:
-                predictions, _, seconds = _measure(model, sample, steps, continuation)
-                agreement = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
-            record.step_seconds[variant_label(*variant)] = seconds
-            record.agreement[variant_label(*variant)] = agreement
-            if baseline is None:
-                baseline = best = (variant, model, agreement / seconds)
-            elif agreement / seconds > best[2]:
-                best = (variant, model, agreement / seconds)
-        choice, model, _ = best if best[2] > (1 + min_gain) * baseline[2] else baseline
+                    baseline = best = (variant, model, score)
+                elif score > best[2]:
+                    best = (variant, model, score)
+        choice, model, score = best if best[2] > (1 + min_gain) * baseline[2] else baseline
+        record.estimated_gain = score / baseline[2]
     finally:
         torch.set_num_threads(previous_threads)
     record.quantization, record.vocab_size = choice
@@ -480,27 +535,29 @@ def _auto_quantizations(draft: nn.Module) -> tuple[list, str]:
 
 def prepare_draft(
     draft: nn.Module,
+    target: nn.Module,
     quantization="auto",
     vocab_size="auto",
     sample_ids: list[int] | None = None,
     threads: int | None = None,
+    lookahead: int = 4,
 ) -> tuple[nn.Module, DraftConfiguration]:
     """The draft model the drafters should run, and its record.
 
     Explicit values build that variant (or raise: DraftCompressionUnavailable when this platform
-    cannot run it). "auto" measures the candidates on `sample_ids` with `threads` threads through
-    `choose_draft_configuration`: quantization None / int8 / int4 where the draft is large enough
-    for weight traffic to matter, vocabulary full / AUTO_VOCAB_SIZE ids where the vocabulary is at
-    least twice that. Under auto a quantization that fails falls back to the plain draft with a
-    warning.
+    cannot run it). "auto" measures the candidates on `sample_ids` against `target` through
+    `choose_draft_configuration` (the draft with `threads` threads, rounds of `lookahead` drafts):
+    quantization None / int8 / int4 where the draft is large enough for weight traffic to matter,
+    vocabulary full / AUTO_VOCAB_SIZE ids where the vocabulary is at least twice that. Under auto
+    a quantization that fails falls back to the plain draft with a warning.
     """
     start = time.perf_counter()
-    model, record = _prepare(draft, quantization, vocab_size, sample_ids, threads)
+    model, record = _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead)
     record.setup_seconds = time.perf_counter() - start
     return model, record
 
 
-def _prepare(draft, quantization, vocab_size, sample_ids, threads) -> tuple[nn.Module, DraftConfiguration]:
+def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead):
     check_draft_options(quantization, vocab_size, draft)
     vocab = _text_config(draft).vocab_size
     note = ""
@@ -515,6 +572,8 @@ def _prepare(draft, quantization, vocab_size, sample_ids, threads) -> tuple[nn.M
         variant = quantizations[0], vocab_sizes[0]
         return compress_draft(draft, *variant), DraftConfiguration(*variant, chosen_by, note=note)
     # Under auto the baseline variant is unquantized; quantized variants that fail are skipped there.
-    model, record = choose_draft_configuration(draft, sample_ids or [], threads, quantizations, vocab_sizes)
+    model, record = choose_draft_configuration(
+        draft, target, sample_ids or [], threads, lookahead, quantizations, vocab_sizes
+    )
     record.note = note
     return model, record

@@ -80,6 +80,16 @@ def test_callers_draft_is_unchanged(arch):
     assert compressed.get_input_embeddings().weight is model.get_input_embeddings().weight
 
 
+def test_vocabulary_variants_share_one_quantized_body():
+    model = tiny_model("llama", hidden=128)
+    memo = {}
+    full, reduced = (compress_draft(model, "int8", size, memo) for size in (None, 48))
+    assert full.model.layers[0].mlp.up_proj is reduced.model.layers[0].mlp.up_proj
+    assert (
+        isinstance(reduced.lm_head.linear, Int8WeightOnlyLinear) and reduced.lm_head.linear.out_features == 48
+    )
+
+
 def test_restricted_head_gives_zero_probability_outside_the_kept_ids():
     model = tiny_model("llama")
     keep = default_draft_vocabulary(model, 40)
@@ -207,18 +217,26 @@ def test_reduced_vocabulary_test_catches_a_residual_without_the_excluded_ids(sam
 
 
 def test_choose_draft_configuration_measures_every_variant():
-    draft = tiny_model("llama", seed=0, hidden=128)
+    target = tiny_model("llama", seed=0, hidden=128)
+    draft = perturbed_copy(target, 0.003)
     model, record = choose_draft_configuration(
-        draft, PROMPT[0].tolist(), threads=1, vocab_sizes=(None, 48), steps=4
+        draft, target, PROMPT[0].tolist(), threads=1, lookahead=3, vocab_sizes=(None, 48), steps=4
     )
-    labels = [f"{q}/{v}" for v in ("full", 48) for q in ("none", "int8", "int4")]
+    labels = [f"{q}/{v}" for q in ("none", "int8", "int4") for v in ("full", 48)]
     assert list(record.step_seconds) == labels and list(record.agreement) == labels
-    assert all(s > 0 for s in record.step_seconds.values())
+    assert all(s > 0 for s in record.step_seconds.values()) and record.verify_seconds > 0
     assert all(0 <= a <= 1 for a in record.agreement.values()) and record.agreement["none/full"] == 1.0
-    # The decision rule: the best agreement per second, if it beats the plain draft by over 10%.
-    score = {label: record.agreement[label] / record.step_seconds[label] for label in labels}
+    # A near copy of the target: agreement with it (Laplace-smoothed over 9 positions) is high.
+    assert record.target_agreement >= 8 / 11
+    # The decision rule: the best expected tokens/s of a round, if it beats the plain draft by over 10%.
+    score = {
+        label: sum((record.target_agreement * record.agreement[label]) ** i for i in range(4))
+        / (record.verify_seconds + 3 * record.step_seconds[label])
+        for label in labels
+    }
     best = max(score, key=score.get)
     assert record.label == (best if score[best] > 1.1 * score["none/full"] else "none/full")
+    assert record.estimated_gain == pytest.approx(score[record.label] / score["none/full"])
     # The returned model is the recorded variant.
     with torch.no_grad():
         expected = compress_draft(draft, record.quantization, record.vocab_size)(PROMPT).logits
