@@ -37,7 +37,8 @@ import logging
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -81,6 +82,7 @@ class DraftConfiguration:
     estimated_gain: float = 1.0
     note: str = ""
     setup_seconds: float = 0.0  # building (and under auto, measuring) the variants
+    reused: bool = False  # prepared for an earlier generator of the same draft, target and options
 
     @property
     def label(self) -> str:
@@ -551,10 +553,23 @@ def prepare_draft(
     vocabulary full / AUTO_VOCAB_SIZE ids where the vocabulary is at least twice that. Under auto
     a quantization that fails falls back to the plain draft with a warning.
     """
+    key = (weakref.ref(target), quantization, vocab_size, threads, lookahead)
+    prepared = _PREPARED.setdefault(draft, {})
+    if key in prepared:
+        model, record = prepared[key]
+        return model or draft, replace(record, reused=True)
     start = time.perf_counter()
     model, record = _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead)
     record.setup_seconds = time.perf_counter() - start
+    # None for the draft itself: a value holding its key would keep the entry alive forever.
+    prepared[key] = (None if model is draft else model, record)
     return model, record
+
+
+# Prepared drafts per user draft, for as long as it lives: saguaro.generate() builds a generator per
+# call, and neither auto's measurement nor a quantization (seconds each on a real draft) should be
+# paid again for the same pair and options.
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead):

@@ -257,6 +257,18 @@ def test_auto_records_its_choice_and_stays_exact():
     assert (record.quantization, record.vocab_size) == (None, None) and "too small" in record.note
 
 
+def test_a_draft_is_prepared_once_for_its_target_and_options():
+    target = tiny_model("llama", seed=0, hidden=128)
+    draft = perturbed_copy(target, 0.003)
+    first, second, other = (
+        saguaro.SpeculativeGenerator(target, draft, draft_quantization=q, draft_vocab_size=None)
+        for q in ("int8", "int8", "int4")
+    )
+    assert not first.draft_configuration.reused and second.draft_configuration.reused
+    assert second._draft is first._draft  # one quantized copy, however many generate() calls
+    assert not other.draft_configuration.reused and other._draft is not first._draft
+
+
 def test_quantization_failure_falls_back_under_auto_and_raises_when_explicit(monkeypatch):
     def missing_kernel(*args):
         raise RuntimeError("no int8 kernel here")
