@@ -159,6 +159,25 @@ def test_compressed_draft_greedy_matches_target(method, quantization, vocab_size
         assert any(t >= vocab_size for t in expected[0, PROMPT.shape[1] :].tolist())
 
 
+@pytest.mark.timeout(180)
+def test_compressed_draft_serves_the_saguaro_worker_process():
+    # The forked drafter process runs the compressed copy: same exact output, no worker failure.
+    target = tiny_model("llama", seed=0, hidden=128)
+    with saguaro.SpeculativeGenerator(
+        target,
+        perturbed_copy(target, 0.003),
+        method="saguaro",
+        placement="process",
+        speculation_schedule="constant",
+        draft_quantization="int4",
+        draft_vocab_size=48,
+    ) as generator:
+        out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
+    assert out.sequences.tolist() == hf_greedy(target, PROMPT, 30).tolist()
+    assert out.stats.worker_failures == 0 and 0 < out.stats.accepted < out.stats.drafted
+    assert out.stats.draft_configuration["quantization"] == "int4"
+
+
 def plant_uncompressed_q(monkeypatch, plain_draft):
     """The planted bug: drafts drawn from the compressed draft, verified with the plain draft's q."""
     real_propose = ModelDrafter.propose
