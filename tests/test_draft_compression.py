@@ -209,10 +209,16 @@ QUANTIZED = {"draft_quantization": "int4", "draft_vocab_size": None}
 REDUCED = {"draft_quantization": None, "draft_vocab_size": 3}
 
 
-@pytest.mark.parametrize("options", [QUANTIZED, REDUCED], ids=["int4", "vocab3"])
-def test_compressed_draft_sampling_matches_target_distribution(sampling_pair, options):
+@pytest.mark.parametrize(
+    "method, options",
+    [("speculative", QUANTIZED), ("speculative", REDUCED), ("tree", REDUCED)],
+    ids=["int4", "vocab3", "tree-vocab3"],
+)
+def test_compressed_draft_sampling_matches_target_distribution(sampling_pair, method, options):
+    # In the tree, three siblings drawn without replacement use up the three kept ids: once all are
+    # rejected, only the excluded ids are left in the residual.
     target, draft = sampling_pair
-    counts = sample_counts(target, draft, samples=1500, seed=21, options=options)
+    counts = sample_counts(target, draft, samples=1500, seed=21, method=method, options=options)
     expected = exact_joint(target, 3)
     assert expected[:, 3:].sum() > 0.05 and expected[:, :, 3:].sum() > 0.05
     assert chi_square_pvalue(counts, expected) > PASS_P
