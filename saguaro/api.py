@@ -379,7 +379,7 @@ def generate(
     draft_quantization ("auto", "int8", "int4", None) and draft_vocab_size ("auto", an int, None)
     make the draft cheaper (weight-only quantized linears; logits for the lowest ids plus the
     special ones only) without touching exactness; "auto" measures the variants on the first prompt
-    and keeps the plain draft unless one is clearly faster per accepted token. The choice is in
+    against the target and keeps the plain draft unless one promises >10% more tokens/s. The choice is in
     `.stats.draft_configuration` (and `SpeculativeGenerator.draft_configuration`).
     With speculation_schedule="adaptive" (default) each round drafts the length that maximises
     measured tokens/s (0 = a plain target step when speculation loses, as on CPUs where verifying
