@@ -7,13 +7,14 @@ import numbers
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto
 from .cost_model import LookaheadController, TreeDepthController
+from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
 from .faults import logger, warn
@@ -205,6 +206,8 @@ class SpeculativeGenerator:
         speculation_schedule: str = "adaptive",
         draft_device: str | torch.device | None = None,
         strict: bool = False,
+        draft_quantization: str | None = "auto",
+        draft_vocab_size: int | str | None = "auto",
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -230,6 +233,7 @@ class SpeculativeGenerator:
             raise ValueError(
                 f"unknown speculation_schedule {speculation_schedule!r}; use one of {', '.join(SCHEDULES)}"
             )
+        check_draft_options(draft_quantization, draft_vocab_size, draft_model)
         if not 0 < saguaro_reshape <= 1:
             raise ValueError(
                 "saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], "
@@ -252,6 +256,11 @@ class SpeculativeGenerator:
             vocab_size=target.config.vocab_size,
             reshape_c=saguaro_reshape,
         )
+        # The draft the drafters run (quantized / reduced vocabulary, see draft_compression), built
+        # once: on the first call under "auto", which measures on that call's first prompt.
+        self._draft_options = (draft_quantization, draft_vocab_size)
+        self._draft = None
+        self.draft_configuration: DraftConfiguration | None = None
         self._worker: DraftWorker | None = None
         self._finalizer = None
         self._lock = threading.Lock()
@@ -259,6 +268,8 @@ class SpeculativeGenerator:
         if self.auto:
             method = "speculative" if draft_model is not None else "prompt_lookup"
         self._configure(method)
+        if draft_model is not None and method not in MODEL_FREE and "auto" not in self._draft_options:
+            self._prepared_draft([])
 
     def _configure(self, method: str) -> None:
         """Everything that follows from the decoding method."""
@@ -276,9 +287,10 @@ class SpeculativeGenerator:
             controller = TreeDepthController if method == "tree" else LookaheadController
             self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
 
-    def _choose_method(self) -> None:
+    def _choose_method(self, sample: list[int]) -> None:
         """method="auto": the method the cost model predicts fastest, from step costs measured once
-        and the acceptance (and Saguaro hit rate) measured over this generator's earlier calls."""
+        (with the draft the drafters will run) and the acceptance (and Saguaro hit rate) measured
+        over this generator's earlier calls."""
         if self.draft_model is None:
             return  # prompt lookup, which turns itself off where it does not pay
         on_cpu = self.target.device.type == "cpu"
@@ -290,7 +302,7 @@ class SpeculativeGenerator:
         branching = None if isinstance(self._tree_branching, DynamicTree) else self._tree_branching
         self.auto_choice = auto.choose(
             self.target,
-            self.draft_model,
+            self._prepared_draft(sample),
             self.num_speculative_tokens,
             branching,
             split,
@@ -310,11 +322,25 @@ class SpeculativeGenerator:
             self._auto_counts[2] += stats.hits
             self._auto_counts[3] += max(0, len(drafted_rounds) - 1)
 
+    def _prepared_draft(self, sample: list[int]):
+        if self._draft is None:
+            # Measured with the threads it will draft with: a worker process drafts on its own.
+            threads = self.threads.drafter if self.threads.drafter else None
+            self._draft, self.draft_configuration = prepare_draft(
+                self.draft_model,
+                self.target,
+                *self._draft_options,
+                sample,
+                threads,
+                self.num_speculative_tokens,
+            )
+        return self._draft
+
     def _draft_worker(self) -> DraftWorker:
         """The worker, started on the first call; a failed one is restarted here (with backoff)."""
         if self._worker is None:
             self._worker = DraftWorker(
-                self.draft_model,
+                self._draft,
                 self.placement,
                 self.worker_timeout,
                 threads=self.threads.drafter or 1,
@@ -420,7 +446,7 @@ class SpeculativeGenerator:
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         if self.auto:
-            self._choose_method()
+            self._choose_method(prompts[0])
         eos = _eos_ids(eos_token_id, self.target)
         if streamer is not None:
             streamer.put(ids.cpu())
@@ -462,6 +488,9 @@ class SpeculativeGenerator:
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
         runner = ModelRunner(self.target, capacity)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
+        if self.method not in MODEL_FREE:
+            self._prepared_draft(prompt)
+            stats.draft_configuration = asdict(self.draft_configuration)
         start = time.perf_counter()
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
@@ -484,7 +513,7 @@ class SpeculativeGenerator:
                 )
         else:
             drafter = ModelDrafter(
-                self.draft_model, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape
+                self._draft, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape
             )
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
         stats.total_seconds = time.perf_counter() - start
@@ -525,6 +554,11 @@ def generate(
     (whichever of these the cost model predicts fastest on this hardware, from step costs timed
     once per process and the acceptance measured so far; `SpeculativeGenerator.auto_choice` says
     which it took and why).
+    draft_quantization ("auto", "int8", "int4", None) and draft_vocab_size ("auto", an int, None)
+    make the draft cheaper (weight-only quantized linears; logits for the lowest ids plus the
+    special ones only) without touching exactness; "auto" measures the variants on the first prompt
+    against the target and keeps the plain draft unless one promises >10% more tokens/s. The choice is in
+    `.stats.draft_configuration` (and `SpeculativeGenerator.draft_configuration`).
     With speculation_schedule="adaptive" (default) each round drafts the length that maximises
     measured tokens/s (0 = a plain target step when speculation loses, as on CPUs where verifying
     T tokens costs ~T steps); "constant" always drafts num_speculative_tokens.

@@ -28,6 +28,9 @@ class GenerationStats:
     hits: int = 0  # rounds whose draft came from the speculation cache (method "saguaro")
     lookup_backups: int = 0  # rounds whose draft was copied from the sequence (prompt lookup)
     worker_failures: int = 0
+    # The draft the drafters ran: quantization, vocabulary size, measured step costs and agreement
+    # (draft_compression.DraftConfiguration as a dict); None for model-free methods.
+    draft_configuration: dict | None = None
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # the target waiting for drafts
     drafter_busy_seconds: float = 0.0  # drafter compute, overlapped or not (method "saguaro")
@@ -70,7 +73,7 @@ class GenerationStats:
     @classmethod
     def merge(cls, rows: list[GenerationStats]) -> GenerationStats:
         """One record for a batch whose rows ran one after another: counts and times add up."""
-        merged = cls(method=rows[0].method)
+        merged = cls(method=rows[0].method, draft_configuration=rows[0].draft_configuration)
         for row in rows:
             for name, value in vars(row).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
