@@ -324,15 +324,17 @@ class SpeculativeGenerator:
 
     def _prepared_draft(self, sample: list[int]):
         if self._draft is None:
-            # Measured with the threads it will draft with: a worker process drafts on its own.
-            threads = self.threads.drafter if self.threads.drafter else None
+            # Measured as it will run: a CPU Saguaro worker drafts on its own threads while the
+            # target verifies on the rest.
+            split = self.threads.drafter > 0
             self._draft, self.draft_configuration = prepare_draft(
                 self.draft_model,
                 self.target,
                 *self._draft_options,
                 sample,
-                threads,
+                self.threads.drafter if split else None,
                 self.num_speculative_tokens,
+                self.threads.target if split else None,
             )
         return self._draft
 

@@ -384,10 +384,11 @@ def compress_draft(
 # --- choosing by measurement -------------------------------------------------------------------
 
 
-def _measure(model, sample: list[int], steps: int, continuation: list[int] | None = None):
+def _measure(model, sample: list[int], steps: int, continuation: list[int] | None = None, width: int = 0):
     """Teacher-forced top-1 predictions over `sample` and `steps` one-token steps, the tokens fed in
-    those steps (`continuation`, or the model's own greedy choices), and a step's median seconds."""
-    runner = ModelRunner(model, len(sample) + steps)
+    those steps (`continuation`, or the model's own greedy choices), a step's median seconds, and
+    (with `width`) the seconds of one forward over `width` tokens: a batched pre-speculation step."""
+    runner = ModelRunner(model, len(sample) + steps + width)
     predictions = runner.forward(sample).argmax(-1).tolist()
     fed, seconds = [], []
     for step in range(steps):
@@ -396,7 +397,12 @@ def _measure(model, sample: list[int], steps: int, continuation: list[int] | Non
         predictions.append(int(runner.forward([token])[-1].argmax()))  # int(): waits for the device
         seconds.append(time.perf_counter() - start)
         fed.append(token)
-    return predictions, fed, statistics.median(seconds[1:])  # the first step warms up
+    batched = 0.0
+    if width:
+        start = time.perf_counter()
+        int(runner.forward((fed * width)[:width])[-1].argmax())
+        batched = time.perf_counter() - start
+    return predictions, fed, statistics.median(seconds[1:]), batched  # the first step warms up
 
 
 def _measure_target(target, sample: list[int], continuation: list[int], lookahead: int, repeats: int = 3):
@@ -430,6 +436,8 @@ def choose_draft_configuration(
     vocab_sizes=(None, AUTO_VOCAB_SIZE),
     steps: int = AUTO_STEPS,
     min_gain: float = AUTO_MIN_GAIN,
+    concurrent: bool = False,
+    target_threads: int | None = None,
 ) -> tuple[nn.Module, DraftConfiguration]:
     """Measure every (quantization, vocabulary size) variant and return the best with its record.
 
@@ -439,7 +447,10 @@ def choose_draft_configuration(
     steps (the plain draft's greedy continuation, teacher-forced) with `threads` threads: its step
     cost d and its top-1 agreement r with the plain draft, so its acceptance is about a * r. Its
     score is the expected tokens per second of a round, expected_tokens(a * r) / (verify +
-    lookahead * d). The first variant is the baseline; another wins only when it scores more than
+    lookahead * d). A `concurrent` drafter (Saguaro's worker, the target on `target_threads`)
+    drafts while the target verifies: its round lasts max(verify, d + lookahead * d_B), with d_B a
+    batched step over lookahead + 1 branches. The first variant is the baseline; another wins only
+    when it scores more than
     `min_gain` better. A variant that cannot be built on this platform is skipped with a warning
     (the baseline is not: its error is raised).
     """
@@ -450,8 +461,9 @@ def choose_draft_configuration(
     record = DraftConfiguration(chosen_by="auto")
     try:
         torch.set_num_threads(threads or previous_threads)
-        reference, continuation, plain_seconds = _measure(draft, sample, steps)
-        torch.set_num_threads(previous_threads)
+        width = lookahead + 1 if concurrent else 0
+        reference, continuation, plain_seconds, plain_batched = _measure(draft, sample, steps, width=width)
+        torch.set_num_threads(target_threads or previous_threads)
         target_predictions, record.verify_seconds = _measure_target(target, sample, continuation, lookahead)
         # Laplace's rule: a short sample neither promises nor rules out acceptance.
         matches = sum(a == b for a, b in zip(reference, target_predictions))
@@ -469,15 +481,17 @@ def choose_draft_configuration(
                     _warn(f"draft variant {variant_label(*variant)} skipped: {error}")
                     continue
                 if model is draft:
-                    seconds, agreement = plain_seconds, 1.0
+                    seconds, batched, agreement = plain_seconds, plain_batched, 1.0
                 else:
-                    predictions, _, seconds = _measure(model, sample, steps, continuation)
+                    predictions, _, seconds, batched = _measure(model, sample, steps, continuation, width)
                     agreement = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
                 record.step_seconds[variant_label(*variant)] = seconds
                 record.agreement[variant_label(*variant)] = agreement
-                score = expected_tokens(record.target_agreement * agreement, lookahead) / (
-                    record.verify_seconds + lookahead * seconds
-                )
+                if concurrent:
+                    round_seconds = max(record.verify_seconds, seconds + lookahead * batched)
+                else:
+                    round_seconds = record.verify_seconds + lookahead * seconds
+                score = expected_tokens(record.target_agreement * agreement, lookahead) / round_seconds
                 if baseline is None:
                     baseline = best = (variant, model, score)
                 elif score > best[2]:
@@ -545,6 +559,7 @@ def prepare_draft(
     sample_ids: list[int] | None = None,
     threads: int | None = None,
     lookahead: int = 4,
+    target_threads: int | None = None,
 ) -> tuple[nn.Module, DraftConfiguration]:
     """The draft model the drafters should run, and its record.
 
@@ -555,13 +570,15 @@ def prepare_draft(
     vocabulary full / AUTO_VOCAB_SIZE ids where the vocabulary is at least twice that. Under auto
     a quantization that fails falls back to the plain draft with a warning.
     """
-    key = (weakref.ref(target), quantization, vocab_size, threads, lookahead)
+    key = (weakref.ref(target), quantization, vocab_size, threads, lookahead, target_threads)
     prepared = _PREPARED.setdefault(draft, {})
     if key in prepared:
         model, record = prepared[key]
         return model or draft, replace(record, reused=True)
     start = time.perf_counter()
-    model, record = _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead)
+    model, record = _prepare(
+        draft, target, quantization, vocab_size, sample_ids, threads, lookahead, target_threads
+    )
     record.setup_seconds = time.perf_counter() - start
     # None for the draft itself: a value holding its key would keep the entry alive forever.
     prepared[key] = (None if model is draft else model, record)
@@ -574,7 +591,7 @@ def prepare_draft(
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead):
+def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead, target_threads):
     check_draft_options(quantization, vocab_size, draft)
     vocab = _text_config(draft).vocab_size
     note = ""
@@ -590,7 +607,15 @@ def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, looka
         return compress_draft(draft, *variant), DraftConfiguration(*variant, chosen_by, note=note)
     # Under auto the baseline variant is unquantized; quantized variants that fail are skipped there.
     model, record = choose_draft_configuration(
-        draft, target, sample_ids or [], threads, lookahead, quantizations, vocab_sizes
+        draft,
+        target,
+        sample_ids or [],
+        threads,
+        lookahead,
+        quantizations,
+        vocab_sizes,
+        concurrent=target_threads is not None,
+        target_threads=target_threads,
     )
     record.note = note
     return model, record

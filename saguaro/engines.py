@@ -192,12 +192,20 @@ def saguaro(
     """
     threads = threads or NoSplit()
     threads.alone()
+    seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))  # the drafter's own RNG
+    prefill = None
+    if worker.concurrent:  # the drafter prefills the prompt on its own core while the target does
+        try:
+            prefill = worker.begin("reset", prompt, sampler.config, seed, False)
+            threads.beside_drafter()
+        except WorkerFailed as error:
+            stats.worker_failures += 1
+            worker = fallback(error)
     start = time.perf_counter()
     logits = target.forward(prompt, last_only=True)[-1]
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
-    seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))  # the drafter's own RNG
 
     def ask(call, *args):
         nonlocal worker, waited
@@ -213,7 +221,12 @@ def saguaro(
         return draft
 
     waited = 0.0
-    draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
+    if prefill is not None:
+        draft = ask(lambda w: w.end, prefill)  # an empty draft, unless the worker failed meanwhile
+        if draft.source == DraftSource.OFF:
+            draft = ask(lambda w: w.catch_up, prompt + generated)
+    else:
+        draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
     while not stop.finished(generated):
         depth = min(len(draft.tokens), stop.remaining(generated) - 1)
         tree = TokenTree.chain(depth)

@@ -75,8 +75,12 @@ class PreSpeculator:
         self.prespeculation_finished = True  # False when the outcome arrived before every step ran
 
     # -- sequence control -------------------------------------------------------------------
-    def reset(self, committed: list[int], sampling: SamplingConfig, seed: int) -> Draft:
-        """A new sequence: `committed` tokens, drafts shaped by `sampling`, drawn with an RNG from `seed`."""
+    def reset(self, committed: list[int], sampling: SamplingConfig, seed: int, draft: bool = True) -> Draft:
+        """A new sequence: `committed` tokens, drafts shaped by `sampling`, drawn with an RNG from `seed`.
+
+        With draft=False the drafter only feeds `committed` (its prefill, overlapping the target's)
+        and answers with no draft; `catch_up` then drafts once the target's first token is known.
+        """
         start = time.perf_counter()
         # On the drafter's device: its draws come from its own probabilities, wherever they live.
         generator = torch.Generator(device=self.runner.device).manual_seed(seed)
@@ -84,6 +88,9 @@ class PreSpeculator:
         self.runner.reset()
         self.committed = list(committed)
         self._cache = SpeculationCache()
+        if not draft:
+            self.runner.forward(self.committed, last_only=True)
+            return self._hand_over(Draft([], None, DraftSource.OFF), start)
         return self._hand_over(self._model_draft(), start)
 
     def resolve(
@@ -216,8 +223,8 @@ class PreSpeculator:
         target never waits for branches deeper than its verification gave time for.
         """
         start = time.perf_counter()
-        self.prespeculation_finished = False
-        if outcome_arrived():
+        self.prespeculation_finished = not self.draft.tokens  # nothing to verify, nothing to prepare
+        if self.prespeculation_finished or outcome_arrived():
             return
         drafts = self.draft.tokens
         position_probs = self._distributions_along_draft()

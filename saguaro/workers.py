@@ -224,12 +224,22 @@ class DraftWorker:
             return getattr(self._inline, kind)(*args)
         return self._ask(kind, *args)
 
-    def _ask(self, kind: str, *args) -> Draft:
+    def begin(self, kind: str, *args) -> int:
+        """Send a request without waiting for its answer; `end` collects it. Lets the caller work
+        meanwhile (the target's prefill while the drafter prefills)."""
         self._seq += 1
-        seq = self._seq
+        try:
+            self._conn.send((self._seq, kind, *args))
+        except Exception as error:
+            raise self._fail(f"is gone ({error!r})") from error
+        return self._seq
+
+    def end(self, seq: int) -> Draft:
+        """The answer to request `seq`; answers to earlier, abandoned requests are dropped."""
+        if self._conn is None:
+            raise WorkerFailed("the drafter worker stopped before answering")
         deadline = time.monotonic() + self.timeout
         try:
-            self._conn.send((seq, kind, *args))
             while True:
                 if not self._conn.poll(max(0.0, deadline - time.monotonic())):
                     raise self._fail(f"gave no answer within {self.timeout:g}s (stalled); it was killed")
@@ -245,6 +255,9 @@ class DraftWorker:
             raise
         except Exception as error:  # EOF, a broken pipe, a garbled message: the worker is unusable
             raise self._fail(f"is gone ({error!r})") from error
+
+    def _ask(self, kind: str, *args) -> Draft:
+        return self.end(self.begin(kind, *args))
 
     def _fail(self, what: str) -> WorkerFailed:
         """Stop the worker now (kill, never wait), switch to inline drafting, schedule a restart."""
