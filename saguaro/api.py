@@ -196,7 +196,7 @@ class SpeculativeGenerator:
         self,
         target,
         draft_model=None,
-        method: str = "speculative",
+        method: str = "auto",
         num_speculative_tokens: int = 4,
         tree_branching=DEFAULT_TREE,
         placement: str | None = None,
@@ -527,7 +527,7 @@ def generate(
     target,
     input_ids,
     draft_model=None,
-    method: str = "speculative",
+    method: str = "auto",
     max_new_tokens: int = 64,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -546,7 +546,7 @@ def generate(
 ):
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
-    method: "autoregressive" (no draft), "speculative" (a chain of up to num_speculative_tokens
+    method: "auto" (the default: see below), "autoregressive" (no draft), "speculative" (a chain of up to num_speculative_tokens
     drafts per round), "prompt_lookup" (model-free: drafts copied from the sequence itself),
     "tree" (a draft tree with tree_branching[d] children per node at depth d, or a
     saguaro.DynamicTree grown where the drafter is confident; verified in one target forward with

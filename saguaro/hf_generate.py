@@ -281,7 +281,7 @@ class Enabled:
         )
 
 
-def enable(model, draft_model=None, method: str = "speculative", strict: bool = False, **options) -> Enabled:
+def enable(model, draft_model=None, method: str = "auto", strict: bool = False, **options) -> Enabled:
     """Make `model.generate(...)` speculative with saguaro; `disable(model)` (or leaving the returned
     handle's `with` block) restores HF's. Options are SpeculativeGenerator's (num_speculative_tokens,
     tree_branching, placement, draft_device, ...). strict=True raises `UnsupportedGenerateCall` for

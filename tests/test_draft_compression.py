@@ -272,7 +272,7 @@ def test_auto_records_its_choice_and_stays_exact():
     target = tiny_model("llama", seed=0)
     draft = perturbed_copy(target, 0.003)
     expected = hf_greedy(target, PROMPT, 20)
-    with saguaro.SpeculativeGenerator(target, draft) as generator:
+    with saguaro.SpeculativeGenerator(target, draft, method="speculative") as generator:
         assert generator.draft_configuration is None  # auto measures on the first prompt
         out = generator.generate(PROMPT, max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True)
     assert out.sequences.tolist() == expected.tolist()
@@ -308,6 +308,7 @@ def test_quantization_failure_falls_back_under_auto_and_raises_when_explicit(mon
             target,
             PROMPT,
             draft_model=draft,
+            method="speculative",
             max_new_tokens=12,
             eos_token_id=[],
             return_dict_in_generate=True,

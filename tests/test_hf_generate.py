@@ -167,7 +167,12 @@ def sampled_batch_counts(target, draft, samples: int):
     counts = torch.zeros(2, VOCAB, VOCAB, VOCAB)
     torch.manual_seed(3)
     with saguaro.enable(
-        target, draft_model=draft, num_speculative_tokens=2, speculation_schedule="constant", strict=True
+        target,
+        draft_model=draft,
+        method="speculative",
+        num_speculative_tokens=2,
+        speculation_schedule="constant",
+        strict=True,
     ):
         for _ in range(samples):
             out = target.generate(
