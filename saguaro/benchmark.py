@@ -62,8 +62,9 @@ PRESETS = {
     "full": {"methods": list(FULL_METHODS), "num_prompts": 3, "max_new_tokens": 64},
 }
 # The quick run warms up on the first prompt's first tokens: lazy initialisation does not depend on
-# the length, and a full-length prefill per method would cost a 1.5B model on 2 cores most of a minute.
-QUICK_WARMUP_TOKENS = 16
+# the length, and a long prefill per method costs a 1.5B model on a CPU without native bf16 most of a
+# minute. 64 tokens: what the draft chooser (draft_quantization="auto") samples on the first call.
+QUICK_WARMUP_TOKENS = 64
 STAT_KEYS = (
     "chosen_method",
     "mean_accepted_length",
