@@ -547,7 +547,8 @@ def generate(
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
     method: "auto" (the default: see below), "autoregressive" (no draft), "speculative" (a chain
-    of up to num_speculative_tokens drafts per round), "prompt_lookup" (model-free: drafts copied from the sequence itself),
+    of up to num_speculative_tokens drafts per round), "prompt_lookup" (model-free: drafts copied
+    from the sequence itself),
     "tree" (a draft tree with tree_branching[d] children per node at depth d, or a
     saguaro.DynamicTree grown where the drafter is confident; verified in one target forward with
     a tree attention mask) or "saguaro" (speculative speculative decoding: the drafter prepares
