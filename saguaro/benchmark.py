@@ -7,7 +7,7 @@ and any such mismatch is reported, never hidden. With --full, beside the runs it
 forward over T tokens, per model and thread count) and checks the cost model against the runs:
 each run's time is predicted from those step costs and the forwards its acceptance led to.
 
-    saguaro bench                      # quick: the demo pair (fetched on first use), 5 methods, minutes
+    saguaro bench                      # quick: the demo pair (fetched on first use), 6 methods, minutes
     saguaro bench --full               # every method, step costs before and after, cost-model check
     saguaro bench --target DIR --draft DIR [--dtype bfloat16] [--num-prompts 3] [--out results.json]
     saguaro bench --random-weights --target CONFIG_DIR --draft CONFIG_DIR --device cuda \\
@@ -50,13 +50,14 @@ FULL_METHODS = HF_METHODS + (
     "speculative+sample",
     "saguaro+sample",
 )
-# The quick default: the HF baselines and saguaro's best methods, on two short prompts.
-QUICK_METHODS = HF_METHODS + ("speculative", "tree", "saguaro")
+# The quick default: the HF baselines, saguaro's best methods and its default ("auto"), on two
+# short prompts.
+QUICK_METHODS = HF_METHODS + ("speculative", "tree", "saguaro", "auto")
 # What a run does with the arguments left unset; given ones always win. Only --full measures step
 # costs (two sweeps over 14 lengths on a 256-token context: most of a full run's time on a CPU).
-# Quick's sizes are an estimate from the step costs in docs/results/cpu-bf16.md: the demo pair in
-# bf16 on 2 cores spends about 2 minutes per prompt on these 5 methods (a third of it in prefills),
-# so with loading and warm-up about 5 minutes.
+# Quick's sizes: on a 2-core CPU with native bf16 the run took 65 s (docs/RESULTS.md); without
+# native bf16 (docs/results/cpu-bf16.md) a prompt costs these methods about 2 minutes, so with
+# loading and warm-up about 5 minutes.
 PRESETS = {
     "quick": {"methods": list(QUICK_METHODS), "num_prompts": 2, "max_new_tokens": 24},
     "full": {"methods": list(FULL_METHODS), "num_prompts": 3, "max_new_tokens": 64},
@@ -67,6 +68,7 @@ PRESETS = {
 QUICK_WARMUP_TOKENS = 64
 STAT_KEYS = (
     "chosen_method",
+    "draft_configuration",
     "mean_accepted_length",
     "acceptance_rate",
     "accepted_histogram",
@@ -366,11 +368,28 @@ def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) 
             entry.update(per_round_times(runs))
         if base_method(method) == "auto":
             entry["chosen_methods"] = sorted({r["chosen_method"] for r in runs})
+        if runs[0].get("draft_configuration"):
+            entry["draft_configuration"] = draft_summary(runs[0]["draft_configuration"])
         checked = [r["matches_hf_greedy"] for r in runs if r["matches_hf_greedy"] is not None]
         if checked:
             entry["outputs_matching_hf_greedy"] = f"{sum(checked)}/{len(checked)}"
         summary[method] = entry
     return summary
+
+
+def draft_summary(configuration: dict) -> dict:
+    """What the drafters ran (quantization, vocabulary, threads) and, where "auto" measured the
+    variants, the chosen one's step cost and top-1 agreement beside the plain draft's."""
+    label = f"{configuration['quantization'] or 'none'}/{configuration['vocab_size'] or 'full'}"
+    steps, agreement = configuration["step_seconds"], configuration["agreement"]
+    return {
+        "variant": label,
+        "threads": configuration.get("threads"),
+        "chosen_by": configuration["chosen_by"],
+        "step_seconds": steps.get(label),
+        "plain_step_seconds": steps.get("none/full"),
+        "agreement_with_plain": agreement.get(label),
+    }
 
 
 def per_round_times(runs: list[dict]) -> dict[str, float]:

@@ -84,6 +84,7 @@ class DraftConfiguration:
     note: str = ""
     setup_seconds: float = 0.0  # building (and under auto, measuring) the variants
     reused: bool = False  # prepared for an earlier generator of the same draft, target and options
+    threads: int | None = None  # the drafter's torch threads it was measured with (None: the caller's)
 
     @property
     def label(self) -> str:
@@ -580,6 +581,7 @@ def prepare_draft(
         draft, target, quantization, vocab_size, sample_ids, threads, lookahead, target_threads
     )
     record.setup_seconds = time.perf_counter() - start
+    record.threads = threads
     # None for the draft itself: a value holding its key would keep the entry alive forever.
     prepared[key] = (None if model is draft else model, record)
     return model, record

@@ -30,6 +30,28 @@ def _rounds(summary: dict) -> list[str]:
     return lines
 
 
+def _drafts(summary: dict) -> list[str]:
+    """The draft each method ran, as draft_quantization / draft_vocab_size chose it."""
+    rows = {m: s["draft_configuration"] for m, s in summary.items() if s.get("draft_configuration")}
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Draft configuration (quantization / vocabulary; step = one-token draft forward)",
+        "",
+        "| method | draft | drafter threads | chosen by | step | plain bf16 step | agreement with plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, d in rows.items():
+        step, plain = d["step_seconds"], d["plain_step_seconds"]
+        lines.append(
+            f"| {method} | {d['variant']} | {d['threads'] or 'all'} | {d['chosen_by']} "
+            f"| {_cell(step and step * 1000, '.0f', ' ms')} | {_cell(plain and plain * 1000, '.0f', ' ms')} "
+            f"| {_cell(d['agreement_with_plain'], '.2f')} |"
+        )
+    return lines
+
+
 def markdown(results: dict) -> str:
     setup = results["setup"]
     lines = [f"# saguaro bench: {setup.get('mode', 'measured')}", ""]
@@ -55,6 +77,7 @@ def markdown(results: dict) -> str:
                 f"| {_prediction(s)} |"
             )
         lines += _rounds(results["summary"])
+        lines += _drafts(results["summary"])
         lines += [
             "",
             "Bandwidth used: target bytes x tokens/s / measured copy bandwidth (gpt-fast's measure; "

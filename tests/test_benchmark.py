@@ -60,7 +60,7 @@ def test_bench_by_default_is_quick_on_the_demo_pair(pair_on_disk, tmp_path, monk
     assert results["setup"]["target"] == str(pair_on_disk / "target")
     assert results["setup"]["max_new_tokens"] == 24 and results["setup"]["run"].startswith("quick")
     summary = results["summary"]
-    assert list(summary) == ["hf_greedy", "hf_assisted", "speculative", "tree", "saguaro"]
+    assert list(summary) == ["hf_greedy", "hf_assisted", "speculative", "tree", "saguaro", "auto"]
     for method, entry in summary.items():
         assert entry["runs"] == 2, method  # 2 prompts x 1 repeat
         if method != "hf_greedy":
@@ -168,7 +168,7 @@ def test_a_failed_demo_fetch_ends_the_command_with_its_advice(monkeypatch, capsy
 @pytest.mark.timeout(600)
 def test_bench_reports_rounds_one_thread_variants_and_what_auto_chose(pair_on_disk, tmp_path):
     out = tmp_path / "results.json"
-    methods = ["hf_greedy", "speculative+1thread", "saguaro+1thread", "auto"]
+    methods = ["hf_greedy", "speculative+1thread", "saguaro", "saguaro+1thread", "auto"]
     benchmark.main(
         ["--target", str(pair_on_disk / "target"), "--draft", str(pair_on_disk / "draft")]
         + tiny_options(pair_on_disk, out)
@@ -186,5 +186,8 @@ def test_bench_reports_rounds_one_thread_variants_and_what_auto_chose(pair_on_di
     assert summary["auto"]["chosen_methods"] and set(summary["auto"]["chosen_methods"]) <= set(
         benchmark.SAGUARO_METHODS
     )
+    # The draft each method ran: auto keeps tiny drafts plain, and a Saguaro worker drafts on one thread.
+    assert summary["speculative+1thread"]["draft_configuration"]["variant"] == "none/full"
+    assert summary["saguaro"]["draft_configuration"]["threads"] == 1
     report = (tmp_path / "results.md").read_text()
-    assert "## Rounds" in report and "saguaro+1thread" in report
+    assert "## Rounds" in report and "saguaro+1thread" in report and "## Draft configuration" in report
