@@ -28,6 +28,20 @@ def worker_process(generator):
     return generator._worker._process
 
 
+def kill_worker_at_round(monkeypatch, generator, round_number: int) -> None:
+    """SIGKILL the generator's worker process during its `round_number`-th verification."""
+    rounds = []
+    real_verify = engines.verify_proposal
+
+    def verify_then_kill(*args):
+        rounds.append(1)
+        if len(rounds) == round_number:
+            os.kill(worker_process(generator).pid, signal.SIGKILL)
+        return real_verify(*args)
+
+    monkeypatch.setattr(engines, "verify_proposal", verify_then_kill)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
 @pytest.mark.parametrize("draft_kind", ["agreeing", "disagreeing"])
 def test_saguaro_greedy_matches_target_with_process_worker(arch, draft_kind):
@@ -89,16 +103,7 @@ def test_killing_the_worker_mid_generation_loses_nothing(monkeypatch):
         speculation_schedule="constant",
         placement="process",
     )
-    rounds = []
-    real_verify = engines.verify_proposal
-
-    def verify_then_kill(*args):
-        rounds.append(1)
-        if len(rounds) == 3:
-            os.kill(worker_process(generator).pid, signal.SIGKILL)
-        return real_verify(*args)
-
-    monkeypatch.setattr(engines, "verify_proposal", verify_then_kill)
+    kill_worker_at_round(monkeypatch, generator, 3)
     with generator, pytest.warns(saguaro.SaguaroWarning, match="drafter worker failed") as caught:
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
         again = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[])  # inline from now on
@@ -130,16 +135,7 @@ def test_strict_raises_a_worker_failure_instead_of_drafting_inline(monkeypatch):
         placement="process",
         strict=True,
     )
-    rounds = []
-    real_verify = engines.verify_proposal
-
-    def verify_then_kill(*args):
-        rounds.append(1)
-        if len(rounds) == 2:
-            os.kill(worker_process(generator).pid, signal.SIGKILL)
-        return real_verify(*args)
-
-    monkeypatch.setattr(engines, "verify_proposal", verify_then_kill)
+    kill_worker_at_round(monkeypatch, generator, 2)
     with generator:
         with pytest.raises(WorkerFailed):
             generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[])
