@@ -2,6 +2,7 @@
 exactly the output of a cold generation and of HF greedy (fp32)."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -269,9 +270,12 @@ def test_enabled_models_reuse_and_copies_start_empty():
     target = tiny_model("llama", seed=0)
     ids = torch.tensor([SYSTEM])
     with saguaro.enable(target, method="autoregressive") as handle:
-        out = target.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
         generator = handle.generator
+        pickled_empty = len(pickle.dumps(generator))
+        out = target.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
         assert len(generator._target_prefixes) == out.shape[1] - 1  # all it fed: prompt + answer
+        # A copy carries none of the stored KV.
+        assert len(pickle.dumps(generator)) - pickled_empty < generator._target_prefixes.nbytes / 2
         clone = copy.deepcopy(generator)
         assert len(clone._target_prefixes) == 0 and len(generator._target_prefixes) > 0
         out = clone.generate(ids, max_new_tokens=NEW, eos_token_id=[], return_dict_in_generate=True)
