@@ -293,3 +293,25 @@ def test_changed_weights_empty_the_cache():
         out = run(generator, ids)
     assert out.stats.reused_prompt_tokens == 0
     assert out.sequences.tolist() == hf_greedy(target, ids)
+
+
+def test_a_seeded_sample_is_the_same_warm_or_cold():
+    # Sampling consumes the seeded RNG draft by draft: the same sample means the same drafts,
+    # distributions and acceptances, so the reused KV changed nothing the sampler sees.
+    target = tiny_model("llama", seed=0)
+    draft = perturbed_copy(target, 0.05)
+
+    def sample(generator, ids):
+        seeded = torch.Generator().manual_seed(5)
+        return generator.generate(
+            ids, NEW, do_sample=True, eos_token_id=[], generator=seeded, return_dict_in_generate=True
+        )
+
+    with generator_for("speculative", target, draft) as warm:
+        turn1 = sample(warm, torch.tensor([SYSTEM]))
+        turn2_prompt = torch.cat([turn1.sequences, torch.tensor([[60]])], dim=1)
+        turn2 = sample(warm, turn2_prompt)
+    with generator_for("speculative", target, draft, prefix_cache=False) as cold_generator:
+        cold = sample(cold_generator, turn2_prompt)
+    assert turn2.stats.reused_prompt_tokens == turn1.sequences.shape[1] - 1
+    assert turn2.sequences.tolist() == cold.sequences.tolist()
