@@ -34,7 +34,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, 
 def weights_version(model) -> tuple:
     """Changes whenever the weights may have: each parameter's storage and its version counter,
     which every in-place torch op bumps. Writes through `param.data` bypass the counter and go
-    unseen; that is why the docs ask for a new generator after changing weights."""
+    unseen, which is why the docs ask for a new generator after such writes."""
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
