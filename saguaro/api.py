@@ -19,6 +19,7 @@ from .drafters import ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, saguaro, speculative
 from .faults import logger, warn
 from .placement import NoSplit, ThreadSplit
+from .prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .stats import GenerationStats
@@ -190,6 +191,15 @@ class SpeculativeGenerator:
     they share the models' caches, the worker and the draft-length controller.
     copy.deepcopy and pickle copy the generator without its worker (the copy starts its own on its
     first call) and leave the original untouched.
+
+    Prefix reuse (prefix_cache=True, the default): the target, the draft and the Saguaro worker
+    each keep the KV of the sequences this generator produced (prompt + answer) in a
+    `PrefixCache` of at most prefix_cache_bytes bytes, so a prompt that starts like an earlier
+    sequence (the next turn of a chat, another request behind the same system prompt) prefills only
+    the rest; `.stats.reused_prompt_tokens` counts the target's. The output is unchanged. A copy
+    starts with empty caches. Stored KV belongs to the weights that computed it: a cache empties
+    itself when its model's weights change through torch ops (`prefix_cache.weights_version`);
+    after writing them through `param.data`, build a new generator.
     """
 
     def __init__(
@@ -208,6 +218,8 @@ class SpeculativeGenerator:
         strict: bool = False,
         draft_quantization: str | None = "auto",
         draft_vocab_size: int | str | None = "auto",
+        prefix_cache: bool = True,
+        prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -240,7 +252,14 @@ class SpeculativeGenerator:
                 f"got {saguaro_reshape}"
             )
         _check_saguaro_options(target, draft_model, num_speculative_tokens, saguaro_budget, worker_timeout)
+        if not isinstance(prefix_cache, bool):
+            raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
+        check_max_bytes(prefix_cache_bytes)
         self.target, self.draft_model = target, draft_model
+        # Each model's prefix cache (None: off) holds the KV of earlier calls' sequences; the Saguaro
+        # worker keeps its own in its process.
+        self._prefix_cache_bytes = prefix_cache_bytes if prefix_cache else None
+        self._new_prefix_caches()
         self.num_speculative_tokens = num_speculative_tokens
         self.placement = placement or ("thread" if target.device.type == "cuda" else "process")
         self.worker_timeout = worker_timeout
@@ -255,6 +274,7 @@ class SpeculativeGenerator:
             budget=saguaro_budget,
             vocab_size=target.config.vocab_size,
             reshape_c=saguaro_reshape,
+            prefix_cache_bytes=self._prefix_cache_bytes,
         )
         # The draft the drafters run (quantized / reduced vocabulary, see draft_compression), built
         # once: on the first call under "auto", which measures on that call's first prompt.
@@ -270,6 +290,11 @@ class SpeculativeGenerator:
         self._configure(method)
         if draft_model is not None and method not in MODEL_FREE and "auto" not in self._draft_options:
             self._prepared_draft([])
+
+    def _new_prefix_caches(self) -> None:
+        size = self._prefix_cache_bytes
+        self._target_prefixes = PrefixCache(size) if size is not None else None
+        self._draft_prefixes = PrefixCache(size) if size is not None else None
 
     def _configure(self, method: str) -> None:
         """Everything that follows from the decoding method."""
@@ -356,13 +381,16 @@ class SpeculativeGenerator:
     def __getstate__(self) -> dict:
         # A copy (deepcopy, pickle) must not share the live worker, its finalizer or the lock: it
         # gets a fresh lock and starts a worker of its own on its first call (warned afresh if it fails).
+        # It starts with empty prefix caches: copying stored KV would cost memory for no exactness.
         state = dict(vars(self))
         state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
+        state.update(_target_prefixes=None, _draft_prefixes=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         vars(self).update(state)
         self._lock = threading.Lock()
+        self._new_prefix_caches()
 
     def _inline_worker(self, error: BaseException | None = None) -> DraftWorker:
         """After a worker failure: the same handle drafts inline for the rest of the call and
@@ -488,7 +516,8 @@ class SpeculativeGenerator:
     ) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
-        runner = ModelRunner(self.target, capacity)
+        runner = ModelRunner(self.target, capacity, self._target_prefixes)
+        runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
         if self.method not in MODEL_FREE:
             self._prepared_draft(prompt)
@@ -515,9 +544,18 @@ class SpeculativeGenerator:
                 )
         else:
             drafter = ModelDrafter(
-                self._draft, sampler.drafting(), self.target.config.vocab_size, capacity, self.tree_shape
+                self._draft,
+                sampler.drafting(),
+                self.target.config.vocab_size,
+                capacity,
+                self.tree_shape,
+                self._draft_prefixes,
             )
+            runners.append(drafter.runner)
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
+        # Each cache holds a prefix of prompt + the untrimmed generation, and so of prompt + new.
+        for owner in runners:
+            owner.remember(prompt + new)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
         return new, stats
@@ -572,7 +610,10 @@ def generate(
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible.
     For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
-    the model with `saguaro.enable` and call `model.generate` as usual.
+    the model with `saguaro.enable` and call `model.generate` as usual: only a kept generator (or an
+    enabled model) reuses the KV of earlier calls' prompts and answers (prefix_cache=True, its
+    default, with a budget of prefix_cache_bytes per model); here, a fresh generator per call, the
+    option is moot.
     """
     with SpeculativeGenerator(
         target, draft_model, method, num_speculative_tokens, tree_branching, **saguaro_options

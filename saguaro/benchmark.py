@@ -245,6 +245,9 @@ def benchmark(args) -> dict:
                 num_speculative_tokens=args.num_speculative_tokens,
                 tree_branching=args.tree_branching,
                 speculation_schedule=schedule,
+                # Every run starts cold, as HF's do: the warm-up, the repeats and the variants that
+                # share a generator resend the same prompts, whose prefill would otherwise be reused.
+                prefix_cache=False,
             )
             if one_thread and name == "saguaro":  # the target on one thread even while the drafter idles
                 generators[key].threads = ThreadSplit(total=1, drafter=0)

@@ -6,6 +6,7 @@ appends a block of guesses each round and then keeps only the accepted ones, so 
   * rollback - forget everything after a length (O(1): just move the length),
   * commit_path - keep a non-contiguous subset of the block just appended (the accepted branch of a
     tree) by moving those few entries down to be contiguous (O(accepted tokens)).
+`prefix` and `load` hand the first entries to and from a `prefix_cache.PrefixCache`.
 The buffers double when full, so appends are amortised O(new tokens) as well.
 
 This is the only module that touches transformers' cache internals (`Cache`, `CacheLayerMixin`);
@@ -116,6 +117,17 @@ class SpeculativeCache(Cache):
         """Forget every entry at index >= length."""
         for layer in self.layers:
             layer.rollback(length)
+
+    def prefix(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of the first `length` entries, per layer (views into the buffers)."""
+        return [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self.layers]
+
+    def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold exactly `kv` (per layer, keys and values [batch, kv_heads, tokens, head_dim]), e.g. a
+        stored prefix of the sequence about to be fed."""
+        for layer, (keys, values) in zip(self.layers, kv, strict=True):
+            layer.rollback(0)
+            layer.update(keys, values)
 
     def commit_path(self, start: int, keep) -> None:
         """Of the entries appended at start, start+1, ..., keep those at start+keep[i], in order.

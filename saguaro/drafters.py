@@ -17,6 +17,7 @@ from enum import Enum
 
 import torch
 
+from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 from .sampling import TokenSampler
 from .tree import DynamicTree, TokenTree
@@ -66,7 +67,8 @@ class ModelDrafter(Drafter):
     model with a tree mask. Greedy drafting offers the top tokens; sampling draws siblings one
     after another without replacement and keeps each sibling's distribution for verification.
     The cache holds the committed tokens, then the tree levels fed during the last propose();
-    commit() keeps the fed nodes of the accepted path and drops the rest.
+    commit() keeps the fed nodes of the accepted path and drops the rest. With a `prefix_cache`
+    (the draft model's own), the first propose() loads the longest stored prefix of the sequence.
     """
 
     def __init__(
@@ -76,8 +78,9 @@ class ModelDrafter(Drafter):
         vocab_size: int | None = None,
         capacity: int = 256,
         shape: list[int] | DynamicTree | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
-        self.runner = ModelRunner(model, capacity)
+        self.runner = ModelRunner(model, capacity, prefix_cache)
         self.sampler = sampler
         # Ids the target cannot emit (a draft embedding padded beyond the target's) are never
         # proposed: they could only be rejected. q is then the distribution over the rest.
@@ -105,8 +108,8 @@ class ModelDrafter(Drafter):
             self._last = Proposal.empty()
             return self._last
         budget = self.shape.budget if isinstance(self.shape, DynamicTree) else None
-        pending = self.committed[self.runner.length :]
-        level_logits = self.runner.forward(pending, last_only=True)[-1:, : self.vocab_size]
+        pending = self.committed[self.runner.length :]  # all of it after reset: a prefill
+        level_logits = self.runner.feed(pending)[0][None, : self.vocab_size]
         tree, tokens, probs, frontier, scores = TokenTree(()), [], [], [-1], [1.0]
         for depth, (offered, kept) in enumerate(levels):
             offers = [self._children(logits, offered) for logits in level_logits]

@@ -88,7 +88,7 @@ def autoregressive(
 ) -> list[int]:
     """The baseline: one target forward per token, on the same runner as every other method."""
     start = time.perf_counter()
-    logits = target.forward(prompt, last_only=True)[-1]
+    logits, stats.reused_prompt_tokens = target.feed(prompt)
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
@@ -117,7 +117,7 @@ def speculative(
     (0: this round is a plain target step); without one every round drafts max_depth.
     """
     start = time.perf_counter()
-    logits = target.forward(prompt, last_only=True)[-1]
+    logits, stats.reused_prompt_tokens = target.feed(prompt)
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
@@ -202,7 +202,7 @@ def saguaro(
             stats.worker_failures += 1
             worker = fallback(error)
     start = time.perf_counter()
-    logits = target.forward(prompt, last_only=True)[-1]
+    logits, stats.reused_prompt_tokens = target.feed(prompt)
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)

@@ -17,7 +17,9 @@ Saguaro sampling (do_sample=True): drafts are drawn from q' = q with its top-F t
 and renormalised, so rejections leave residual mass on exactly the tokens cached as guesses.
 Verification uses q', the distribution actually sampled, so the output stays exact.
 
-This class is placement-agnostic: `workers.py` runs it in a process, a thread or inline.
+This class is placement-agnostic: `workers.py` runs it in a process, a thread or inline. With
+`prefix_cache_bytes` it keeps a `PrefixCache` of its own: each reset stores the sequence it leaves
+and prefills the new one from the longest stored prefix.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from .drafters import DraftSource, lookup_continuation
 from .fanout import geometric_fanout
+from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .ssd import SpeculationCache, predict_outcomes, saguaro_reshape
@@ -54,8 +57,11 @@ class PreSpeculator:
         capacity: int = 256,
         reshape_c: float = 1.0,
         reshape_top: int = 3,
+        prefix_cache_bytes: int | None = None,
     ):
-        self.runner = ModelRunner(model, capacity)
+        # Its own prefix cache (None: off), in whatever process it runs: KV never crosses processes.
+        prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes is not None else None
+        self.runner = ModelRunner(model, capacity, prefixes)
         self.sampler = TokenSampler(SamplingConfig())
         self.lookahead = lookahead
         self.budget = budget or 3 * (lookahead + 1)  # the paper's default fan-out of 3 per position
@@ -85,11 +91,13 @@ class PreSpeculator:
         # On the drafter's device: its draws come from its own probabilities, wherever they live.
         generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.sampler = TokenSampler(sampling, generator)
+        # The cache starts with the previous sequence's committed tokens (drafts and branches after them).
+        self.runner.remember(self.committed)
         self.runner.reset()
         self.committed = list(committed)
         self._cache = SpeculationCache()
         if not draft:
-            self.runner.forward(self.committed, last_only=True)
+            self.runner.feed(self.committed)
             return self._hand_over(Draft([], None, DraftSource.OFF), start)
         return self._hand_over(self._model_draft(), start)
 
@@ -185,7 +193,7 @@ class PreSpeculator:
     def _model_draft(self) -> Draft:
         """K tokens, one drafter forward each, continuing the committed sequence."""
         start = time.perf_counter()
-        logits = self.runner.forward(self.committed[self.runner.length :], last_only=True)[-1]
+        logits = self.runner.feed(self.committed[self.runner.length :])[0]
         tokens, probs, self._position_probs = [], [], []
         for i in range(self.lookahead):
             shaped = self._shaped(logits)

@@ -4,6 +4,8 @@ Every engine talks to models only through this class. A forward takes new tokens
 they form (a chain by default) and returns their logits; the runner builds position ids
 (context length + depth) and a 4D mask (each new token sees the whole committed context and its
 tree ancestors) so that HF's own attention code runs a tree verification unchanged.
+With a `PrefixCache`, `feed` on an empty cache loads the stored KV of the sequence's longest known
+prefix instead of computing it, and `remember` stores what the cache holds for later calls.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from .cache import SpeculativeCache
 from .kernels import pack_tree_mask
 from .kernels.hf_attention import TREE_ATTENTION
+from .prefix_cache import PrefixCache, weights_version
 from .tree import TokenTree
 
 
@@ -33,7 +36,7 @@ def _cache_keyword(model) -> str:
 class ModelRunner:
     """Runs `model` over new tokens on top of the tokens already in its cache."""
 
-    def __init__(self, model, capacity: int = 256):
+    def __init__(self, model, capacity: int = 256, prefix_cache: PrefixCache | None = None):
         if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
             raise TypeError(
                 f"{type(model).__name__} is not a decoder-only causal LM; load the model with "
@@ -44,6 +47,7 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         self.cache = SpeculativeCache(_num_layers(model.config), capacity)
+        self.prefix_cache = prefix_cache  # this model's own: stored KV is only valid for it
         self._cache_keyword = _cache_keyword(model)
         self._sliding_window = getattr(model.config, "sliding_window", None)
         layer_types = getattr(model.config, "layer_types", None) or []
@@ -70,6 +74,29 @@ class ModelRunner:
 
     def reset(self) -> None:
         self.cache.rollback(0)
+
+    def feed(self, tokens: list[int]) -> tuple[torch.Tensor, int]:
+        """Append `tokens`; return the last one's logits [V] and how many of them were loaded from
+        the prefix cache instead of computed.
+
+        Only a prefill (an empty cache) loads, as stored sequences start at position 0, and never
+        the last token, whose logits are needed.
+        """
+        reused = 0
+        if self.prefix_cache is not None and self.length == 0:
+            self.prefix_cache.bind(weights_version(self.model))
+            reused, kv = self.prefix_cache.lookup(tokens[:-1])
+            if reused:
+                self.cache.load(kv)
+        return self.forward(tokens[reused:], last_only=True)[-1], reused
+
+    def remember(self, sequence: list[int]) -> None:
+        """Store the cache's KV in the prefix cache, given that its entries are the first ones of
+        `sequence` (entries beyond `sequence`, e.g. drafts not committed, are not stored)."""
+        length = min(len(sequence), self.length)
+        if self.prefix_cache is not None and length:
+            self.prefix_cache.bind(weights_version(self.model))
+            self.prefix_cache.insert(sequence[:length], self.cache.prefix(length))
 
     @torch.no_grad()
     def forward(

@@ -18,6 +18,8 @@ def add_counts(histogram: list[int], counts: list[int]) -> None:
 class GenerationStats:
     method: str
     prompt_tokens: int = 0
+    # Prompt tokens whose KV the target loaded from its prefix cache instead of computing them.
+    reused_prompt_tokens: int = 0
     new_tokens: int = 0
     rounds: int = 0  # target forwards after the prefill
     drafted: int = 0
