@@ -608,7 +608,8 @@ def generate(
     A batch is left-padded per `attention_mask`; `streamer` gets tokens as rounds accept them.
     Returns a LongTensor [batch, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
-    is used, so torch.manual_seed makes runs reproducible.
+    is used, so torch.manual_seed makes runs reproducible for a fixed method with
+    speculation_schedule="constant" (auto's choices and adaptive lengths follow measured timings).
     For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
     the model with `saguaro.enable` and call `model.generate` as usual: only a kept generator (or an
     enabled model) reuses the KV of earlier calls' prompts and answers (prefix_cache=True, its

@@ -83,8 +83,9 @@ def test_return_dict_has_stats(pair):
 
 
 def test_seeded_sampling_is_reproducible(pair):
-    # With the constant schedule: the adaptive one picks draft lengths from measured timings, and
-    # each length draws a different number of random numbers (same distribution, other sample).
+    # With a fixed method and the constant schedule: "auto" picks the method and the adaptive
+    # schedule the draft lengths from measured timings, and each choice draws a different number of
+    # random numbers (same distribution, another sample).
     target, draft = pair
     runs = []
     for _ in range(2):
@@ -94,6 +95,7 @@ def test_seeded_sampling_is_reproducible(pair):
                 target,
                 PROMPT,
                 draft_model=draft,
+                method="speculative",
                 max_new_tokens=20,
                 do_sample=True,
                 eos_token_id=[],
@@ -197,6 +199,7 @@ def test_top_p_of_one_or_more_keeps_every_token_as_in_hf(pair):
                 do_sample=True,
                 top_p=top_p,
                 eos_token_id=[],
+                method="speculative",
                 speculation_schedule="constant",
             ).tolist()
         )
