@@ -224,7 +224,9 @@ def saguaro(
     if prefill is not None:
         draft = ask(lambda w: w.end, prefill)  # an empty draft, unless the worker failed meanwhile
         if draft.source == DraftSource.OFF:
+            prefill_wait = waited  # the drafter's prefill outlasting the target's counts as waiting too
             draft = ask(lambda w: w.catch_up, prompt + generated)
+            waited += prefill_wait
     else:
         draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
     while not stop.finished(generated):
