@@ -15,6 +15,10 @@ pytestmark = [
 PROMPT = [1, 17, 33, 5, 80, 42, 9, 64, 23]
 
 
+def hf_greedy(target, ids):
+    return target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+
 def cuda_pair():
     target = tiny_model("llama", seed=0).to("cuda")
     return target, perturbed_copy(target, 0.005)
@@ -36,7 +40,7 @@ def cuda_pair():
 def test_greedy_on_cuda_equals_hf_greedy(method, options):
     target, draft = cuda_pair()
     ids = torch.tensor([PROMPT], device="cuda")
-    expected = target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = hf_greedy(target, ids)
     out = saguaro.generate(
         target,
         ids,
@@ -85,7 +89,7 @@ def test_a_drafter_on_its_own_gpu():
     target = tiny_model("llama", seed=0).to("cuda:0")
     draft = perturbed_copy(target, 0.005).to("cuda:1")
     ids = torch.tensor([PROMPT], device="cuda:0")
-    expected = target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = hf_greedy(target, ids)
     out = saguaro.generate(
         target,
         ids,

@@ -28,6 +28,15 @@ def worker_process(generator):
     return generator._worker._process
 
 
+def saguaro_generator(target, draft=None, **options):
+    """A Saguaro generator with the constant schedule and a process worker; the draft defaults to a
+    slightly perturbed copy of the target (most drafts accepted, some rejected)."""
+    options = {"speculation_schedule": "constant", "placement": "process", **options}
+    return saguaro.SpeculativeGenerator(
+        target, draft if draft is not None else perturbed_copy(target, 0.005), method="saguaro", **options
+    )
+
+
 def kill_worker_at_round(monkeypatch, generator, round_number: int) -> None:
     """SIGKILL the generator's worker process during its `round_number`-th verification."""
     rounds = []
@@ -47,9 +56,7 @@ def kill_worker_at_round(monkeypatch, generator, round_number: int) -> None:
 def test_saguaro_greedy_matches_target_with_process_worker(arch, draft_kind):
     target = tiny_model(arch, seed=0)
     draft = perturbed_copy(target, 0.005) if draft_kind == "agreeing" else tiny_model(arch, seed=1)
-    with saguaro.SpeculativeGenerator(
-        target, draft, method="saguaro", speculation_schedule="constant", placement="process"
-    ) as generator:
+    with saguaro_generator(target, draft) as generator:
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
         assert worker_process(generator).is_alive()
     assert out.sequences.tolist() == hf_greedy(target, 40)
@@ -78,17 +85,13 @@ def test_saguaro_greedy_matches_target_in_other_placements(placement):
 def test_perfect_drafter_always_hits_and_random_drafter_almost_never(monkeypatch):
     slow_verification(monkeypatch)
     target = tiny_model("llama", seed=0)
-    with saguaro.SpeculativeGenerator(
-        target, target, method="saguaro", speculation_schedule="constant", placement="process"
-    ) as generator:
+    with saguaro_generator(target, target) as generator:
         perfect = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
     # The drafter is the target: every draft is accepted and its bonus guess is the target's token.
     assert perfect.stats.hit_rate == 1.0 and perfect.stats.acceptance_rate == 1.0
     monkeypatch.undo()  # fast verification: the budget stays small, as it would for a tiny target
     unrelated = tiny_model("llama", seed=7)
-    with saguaro.SpeculativeGenerator(
-        target, unrelated, method="saguaro", speculation_schedule="constant", placement="process"
-    ) as generator:
+    with saguaro_generator(target, unrelated) as generator:
         random = generator.generate(PROMPT, max_new_tokens=60, eos_token_id=[], return_dict_in_generate=True)
     assert random.stats.hit_rate < 0.15
     assert random.sequences.tolist() == perfect.sequences.tolist() == hf_greedy(target, 60)
@@ -96,13 +99,7 @@ def test_perfect_drafter_always_hits_and_random_drafter_almost_never(monkeypatch
 
 def test_killing_the_worker_mid_generation_loses_nothing(monkeypatch):
     target = tiny_model("qwen2", seed=0)
-    generator = saguaro.SpeculativeGenerator(
-        target,
-        perturbed_copy(target, 0.005),
-        method="saguaro",
-        speculation_schedule="constant",
-        placement="process",
-    )
+    generator = saguaro_generator(target)
     kill_worker_at_round(monkeypatch, generator, 3)
     with generator, pytest.warns(saguaro.SaguaroWarning, match="drafter worker failed") as caught:
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
@@ -127,14 +124,7 @@ def test_a_worker_failure_warns_once_per_generator_naming_the_error(caplog):
 
 def test_strict_raises_a_worker_failure_instead_of_drafting_inline(monkeypatch):
     target = tiny_model("llama", seed=0)
-    generator = saguaro.SpeculativeGenerator(
-        target,
-        perturbed_copy(target, 0.005),
-        method="saguaro",
-        speculation_schedule="constant",
-        placement="process",
-        strict=True,
-    )
+    generator = saguaro_generator(target, strict=True)
     kill_worker_at_round(monkeypatch, generator, 2)
     with generator:
         with pytest.raises(WorkerFailed):
@@ -148,14 +138,7 @@ def test_strict_raises_a_worker_failure_instead_of_drafting_inline(monkeypatch):
 
 def test_a_stalled_worker_times_out_and_is_killed_on_close():
     target = tiny_model("llama", seed=0)
-    generator = saguaro.SpeculativeGenerator(
-        target,
-        perturbed_copy(target, 0.005),
-        method="saguaro",
-        speculation_schedule="constant",
-        placement="process",
-        worker_timeout=2.0,
-    )
+    generator = saguaro_generator(target, worker_timeout=2.0)
     with generator:
         generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
         stalled = worker_process(generator)
@@ -168,13 +151,7 @@ def test_a_stalled_worker_times_out_and_is_killed_on_close():
 
 def test_fifty_calls_then_close_leave_no_process():
     target = tiny_model("llama", seed=0)
-    generator = saguaro.SpeculativeGenerator(
-        target,
-        perturbed_copy(target, 0.005),
-        method="saguaro",
-        speculation_schedule="constant",
-        placement="process",
-    )
+    generator = saguaro_generator(target)
     for i in range(50):
         generator.generate(PROMPT[:, : 3 + i % 6], max_new_tokens=6, eos_token_id=[])
     process = worker_process(generator)
@@ -186,9 +163,7 @@ def test_fifty_calls_then_close_leave_no_process():
 def test_context_manager_cleans_up_on_exception():
     target = tiny_model("llama", seed=0)
     with pytest.raises(RuntimeError, match="boom"):
-        with saguaro.SpeculativeGenerator(
-            target, target, method="saguaro", speculation_schedule="constant", placement="process"
-        ) as generator:
+        with saguaro_generator(target, target) as generator:
             generator.generate(PROMPT, max_new_tokens=5, eos_token_id=[])
             process = worker_process(generator)
             raise RuntimeError("boom")

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 from conftest import perturbed_copy, slow_verification, tiny_model
-from test_saguaro import PROMPT, hf_greedy, worker_process
+from test_saguaro import PROMPT, hf_greedy, saguaro_generator, worker_process
 
 import saguaro
 from saguaro import prespeculation
@@ -20,13 +20,6 @@ from saguaro.sampling import SamplingConfig
 from saguaro.ssd import SpeculationCache, branch_node, predict_outcomes, saguaro_reshape
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def saguaro_generator(target, draft=None, **options):
-    options = {"speculation_schedule": "constant", "placement": "process", **options}
-    return saguaro.SpeculativeGenerator(
-        target, draft if draft is not None else perturbed_copy(target, 0.005), method="saguaro", **options
-    )
 
 
 def run(generator, tokens=40):
