@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
-from . import auto
+from . import auto, distributed
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
@@ -223,6 +223,12 @@ class SpeculativeGenerator:
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        # A target sharded over several ranks: rank 0 decodes, the others follow (distributed.py).
+        self._tp = distributed.tensor_parallel_target(target)
+        if self._tp is not None:
+            method, placement, draft_quantization, draft_vocab_size = distributed.settle_options(
+                self._tp, method, draft_model is not None, placement, draft_quantization, draft_vocab_size
+            )
         if method not in (*MODEL_FREE, "auto") and draft_model is None:
             raise ValueError(
                 f"method={method!r} needs a draft_model (or use a model-free method: {', '.join(MODEL_FREE)})"
@@ -486,7 +492,7 @@ class SpeculativeGenerator:
         for prompt, pad, processors in zip(prompts, pads, logits_processor):
             sampler = TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
             stop = StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
-            results.append(self._generate_one(prompt, sampler, stop))
+            results.append(self._generate_row(prompt, sampler, stop))
             if self.auto:
                 self._learn_acceptance(results[-1][1])
         if streamer is not None:
@@ -511,12 +517,39 @@ class SpeculativeGenerator:
         rows = [stats for _, stats in results]
         return GenerateOutput(sequences, rows[0] if len(rows) == 1 else GenerationStats.merge(rows), rows)
 
-    def _generate_one(
+    def _generate_row(
         self, prompt: list[int], sampler: TokenSampler, stop: StopRule
+    ) -> tuple[list[int], GenerationStats]:
+        """One row; with a tensor-parallel target, rank 0 decodes and the other target ranks follow."""
+        if self._tp is None:
+            return self._generate_one(prompt, sampler, stop)
+        consensus = distributed.Consensus(self._tp)
+        if not consensus.leads:
+            runner = self._target_runner(prompt, stop)
+            new = consensus.follow(runner, prompt)
+            runner.remember(prompt + new)
+            stop.stream(new)
+            return new, GenerationStats(method=self.method, prompt_tokens=len(prompt), new_tokens=len(new))
+        try:
+            new, stats = self._generate_one(prompt, sampler, stop, consensus)
+        except BaseException:
+            consensus.abort()
+            raise
+        consensus.finish(new)
+        return new, stats
+
+    def _target_runner(self, prompt: list[int], stop: StopRule) -> ModelRunner:
+        capacity = len(prompt) + stop.max_new_tokens + self._tree_extent()[1] + 1
+        return ModelRunner(self.target, capacity, self._target_prefixes)
+
+    def _generate_one(
+        self, prompt: list[int], sampler: TokenSampler, stop: StopRule, consensus=None
     ) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
-        runner = ModelRunner(self.target, capacity, self._target_prefixes)
+        runner = self._target_runner(prompt, stop)
+        if consensus is not None:
+            runner = consensus.lead(runner)
         runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
         if self.method not in MODEL_FREE:

@@ -93,3 +93,33 @@ def special_tokens(config) -> tuple[list[int] | None, int | None]:
         None if eos is None else eos.reshape(-1).tolist(),
         None if pad is None else int(pad),
     )
+
+
+def load_tensor_parallel(path, mesh, tp: int, **kwargs):
+    """`from_pretrained(path, distributed_config=DistributedConfig(tp_size=tp, tp_plan="auto"))`, sharded
+    over `mesh` (a TransformersDeviceMesh over some of the ranks) instead of the whole world.
+
+    transformers builds its mesh from every rank of the process group (`initialize_distributed_mesh`,
+    called by `prepare_distribute_model`), which leaves no rank for a drafter; for this one load
+    the mesh it builds is ours, so its own tensor-parallel plan and loader shard the weights.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import mixin
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    builder = getattr(mixin, "initialize_distributed_mesh", None)
+    if builder is None:
+        raise RuntimeError(
+            "transformers.distributed.mixin.initialize_distributed_mesh is gone: saguaro cannot shard a "
+            f"target over part of the ranks (supported: transformers {TESTED_TRANSFORMERS})"
+        )
+    # As transformers' own: the device this rank computes on (its LOCAL_RANK's GPU, or the CPU).
+    device = mesh.get_mesh("tp").device_type
+    device = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    mixin.initialize_distributed_mesh = lambda config: (device, mesh)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, distributed_config=DistributedConfig(tp_size=tp, tp_plan="auto"), **kwargs
+        )
+    finally:
+        mixin.initialize_distributed_mesh = builder

@@ -5,6 +5,8 @@ Three placements share one message loop (`_serve`) around a `PreSpeculator`:
     drafter on the other). The draft weights travel once, as shared-memory tensors.
   * "thread"  - a thread in this process; on CUDA it drafts on its own stream, or on its own
     device when the draft model lives on another GPU (torch releases the GIL inside kernels).
+  * "rank"    - the drafter rank of a tensor-parallel run (distributed.py): the same loop, over
+    torch.distributed messages; a rank that failed once is not used again by this process.
   * "inline"  - no concurrency, no pre-speculation: every round drafts afresh (plain speculative
     decoding). It is also the fallback when a worker dies or stalls.
 
@@ -33,7 +35,7 @@ import torch
 from .prespeculation import Draft, PreSpeculator
 from .sampling import SamplingConfig
 
-PLACEMENTS = ("process", "thread", "inline")
+PLACEMENTS = ("process", "thread", "rank", "inline")
 MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
 
 
@@ -121,6 +123,13 @@ def _process_main(conn, threads, model, speculator_kwargs) -> None:
     _serve(conn, lambda: PreSpeculator(model, **speculator_kwargs))
 
 
+def _drafter_rank_usable() -> bool:
+    from .distributed import topology
+
+    found = topology()
+    return found is not None and found.drafter_channel() is not None
+
+
 class DraftWorker:
     """The main-process handle: reset(), resolve() and catch_up() return the next draft.
 
@@ -177,6 +186,16 @@ class DraftWorker:
             )
             self._process.start()
             child.close()
+        elif self.placement == "rank":
+            from .distributed import claim_drafter_rank
+
+            # The channel outlives this worker: number requests after the ones it already carried.
+            self._conn = claim_drafter_rank(self)
+            if self._conn is None:  # no drafter rank, or it failed: draft inline
+                self._inline = PreSpeculator(self.model, **kwargs)
+                return
+            self._seq = self._conn.last_seq
+            self._conn.send(("session", kwargs))
         else:
             self._conn, child = multiprocessing.Pipe()
             model = self.model
@@ -200,6 +219,8 @@ class DraftWorker:
         """
         if self.placement == "inline" or self.concurrent:
             return False
+        if self.placement == "rank" and not _drafter_rank_usable():
+            return False  # a remote rank cannot be restarted from here
         if self._calls_until_restart > 0:
             self._calls_until_restart -= 1
             return False
@@ -262,6 +283,8 @@ class DraftWorker:
     def _fail(self, what: str) -> WorkerFailed:
         """Stop the worker now (kill, never wait), switch to inline drafting, schedule a restart."""
         self.failures += 1
+        if self.placement == "rank" and self._conn is not None:
+            self._conn.failed = True  # a dead or stalled rank: its late replies must not be read
         self._stop(grace=0.0)
         self._inline = PreSpeculator(self.model, **self._speculator_kwargs)
         self._calls_until_restart = min(MAX_RESTART_BACKOFF, 2 ** (self.failures - 1) - 1)
@@ -284,6 +307,12 @@ class DraftWorker:
         if self._conn is not None:
             self._conn.close()
         self._conn = self._process = self._thread = None
+
+    def detach(self) -> None:
+        """Let go of the concurrent drafter (another generator takes the drafter rank) and draft
+        inline until `heal` starts it again at a later call."""
+        self._stop(grace=0.0)
+        self._inline = PreSpeculator(self.model, **self._speculator_kwargs)
 
     def close(self) -> None:
         """Stop the worker: it gets a few seconds to finish its step, then it is killed."""

@@ -1,0 +1,166 @@
+"""The program each rank of the tensor-parallel tests runs (2 target ranks + 1 drafter rank, gloo).
+
+`launch` starts the ranks as spawned processes and returns what each one saved; the scenarios run
+inside the ranks, the assertions in tests/test_distributed.py.
+"""
+
+import os
+import socket
+import tempfile
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+PROMPT = [1, 4, 9, 16, 25, 36, 7]
+CHI_PROMPT = [1, 4, 3]
+TP, WORLD = 2, 3  # ranks 0-1 hold the target, rank 2 the draft
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, models: str, timeout: float = 240.0) -> tuple[list[dict | None], list[int | None]]:
+    """Run `scenario` on 3 ranks; (what each rank saved, each exit code). Ranks still running after
+    `timeout` seconds are killed (their exit code then says so)."""
+    port, out = free_port(), tempfile.mkdtemp()
+    ctx = mp.get_context("spawn")
+    ranks = [ctx.Process(target=_rank_main, args=(r, port, scenario, models, out)) for r in range(WORLD)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout)
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    results = []
+    for r in range(WORLD):
+        path = os.path.join(out, f"rank{r}.pt")
+        results.append(torch.load(path) if os.path.exists(path) else None)
+    return results, [p.exitcode for p in ranks]
+
+
+def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    from saguaro import distributed
+
+    saved: dict = {"pid": os.getpid()}
+    try:
+        topology = distributed.init(tp=TP, drafter_rank=True, timeout=30)
+        pids = [None] * WORLD
+        torch.distributed.all_gather_object(pids, os.getpid())
+        os.environ["SAGUARO_TEST_DRAFTER_PID"] = str(pids[TP])
+        draft = AutoModelForCausalLM.from_pretrained(os.path.join(models, "draft"), dtype=torch.float32).eval()
+        if topology.is_drafter:
+            saved["drafter_pid"] = os.getpid()
+            torch.save(saved, os.path.join(out, f"rank{rank}.pt"))  # before serving: it may be killed
+            distributed.serve_drafter(draft)
+            saved["served"] = True
+        else:
+            target = distributed.load_target(os.path.join(models, "target"), dtype=torch.float32).eval()
+            SCENARIOS[scenario](target, draft, rank, saved)
+    except Exception:
+        saved["error"] = traceback.format_exc()
+    torch.save(saved, os.path.join(out, f"rank{rank}.pt"))
+    distributed.shutdown()
+
+
+def _summary(out) -> dict:
+    s = out.stats
+    return {"sequence": out.sequences[0].tolist(), "drafted": s.drafted, "accepted": s.accepted, "hits": s.hits}
+
+
+def exactness(target, draft, rank, saved) -> None:
+    """Greedy per method, sampling with a seed per rank, the drop-in, repeated calls, a killed drafter."""
+    import saguaro
+
+    ids = torch.tensor([PROMPT])
+    for method in ("speculative", "tree", "saguaro"):
+        out = saguaro.generate(
+            target,
+            ids,
+            draft,
+            method=method,
+            max_new_tokens=24,
+            speculation_schedule="constant",
+            return_dict_in_generate=True,
+            eos_token_id=[],
+        )
+        saved[f"greedy_{method}"] = _summary(out)
+    for method in ("speculative", "saguaro"):
+        torch.manual_seed(1000 + rank)  # a different seed on every rank: the leader's draws win
+        out = saguaro.generate(
+            target, ids, draft, method=method, max_new_tokens=24, do_sample=True, eos_token_id=[]
+        )
+        saved[f"sampled_{method}"] = out[0].tolist()
+    with saguaro.enable(target, draft, method="saguaro", speculation_schedule="constant"):
+        saved["enabled"] = target.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None).tolist()[0]
+    with saguaro.SpeculativeGenerator(
+        target, draft, method="saguaro", speculation_schedule="constant", worker_timeout=5
+    ) as generator:
+        saved["repeated"] = [
+            generator.generate(ids, max_new_tokens=8, eos_token_id=[])[0].tolist() for _ in range(20)
+        ]
+    saved["done"] = True
+
+
+def killed_drafter(target, draft, rank, saved) -> None:
+    """The drafter rank is killed between calls: the leader drafts inline, with no token lost."""
+    import signal
+    import time
+
+    import saguaro
+
+    ids = torch.tensor([PROMPT])
+    with saguaro.SpeculativeGenerator(
+        target, draft, method="saguaro", speculation_schedule="constant", worker_timeout=5
+    ) as generator:
+        before = generator.generate(ids, max_new_tokens=16, eos_token_id=[], return_dict_in_generate=True)
+        if rank == 0:
+            os.kill(int(os.environ["SAGUARO_TEST_DRAFTER_PID"]), signal.SIGKILL)
+            time.sleep(0.5)
+        after = generator.generate(ids, max_new_tokens=16, eos_token_id=[], return_dict_in_generate=True)
+    saved["before"], saved["after"] = _summary(before), _summary(after)
+    saved["after_failures"] = after.stats.worker_failures
+
+
+def chi_square(target, draft, rank, saved, samples: int = 600) -> None:
+    """Counts of the first two sampled tokens; then the same with drafts not drawn from their q."""
+    import saguaro
+    from saguaro.drafters import ModelDrafter, Proposal
+
+    def counts(method):
+        table = torch.zeros(6, 6)
+        torch.manual_seed(7 + rank)
+        with saguaro.SpeculativeGenerator(
+            target, draft, method=method, num_speculative_tokens=2, speculation_schedule="constant"
+        ) as generator:
+            for _ in range(samples):
+                out = generator.generate(torch.tensor([CHI_PROMPT]), max_new_tokens=3, do_sample=True, eos_token_id=[])
+                table[tuple(out[0, len(CHI_PROMPT) : len(CHI_PROMPT) + 2].tolist())] += 1
+        return table
+
+    saved["counts"] = counts("speculative")
+    real_propose = ModelDrafter.propose
+
+    def greedy_draft_sampled_q(self, depth):
+        proposal = real_propose(self, depth)
+        if proposal.probs is None:
+            return proposal
+        return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
+
+    ModelDrafter.propose = greedy_draft_sampled_q
+    saved["planted_counts"] = counts("speculative")
+    ModelDrafter.propose = real_propose
+
+
+SCENARIOS = {"exactness": exactness, "killed_drafter": killed_drafter, "chi_square": chi_square}
