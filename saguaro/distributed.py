@@ -414,7 +414,9 @@ def serve_drafter(draft_model) -> None:
     from .workers import _serve
 
     if _topology is None or not _topology.is_drafter:
-        raise RuntimeError("serve_drafter runs on the drafter rank, after saguaro.distributed.init(..., drafter_rank=True)")
+        raise RuntimeError(
+            "serve_drafter runs on the drafter rank, after saguaro.distributed.init(..., drafter_rank=True)"
+        )
     channel = RankChannel(_topology.leader, _topology.link)
     draft_model.eval()
     while True:
@@ -441,8 +443,10 @@ def settle_options(topology: Topology, method: str, has_draft: bool, placement, 
     runs on the drafter rank when there is one.
     """
     if method == "auto":
-        method = ("saguaro" if topology.drafter_rank is not None else "speculative") if has_draft else "prompt_lookup"
-        logger.info("saguaro: method='auto' on a tensor-parallel target takes %s (no timing across ranks)", method)
+        method = "saguaro" if topology.drafter_rank is not None else "speculative"
+        method = method if has_draft else "prompt_lookup"
+        logger.info("saguaro: method='auto' on a tensor-parallel target takes %s (untimed)", method)
     if placement is None and topology.drafter_rank is not None:
         placement = "rank"
-    return method, placement, None if quantization == "auto" else quantization, None if vocab_size == "auto" else vocab_size
+    plain = [None if option == "auto" else option for option in (quantization, vocab_size)]
+    return method, placement, *plain

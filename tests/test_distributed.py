@@ -1,0 +1,121 @@
+"""A tensor-parallel target (2 ranks, transformers' tp_plan) with the drafter on a third rank, on CPU
+over gloo: greedy equals the unsharded target's own greedy generate, sampling with a different
+seed per rank gives one agreed output, a chi-square test (which fails on a planted bug), and no
+process left behind, even after the drafter rank is killed. The ranks run tests/tp_ranks.py.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import tp_ranks
+from conftest import perturbed_copy, tiny_model
+from stats_helpers import chi_square_pvalue, reference_probs
+
+from saguaro import distributed
+
+PASS_P, FAIL_P = 1e-3, 1e-6
+SCENARIO = {"llama": "lifecycle", "qwen2": "exactness"}  # the lifecycle checks need one architecture
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def run(request, tmp_path_factory):
+    """(unsharded target, what each rank saved, exit codes) for one architecture."""
+    models = tmp_path_factory.mktemp(request.param)
+    target = tiny_model(request.param, seed=0)
+    target.save_pretrained(models / "target")
+    perturbed_copy(target, 0.003).save_pretrained(models / "draft")  # agrees often, not always
+    saved, codes = tp_ranks.launch(SCENARIO[request.param], str(models))
+    for rank, result in enumerate(saved):
+        assert result is not None and "error" not in result, f"rank {rank}: {result and result.get('error')}"
+    return request.param, target, saved, codes
+
+
+def _hf_greedy(target, new_tokens: int) -> list[int]:
+    ids = torch.tensor([tp_ranks.PROMPT])
+    return target.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)[0].tolist()
+
+
+@pytest.mark.parametrize("method", ["speculative", "tree", "saguaro"])
+def test_tensor_parallel_greedy_equals_unsharded_greedy(run, method):
+    _, target, saved, _ = run
+    expected = _hf_greedy(target, 24)
+    leader, follower = saved[0][f"greedy_{method}"], saved[1][f"greedy_{method}"]
+    assert leader["sequence"] == follower["sequence"] == expected
+    # Speculation really ran on the leader: drafts proposed, some accepted, some rejected.
+    assert 0 < leader["accepted"] < leader["drafted"]
+    if method == "saguaro":
+        assert leader["hits"] > 0  # the drafter rank pre-speculated while the target ranks verified
+
+
+@pytest.mark.parametrize("method", ["speculative", "saguaro"])
+def test_sampling_with_a_seed_per_rank_agrees_on_every_rank(run, method):
+    _, target, saved, _ = run
+    assert saved[0][f"sampled_{method}"] == saved[1][f"sampled_{method}"]
+    assert saved[0][f"sampled_{method}"] != _hf_greedy(target, 24)  # really sampled
+
+
+def test_drop_in_and_repeated_calls_on_a_tensor_parallel_target(run):
+    arch, target, saved, _ = run
+    if arch != "llama":
+        pytest.skip("the lifecycle scenario runs on one architecture")
+    assert saved[0]["enabled"] == saved[1]["enabled"] == _hf_greedy(target, 24)
+    expected = _hf_greedy(target, 8)
+    assert saved[0]["repeated"] == saved[1]["repeated"] == [expected] * 20
+
+
+def test_killed_drafter_rank_falls_back_inline_and_no_process_is_left(run):
+    arch, target, saved, codes = run
+    if arch != "llama":
+        pytest.skip("the lifecycle scenario runs on one architecture")
+    assert saved[0]["after_kill"]["sequence"] == saved[1]["after_kill"]["sequence"] == _hf_greedy(target, 24)
+    assert saved[0]["after_kill_failures"] == 1 and saved[0]["after_kill"]["accepted"] > 0
+    assert codes[:2] == [0, 0] and codes[2] == -9  # target ranks exited cleanly; the drafter was killed
+    assert not mp.active_children()
+    assert not any(_alive(result["pid"]) for result in saved)
+
+
+def test_every_rank_exits_after_a_clean_run(run):
+    arch, _, saved, codes = run
+    if arch == "llama":
+        pytest.skip("the llama run kills its drafter rank")
+    assert codes == [0, 0, 0] and saved[2].get("served")
+    assert not any(_alive(result["pid"]) for result in saved)
+
+
+def _exact_first_two(target) -> torch.Tensor:
+    """The target's exact joint probability of the first two sampled tokens, [V, V]."""
+    vocab = target.config.vocab_size
+    with torch.no_grad():
+        first = reference_probs(target(torch.tensor([tp_ranks.CHI_PROMPT])).logits[0, -1])
+        nexts = torch.tensor([tp_ranks.CHI_PROMPT + [t] for t in range(vocab)])
+        second = reference_probs(target(nexts).logits[:, -1])
+    return first[:, None] * second
+
+
+def test_tensor_parallel_sampling_matches_target_distribution(tmp_path):
+    # Peaked, clearly different target and draft: drafts are often rejected (as in test_sampling_exact).
+    target = tiny_model("llama", seed=0, vocab=6, layers=1, hidden=16, init=0.6)
+    target.save_pretrained(tmp_path / "target")
+    tiny_model("llama", seed=5, vocab=6, layers=1, hidden=16, init=0.6).save_pretrained(tmp_path / "draft")
+    saved, codes = tp_ranks.launch("chi_square", str(tmp_path))
+    assert codes == [0, 0, 0], [s and s.get("error") for s in saved]
+    exact = _exact_first_two(target)
+    assert torch.equal(saved[0]["counts"], saved[1]["counts"])
+    assert chi_square_pvalue(saved[0]["counts"], exact) > PASS_P
+    # The same test fails when drafts are not drawn from the q verification divides by.
+    assert chi_square_pvalue(saved[0]["planted_counts"], exact) < FAIL_P
+
+
+def test_init_rejects_a_bad_rank_count():
+    with pytest.raises(ValueError, match="tp"):
+        distributed.init(tp=0)
