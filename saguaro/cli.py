@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import benchmark, demo_models
+from . import benchmark, demo_models, launch
 from .api import METHODS
 
 
@@ -54,32 +54,50 @@ def generate_main(argv) -> None:
         "--top-p", type=float, help="keep the smallest set with this much mass (with --do-sample)"
     )
     parser.add_argument("--seed", type=int, help="seed torch's RNG, for reproducible sampling")
+    launch.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.tp < 1:
+        parser.error(f"--tp must be at least 1, got {args.tp}")
     if args.target is None:
         if args.draft is not None:
             parser.error("--draft needs --target (or give neither for the demo pair)")
         args.target, args.draft = demo_models.demo_pair_paths()
+    if args.tp > 1:
+        drafter = args.draft if args.drafter_rank and args.method in ("saguaro", "auto") else None
+        launch.run_ranks(_generate, args.tp, drafter, args.dtype, args)
+    else:
+        _generate(None, args)
 
+
+def _generate(topology, args) -> None:
+    """Load the models (the target sharded over the target ranks under `topology`) and answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     import saguaro
 
+    from . import distributed
+
     if args.seed is not None:
         torch.manual_seed(args.seed)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
+    if topology is None:
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
+    else:
+        target = distributed.load_target(args.target, dtype=dtype).eval()
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval() if args.draft else None
+    draft = draft.to(target.device) if draft is not None else None
     ids = (
         tokenizer(args.prompt, return_tensors="pt").input_ids
         if args.raw
         else benchmark.encode(tokenizer, args.prompt)
     )
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    leader = topology is None or topology.is_leader
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if leader else None
     out = saguaro.generate(
         target,
-        ids,
+        ids.to(target.device),
         draft_model=draft,
         method=args.method,
         max_new_tokens=args.max_new_tokens,
@@ -92,11 +110,13 @@ def generate_main(argv) -> None:
         streamer=streamer,
     )
     s = out.stats
-    print(
-        f"\n[{s.new_tokens} tokens, {s.tokens_per_second:.2f} tok/s, {s.mean_accepted_length:.2f} tokens per "
-        f"target forward]",
-        file=sys.stderr,
-    )
+    if leader:
+        ranks = "" if topology is None else f", target on {len(topology.target_ranks)} ranks"
+        print(
+            f"\n[{s.new_tokens} tokens, {s.tokens_per_second:.2f} tok/s, {s.mean_accepted_length:.2f} tokens "
+            f"per target forward{ranks}]",
+            file=sys.stderr,
+        )
 
 
 def fetch_demo_main(argv) -> None:
