@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import cost_model, demo_models, report, step_costs
+from . import cost_model, demo_models, distributed, launch, report, step_costs
 from .placement import ThreadSplit
 from .stats import add_counts
 
@@ -223,8 +223,11 @@ def benchmark(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval()
+    if args.tp > 1:  # every target rank runs this same loop; rank 0 decides (distributed.py)
+        target = distributed.load_target(args.target, dtype=dtype).eval()
+    else:
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype).eval()
+    draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=dtype).eval().to(target.device)
     target.generation_config = plain_greedy_config(target)
     draft.generation_config = plain_greedy_config(draft)
     prompts = load_prompts(args.prompts, args.num_prompts)
@@ -613,7 +616,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="saguaro bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    launch.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.tp < 1:
+        parser.error(f"--tp must be at least 1, got {args.tp}")
+    if args.tp > 1 and (args.full or args.random_weights):
+        # Step-cost sweeps time the target on one rank; the other shards could not follow them.
+        parser.error("--tp runs the quick benchmark (no --full, no --random-weights)")
     for key, value in PRESETS["full" if args.full else "quick"].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -636,7 +645,28 @@ def main(argv=None) -> None:
         )
     if args.target is None:
         args.target, args.draft = demo_models.demo_pair_paths(args.progress)
-    results = random_weights_benchmark(args) if args.random_weights else benchmark(args)
+    if args.tp > 1:
+        launch.run_ranks(
+            _benchmark_on_rank, args.tp, args.draft if args.drafter_rank else None, args.dtype, args
+        )
+        return
+    write_results(random_weights_benchmark(args) if args.random_weights else benchmark(args), args)
+
+
+def _benchmark_on_rank(topology, args) -> None:
+    """One rank of `saguaro bench --tp N`: every target rank runs the benchmark, rank 0 reports it."""
+    args.threads = torch.get_num_threads()  # this rank's share of the cores (launch.py)
+    args.progress = args.progress and topology.is_leader
+    results = benchmark(args)
+    if topology.is_leader:
+        results["setup"]["tensor_parallel"] = {
+            "target_ranks": len(topology.target_ranks),
+            "drafter_rank": topology.drafter_rank,
+        }
+        write_results(results, args)
+
+
+def write_results(results: dict, args) -> None:
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     markdown = report.markdown(results)
