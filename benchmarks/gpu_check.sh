@@ -10,6 +10,7 @@
 #   step_costs.*    random-weight step costs of Llama-3.1-8B / Llama-3.2-1B shaped models, bf16
 #                   (target verify vs tokens, drafter batched steps, tree kernel vs SDPA) and the
 #                   speeds projected from the CPU run's acceptance, labelled "projected"
+#   tp_check.*      with 3+ GPUs: a tensor-parallel target (2 or 4 GPUs, NCCL) + drafter GPU, per method
 # Each part runs under its own timeout and the script goes on after a failure, so one broken part
 # does not cost the others. Commit what it measured with the card named (docs/RESULTS.md, GPU).
 set -uo pipefail
@@ -46,3 +47,15 @@ timeout 300 "$PY" benchmarks/speedup.py --random-weights --device cuda --dtype b
   --acceptance-from docs/results/cpu-bf16.json --no-progress --out "$OUT/step_costs.json" \
   > "$OUT/step_costs.log" 2>&1
 echo "step costs: exit $? ($(tail -n 1 "$OUT/step_costs.log"))"
+
+# Multi-GPU (only with 3 or more GPUs): the target sharded over 2 GPUs (4 with 5 or more) by
+# transformers' tensor parallelism over NCCL, the drafter on the next GPU (benchmarks/tp_check.py):
+# each method's greedy output against HF's on the same sharded target, tokens/s, hit rate.
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$GPUS" -ge 3 ]; then
+  TP=$([ "$GPUS" -ge 5 ] && echo 4 || echo 2)
+  timeout 300 "$PY" benchmarks/tp_check.py --tp "$TP" --out "$OUT/tp_check.json" > "$OUT/tp_check.log" 2>&1
+  echo "multi-GPU (tp=$TP + drafter rank): exit $? ($(grep -c '"identical_to_hf_greedy": true' "$OUT/tp_check.log") of 4 methods identical to HF greedy)"
+else
+  echo "multi-GPU: skipped ($GPUS GPU(s); it needs 3: two target ranks and a drafter rank)"
+fi
