@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import pickle
 import queue
@@ -310,6 +311,16 @@ class LeaderRunner:
         self._runner.rollback(length)
 
 
+class _HostPickler(pickle.Pickler):
+    """Pickles tensors from host memory: a draft's distributions computed on the drafter's GPU
+    arrive as CPU tensors, not as tensors on a device of another rank."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
+            return obj.cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+
 class RankChannel:
     """A pipe to another rank (send / recv / poll of picklable objects), over torch.distributed.
 
@@ -349,7 +360,9 @@ class RankChannel:
     def send(self, message) -> None:
         if isinstance(message[0], int):
             self.last_seq = max(self.last_seq, message[0])
-        data = torch.frombuffer(bytearray(pickle.dumps(message)), dtype=torch.uint8)
+        buffer = io.BytesIO()
+        _HostPickler(buffer).dump(message)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
         size = torch.tensor([len(data)], dtype=torch.long)
         try:
             self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]

@@ -53,6 +53,7 @@ def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> No
     from saguaro import distributed
 
     saved: dict = {"pid": os.getpid()}
+    os.environ["SAGUARO_TEST_SAVE_TO"] = os.path.join(out, f"rank{rank}.pt")
     try:
         topology = distributed.init(tp=TP, drafter_rank=True, timeout=30)
         pids = [None] * WORLD
@@ -62,7 +63,7 @@ def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> No
         draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
         if topology.is_drafter:
             saved["drafter_pid"] = os.getpid()
-            torch.save(saved, os.path.join(out, f"rank{rank}.pt"))  # before serving: it may be killed
+            torch.save(saved, os.environ["SAGUARO_TEST_SAVE_TO"])  # before serving: it may be killed
             distributed.serve_drafter(draft)
             saved["served"] = True
         else:
@@ -70,7 +71,7 @@ def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> No
             SCENARIOS[scenario](target, draft, rank, saved)
     except Exception:
         saved["error"] = traceback.format_exc()
-    torch.save(saved, os.path.join(out, f"rank{rank}.pt"))
+    torch.save(saved, os.environ["SAGUARO_TEST_SAVE_TO"])
     distributed.shutdown()
 
 
@@ -161,4 +162,29 @@ def chi_square(target, draft, rank, saved, samples: int = 400) -> None:
     ModelDrafter.propose = real_propose
 
 
-SCENARIOS = {"exactness": exactness, "lifecycle": lifecycle, "chi_square": chi_square}
+def dead_target_rank(target, draft, rank, saved) -> None:
+    """exactness, then target rank 1 dies: rank 0's next call fails with a clear error, at once."""
+    import signal
+    import time
+
+    import saguaro
+    from saguaro import distributed
+
+    exactness(target, draft, rank, saved)
+    if rank == 1:
+        torch.save(saved, os.environ["SAGUARO_TEST_SAVE_TO"])  # what it returned, before it dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        saguaro.generate(target, torch.tensor([PROMPT]), draft, method="speculative", max_new_tokens=8)
+    except distributed.DistributedFailure as error:
+        saved["dead_target_error"] = str(error)
+    saved["dead_target_seconds"] = time.monotonic() - start
+
+
+SCENARIOS = {
+    "exactness": exactness,
+    "dead_target_rank": dead_target_rank,
+    "lifecycle": lifecycle,
+    "chi_square": chi_square,
+}
