@@ -123,3 +123,34 @@ def test_tensor_parallel_sampling_matches_target_distribution(tmp_path):
 def test_init_rejects_a_bad_rank_count():
     with pytest.raises(ValueError, match="tp"):
         distributed.init(tp=0)
+
+
+def test_auto_choices_settle_untimed_on_a_tensor_parallel_target():
+    with_drafter = distributed.Topology([0, 1], 2, 30.0, None, None)
+    without = distributed.Topology([0, 1], None, 30.0, None, None)
+    assert distributed.settle_options(with_drafter, "auto", True, None, "auto", "auto") == (
+        "saguaro",
+        "rank",
+        None,
+        None,
+    )
+    assert distributed.settle_options(without, "auto", True, None, "auto", 32) == (
+        "speculative",
+        None,
+        None,
+        32,
+    )
+    assert distributed.settle_options(without, "auto", False, None, None, None)[0] == "prompt_lookup"
+    assert distributed.settle_options(with_drafter, "tree", True, "thread", "int8", None) == (
+        "tree",
+        "thread",
+        "int8",
+        None,
+    )
+
+
+def test_tp_flag_must_be_positive():
+    from saguaro import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "hello", "--target", "t", "--tp", "0"])

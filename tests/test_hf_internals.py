@@ -108,3 +108,27 @@ def test_a_missing_private_method_is_named():
         hf.prepare_generation_config(NoHF(), None, {})
     with pytest.raises(RuntimeError, match="GenerationConfig._eos_token_tensor is gone"):
         hf.special_tokens(GenerationConfig())
+
+
+def test_load_tensor_parallel_swaps_the_mesh_builder_it_relies_on(monkeypatch):
+    # The contract: transformers builds a TP model's mesh through mixin.initialize_distributed_mesh
+    # (whose result from_pretrained shards with); load_tensor_parallel substitutes it for one load
+    # and restores it. The sharded load itself runs in tests/test_distributed.py.
+    from transformers.distributed import mixin
+
+    original = mixin.initialize_distributed_mesh
+    seen = []
+
+    def fake_from_pretrained(path, distributed_config, **kwargs):
+        seen.append((mixin.initialize_distributed_mesh(distributed_config), distributed_config.tp_size))
+        return "model"
+
+    class Mesh:
+        def get_mesh(self, dims):
+            return type("TP", (), {"device_type": "cpu"})()
+
+    mesh = Mesh()
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", fake_from_pretrained)
+    assert hf.load_tensor_parallel("path", mesh, 2) == "model"
+    assert seen == [((torch.device("cpu"), mesh), 2)]
+    assert mixin.initialize_distributed_mesh is original
