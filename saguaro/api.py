@@ -247,6 +247,11 @@ class SpeculativeGenerator:
             )
         if placement not in (None, *PLACEMENTS):
             raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(PLACEMENTS)}")
+        if placement == "rank" and (self._tp is None or self._tp.drafter_rank is None):
+            raise ValueError(
+                "placement='rank' drafts on a drafter rank: start the run with "
+                "saguaro.distributed.init(tp, drafter_rank=True) and load the target with load_target"
+            )
         if speculation_schedule not in SCHEDULES:
             raise ValueError(
                 f"unknown speculation_schedule {speculation_schedule!r}; use one of {', '.join(SCHEDULES)}"

@@ -155,8 +155,10 @@ def load_target(path, **kwargs):
 def shutdown() -> None:
     """On the leader: release the drafter rank. On every rank: leave the process group."""
     global _topology
-    if _topology is not None and _topology.is_leader and _topology.drafter_channel() is not None:
-        _topology.channel.send(("exit",))
+    if _topology is not None and _topology.is_leader and _topology.channel is not None:
+        # Even after a failure: a drafter rank that only stalled must not wait for ever.
+        with contextlib.suppress(BrokenPipeError):
+            _topology.channel.send(("exit",))
         _topology.channel.say_goodbye()
     _topology = None
     if dist.is_initialized():

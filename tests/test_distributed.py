@@ -154,3 +154,13 @@ def test_tp_flag_must_be_positive():
 
     with pytest.raises(SystemExit):
         cli.main(["generate", "hello", "--target", "t", "--tp", "0"])
+
+
+def test_rank_placement_without_a_drafter_rank_is_refused():
+    import saguaro
+
+    target = tiny_model("llama", seed=0)
+    with pytest.raises(ValueError, match="drafter_rank=True"):
+        saguaro.SpeculativeGenerator(
+            target, perturbed_copy(target, 0.003), method="saguaro", placement="rank"
+        )
