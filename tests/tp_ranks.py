@@ -25,7 +25,15 @@ def free_port() -> int:
 
 def launch(scenario: str, models: str, timeout: float = 240.0) -> tuple[list[dict | None], list[int | None]]:
     """Run `scenario` on 3 ranks; (what each rank saved, each exit code). Ranks still running after
-    `timeout` seconds are killed (their exit code then says so)."""
+    `timeout` seconds are killed (their exit code then says so). A free port can be taken by another
+    process before rank 0 binds it: then the ranks run once more, on another port."""
+    saved, codes = _launch_once(scenario, models, timeout)
+    if any("EADDRINUSE" in (result or {}).get("error", "") for result in saved):
+        saved, codes = _launch_once(scenario, models, timeout)
+    return saved, codes
+
+
+def _launch_once(scenario: str, models: str, timeout: float):
     port, out = free_port(), tempfile.mkdtemp()
     ctx = mp.get_context("spawn")
     ranks = [ctx.Process(target=_rank_main, args=(r, port, scenario, models, out)) for r in range(WORLD)]
