@@ -606,7 +606,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default="results.json",
-        help="JSON results; a Markdown table (.md) and a plot (.png) are written beside it",
+        help="JSON results (or a folder for results.json); a Markdown table (.md) and a plot (.png) "
+        "are written beside it",
     )
 
 
@@ -634,10 +635,14 @@ def main(argv=None) -> None:
             f"{args.acceptance_from} has no acceptance per position (a quick run); make one with "
             "`saguaro bench --full` and pass that to --acceptance-from"
         )
+    out = Path(args.out)
+    if out.is_dir():  # a folder: the files go into it (checked now, not after a long run)
+        out = out / "results.json"
+    if not out.parent.is_dir():
+        parser.error(f"--out {args.out}: folder {out.parent} does not exist; create it first")
     if args.target is None:
         args.target, args.draft = demo_models.demo_pair_paths(args.progress)
     results = random_weights_benchmark(args) if args.random_weights else benchmark(args)
-    out = Path(args.out)
     out.write_text(json.dumps(results, indent=2))
     markdown = report.markdown(results)
     out.with_suffix(".md").write_text(markdown)
