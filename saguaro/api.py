@@ -358,6 +358,18 @@ class SpeculativeGenerator:
             self._auto_counts[2] += stats.hits
             self._auto_counts[3] += max(0, len(drafted_rounds) - 1)
 
+    def _seed_saguaro_lookahead(self) -> None:
+        """Give Saguaro's adaptive schedule the step costs `auto` times once per process (the
+        target alone for a plain step, beside the worker for a verification), so that where
+        verification costs about K+1 steps (a CPU without native bf16) not even the first round
+        pays for a draft. A few forwards, once per process; `method="auto"` has them already."""
+        # A tensor-parallel target is not timed: its other ranks could not follow the leader's forwards.
+        if self.lookahead is None or self.lookahead.verify or self._tp is not None:
+            return
+        k = self.num_speculative_tokens
+        calibration = auto.calibrate(self.target, self._draft, k, self.threads)
+        self.lookahead.seed({1: calibration.target_alone(1), k + 1: calibration.target_beside(k + 1)})
+
     def _prepared_draft(self, sample: list[int]):
         if self._draft is None:
             # Measured as it will run: a CPU Saguaro worker drafts on its own threads while the
@@ -568,6 +580,7 @@ class SpeculativeGenerator:
                 runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead
             )
         elif self.method == "saguaro":
+            self._seed_saguaro_lookahead()
             with self.threads:
                 new = saguaro(
                     runner,

@@ -609,7 +609,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default="results.json",
-        help="JSON results; a Markdown table (.md) and a plot (.png) are written beside it",
+        help="JSON results (or a folder for results.json); a Markdown table (.md) and a plot (.png) "
+        "are written beside it",
     )
 
 
@@ -643,6 +644,12 @@ def main(argv=None) -> None:
             f"{args.acceptance_from} has no acceptance per position (a quick run); make one with "
             "`saguaro bench --full` and pass that to --acceptance-from"
         )
+    out = Path(args.out)
+    if out.is_dir():  # a folder: the files go into it (checked now, not after a long run)
+        out = out / "results.json"
+    if not out.parent.is_dir():
+        parser.error(f"--out {args.out}: folder {out.parent} does not exist; create it first")
+    args.out = str(out)  # where write_results writes (rank 0's, in a --tp run)
     if args.target is None:
         args.target, args.draft = demo_models.demo_pair_paths(args.progress)
     if args.tp > 1:

@@ -126,6 +126,14 @@ class LookaheadController:
             old = self.draft_seconds_per_unit
             self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
 
+    def seed(self, verify_seconds: dict[int, float]) -> None:
+        """Start from step costs timed beforehand (tokens -> seconds of a verification), so the
+        first rounds are already chosen by cost: where verifying K+1 tokens costs about K+1 steps,
+        the very first round is a plain step instead of a full-length draft that measures it.
+        Rounds observed later blend in as usual; lengths already observed keep their measurement."""
+        for tokens, seconds in verify_seconds.items():
+            self.verify.points.setdefault(tokens, seconds)
+
     def round_seconds(self, k: int) -> float:
         units = {"per_token": k, "per_round": 1 if k else 0, "free": 0}[self.draft_cost]
         return self.verify(k + 1) + units * self.draft_seconds_per_unit

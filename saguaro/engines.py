@@ -193,8 +193,12 @@ def saguaro(
     threads = threads or NoSplit()
     threads.alone()
     seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))  # the drafter's own RNG
+    # Where speculation does not pay (as measured so far), the call starts with plain steps: the
+    # target prefills on every core, and the worker first hears of this sequence if a probe drafts.
+    speculating = lookahead is None or lookahead.choose(stop.max_new_tokens - 1) > 0
+    synced = speculating  # whether the worker follows this call's sequence
     prefill = None
-    if worker.concurrent:  # the drafter prefills the prompt on its own core while the target does
+    if speculating and worker.concurrent:  # the drafter prefills the prompt on its own core meanwhile
         try:
             prefill = worker.begin("reset", prompt, sampler.config, seed, False)
             threads.beside_drafter()
@@ -221,7 +225,9 @@ def saguaro(
         return draft
 
     waited = 0.0
-    if prefill is not None:
+    if not speculating:
+        draft = Draft([], None, DraftSource.OFF)
+    elif prefill is not None:
         draft = ask(lambda w: w.end, prefill)  # an empty draft, unless the worker failed meanwhile
         if draft.source == DraftSource.OFF:
             prefill_wait = waited  # the drafter's prefill outlasting the target's counts as waiting too
@@ -255,8 +261,11 @@ def saguaro(
             depth = lookahead.choose(limit) if lookahead else limit
             if depth == 0:  # speculation loses here: a plain target step; the worker idles
                 draft, waited = Draft([], None, DraftSource.OFF), 0.0
-            elif draft.source == DraftSource.OFF:
+            elif draft.source == DraftSource.OFF and synced:
                 draft = ask(lambda w: w.catch_up, prompt + generated, depth)
+            elif draft.source == DraftSource.OFF:  # the first draft of this call
+                draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
+                synced = True
             else:
                 draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds, depth)
     return stop.trim(generated)

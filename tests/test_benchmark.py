@@ -54,7 +54,8 @@ def test_bench_by_default_is_quick_on_the_demo_pair(pair_on_disk, tmp_path, monk
 
     monkeypatch.setattr(demo_models, "fetch_demo_pair", fake_fetch)
     out = tmp_path / "results.json"
-    benchmark.main(tiny_options(pair_on_disk, out))  # no --target/--draft, no --methods, no sizes
+    # No --target/--draft, no --methods, no sizes; --out a folder: results.json goes into it.
+    benchmark.main(tiny_options(pair_on_disk, tmp_path))
     results = json.loads(out.read_text())
     assert fetched == [None]  # the default folder ($SAGUARO_MODELS or ~/.cache/saguaro-models)
     assert results["setup"]["target"] == str(pair_on_disk / "target")
@@ -140,6 +141,7 @@ def test_bench_full_writes_json_markdown_and_plot_with_every_method(pair_on_disk
         ["--target", "x", "--draft", "y", "--methods", "medusa"],
         ["--target", "x"],  # the demo pair is both models or neither
         ["--draft", "y"],
+        ["--out", "/no/such/folder/results.json"],  # found out before a long run, not after it
     ],
 )
 def test_bad_arguments_are_rejected_before_any_fetch(argv, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
+from saguaro import auto
 from saguaro.cost_model import AcceptanceCounter, CostCurve, LookaheadController, expected_tokens
 
 
@@ -81,9 +82,9 @@ def test_adaptive_schedule_stays_exact(method):
     assert out.sequences.tolist() == expected.tolist()
     drafted = [r["drafted"] for r in out.stats.round_log]
     assert len(drafted) == out.stats.rounds
-    # A probe after 16 plain target steps drafts again (saguaro's worker then catches up); all
-    # other rounds but saguaro's first (its worker's opening draft) are plain target steps.
-    assert max(drafted[15:17]) > 0 and sum(d > 0 for d in drafted) <= 2 and drafted[1] == 0
+    # Every round is a plain target step, the first included (saguaro's worker is not even told of
+    # the sequence), except one probe after 16 of them, which drafts (the worker starts from there).
+    assert drafted[0] == 0 and max(drafted[15:17]) > 0 and sum(d > 0 for d in drafted) == 1
     assert all(r["verify_seconds"] > 0 for r in out.stats.round_log)
 
 
@@ -95,3 +96,38 @@ def test_probes_back_off_while_speculation_keeps_losing():
     probes = [i for i in range(200) if controller.choose(4) > 0]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
     assert probes[0] == 3 and gaps == [8, 16, 32, 64][: len(gaps)] and len(probes) >= 4
+
+
+def test_seeded_controller_starts_from_timed_costs():
+    # Verifying T tokens timed at T steps (a CPU without native bf16): no draft even at first.
+    costly = LookaheadController(4)
+    costly.seed({1: 1.0, 5: 5.0})
+    assert costly.choose(4) == 0
+    # Timed nearly flat (native bf16, a GPU): the first round drafts.
+    cheap = LookaheadController(4)
+    cheap.seed({1: 1.0, 5: 1.1})
+    assert cheap.choose(4) > 0
+    # Rounds blend into a seed like any measurement; a later seed only fills in lengths not yet known.
+    cheap.observe(4, 4, 3.0, 0.0)
+    blended = cheap.verify.points[5]
+    assert 1.1 < blended < 3.0
+    cheap.seed({5: 1.1, 3: 2.0})
+    assert cheap.verify.points[5] == blended and cheap.verify.points[3] == 2.0
+
+
+def test_saguaro_starts_with_plain_steps_where_timed_verification_costs_k_steps(monkeypatch):
+    target = tiny_model("llama", seed=0)
+    timed = auto.Calibration(*(CostCurve({1: 1.0, 5: 5.0}) for _ in range(4)))
+    monkeypatch.setattr(auto, "calibrate", lambda *args: timed)
+    prompt = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
+    with saguaro.SpeculativeGenerator(
+        target, perturbed_copy(target, 0.005), method="saguaro", placement="process"
+    ) as generator:
+        out = generator.generate(prompt, max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True)
+    assert (
+        out.sequences.tolist()
+        == target.generate(
+            prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        ).tolist()
+    )
+    assert out.stats.drafted == 0 and out.stats.rounds == 11

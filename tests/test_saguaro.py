@@ -213,7 +213,7 @@ def test_default_adaptive_schedule_runs_through_a_process_worker():
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
         assert worker_process(generator).is_alive()
     assert out.sequences.tolist() == hf_greedy(target, 40)
-    # Speculation ran: the first round always drafts the full length (nothing measured yet).
+    # Speculation ran (the tiny models verify K+1 tokens for about the cost of one).
     assert out.stats.drafted >= 4 and out.stats.accepted > 0 and out.stats.worker_failures == 0
     assert generator.lookahead.verify  # the controller measured the rounds it chose
 
