@@ -13,6 +13,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto, distributed
+from .consensus import Consensus
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
@@ -540,7 +541,7 @@ class SpeculativeGenerator:
         """One row; with a tensor-parallel target, rank 0 decodes and the other target ranks follow."""
         if self._tp is None:
             return self._generate_one(prompt, sampler, stop)
-        consensus = distributed.Consensus(self._tp)
+        consensus = Consensus(self._tp)
         if not consensus.leads:
             runner = self._target_runner(prompt, stop)
             new = consensus.follow(runner, prompt)

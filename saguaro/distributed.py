@@ -5,16 +5,10 @@ tensor parallelism (its `tp_plan`), and rank N, if there is one, holds the whole
 All ranks are one torch.distributed process group (NCCL or gloo for the target's shards; the small
 control messages below always travel over gloo groups, which can be polled and time out on CPU).
 
-Consensus. Only rank 0, the leader, decodes: it drafts (or asks the drafter rank), verifies,
-samples, chooses draft lengths, all exactly as on one device. Every other target rank follows:
-`LeaderRunner` broadcasts each operation on the target's runner (feed a prompt, forward these
-tokens in this tree, keep this path, roll back to this length) before running it, and
-`follow` replays them on the follower's runner, so every rank feeds identical tokens to its shard
-and the sharded forwards always match. Nothing that may differ between ranks (a seed, a timing, a
-sampling draw) can make them diverge, and at the end every rank returns the leader's tokens.
+Only rank 0, the leader, decodes; the other target ranks replay its steps (consensus.py).
 
-The drafter rank runs the ordinary Saguaro worker loop (`workers._serve`) over a `RankChannel`,
-a pipe-like object over torch.distributed point-to-point messages: pre-speculation overlaps the
+The drafter rank runs the ordinary Saguaro worker loop (`workers._serve`) over a `RankChannel`
+(rank_channel.py), a pipe over torch.distributed point-to-point messages: pre-speculation overlaps the
 target's sharded verification exactly as a drafter process does on one machine, and a dead or
 stalled drafter rank makes the leader draft inline (`DraftWorker` placement "rank"), losing no token.
 
@@ -26,12 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import io
 import os
-import pickle
-import queue
-import threading
-import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -39,10 +28,9 @@ import torch
 import torch.distributed as dist
 
 from .faults import logger
-from .tree import TokenTree
+from .rank_channel import RankChannel
 
 DEFAULT_TIMEOUT = 120.0  # seconds any collective may wait for another rank
-FRAME = 64  # int64 words per broadcast; a longer message takes a second broadcast
 
 
 class DistributedFailure(RuntimeError):
@@ -181,229 +169,6 @@ def tensor_parallel_target(model) -> Topology | None:
     if _topology.is_drafter:
         raise RuntimeError("the drafter rank holds no target: call serve_drafter(draft_model) there")
     return _topology
-
-
-class Consensus:
-    """One generation's agreement between the target ranks, through the leader's broadcasts."""
-
-    FEED, FORWARD, COMMIT, ROLLBACK, DONE, ABORT = range(6)
-
-    def __init__(self, topology: Topology):
-        self.topology = topology
-
-    @property
-    def leads(self) -> bool:
-        return self.topology.is_leader
-
-    def _send(self, op: int, payload: list[int]) -> None:
-        frame = torch.zeros(FRAME, dtype=torch.long)
-        head = [op, len(payload), *payload[: FRAME - 2]]
-        frame[: len(head)] = torch.tensor(head, dtype=torch.long)
-        self._broadcast(frame)
-        if len(payload) > FRAME - 2:
-            self._broadcast(torch.tensor(payload[FRAME - 2 :], dtype=torch.long))
-
-    def _receive(self) -> tuple[int, list[int]]:
-        frame = torch.empty(FRAME, dtype=torch.long)
-        self._broadcast(frame)
-        op, size = int(frame[0]), int(frame[1])
-        payload = frame[2 : 2 + min(size, FRAME - 2)].tolist()
-        if size > FRAME - 2:
-            rest = torch.empty(size - (FRAME - 2), dtype=torch.long)
-            self._broadcast(rest)
-            payload += rest.tolist()
-        return op, payload
-
-    def _broadcast(self, tensor: torch.Tensor) -> None:
-        with self.guard("waiting for the leader's next step" if not self.leads else "sending a step"):
-            dist.broadcast(tensor, src=self.topology.leader, group=self.topology.control)
-
-    def guard(self, doing: str):
-        return _Guard(self.topology, doing)
-
-    def lead(self, runner) -> LeaderRunner:
-        return LeaderRunner(runner, self)
-
-    def finish(self, new: list[int]) -> None:
-        self._send(self.DONE, new)
-
-    def abort(self) -> None:
-        """The leader failed mid-generation: release the followers with an error, not a timeout."""
-        try:
-            self._send(self.ABORT, [])
-        except DistributedFailure:
-            pass  # they are gone too: nothing to release
-
-    def follow(self, runner, prompt: list[int]) -> list[int]:
-        """Replay the leader's operations on this rank's runner; return the leader's new tokens."""
-        while True:
-            op, payload = self._receive()
-            if op == self.FEED:
-                if payload != prompt:
-                    raise DistributedFailure(
-                        f"rank {self.topology.rank} was given a different prompt than the leader: call "
-                        "generate with the same arguments on every target rank"
-                    )
-                with self.guard("prefilling"):
-                    runner.feed(prompt)
-            elif op == self.FORWARD:
-                cached_nodes, last_only, count, *rest = payload
-                tokens, parents = rest[:count], tuple(rest[count:])
-                with self.guard("verifying"):
-                    runner.forward(tokens, TokenTree(parents), cached_nodes, bool(last_only))
-            elif op == self.COMMIT:
-                runner.commit_path(payload[0], payload[1:])
-            elif op == self.ROLLBACK:
-                runner.rollback(payload[0])
-            elif op == self.DONE:
-                return payload
-            else:
-                raise DistributedFailure(
-                    f"the leader (rank {self.topology.leader}) failed during this generation; see its error"
-                )
-
-
-class _Guard:
-    """Turns a failed or timed-out collective into a DistributedFailure that says what to check."""
-
-    def __init__(self, topology: Topology, doing: str):
-        self.topology, self.doing = topology, doing
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if kind is None or not issubclass(kind, RuntimeError) or isinstance(error, DistributedFailure):
-            return False
-        raise DistributedFailure(
-            f"rank {self.topology.rank}: a target rank is gone or stalled past {self.topology.timeout:g}s "
-            f"while {self.doing} ({type(error).__name__}: {error}); restart every rank"
-        ) from error
-
-
-class LeaderRunner:
-    """The leader's target runner: each operation is broadcast to the followers, then run here."""
-
-    def __init__(self, runner, consensus: Consensus):
-        self._runner, self._consensus = runner, consensus
-
-    def __getattr__(self, name):
-        return getattr(self._runner, name)  # length, remember, model, ...: read-only or rank-local
-
-    def feed(self, tokens: list[int]):
-        self._consensus._send(Consensus.FEED, list(tokens))
-        with self._consensus.guard("prefilling"):
-            return self._runner.feed(tokens)
-
-    def forward(self, tokens, tree: TokenTree | None = None, cached_nodes: int = 0, last_only: bool = False):
-        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1).tolist()
-        tree = tree or TokenTree.chain(len(tokens))
-        payload = [cached_nodes, int(last_only), len(tokens), *tokens, *tree.parents]
-        self._consensus._send(Consensus.FORWARD, payload)
-        with self._consensus.guard("verifying"):
-            return self._runner.forward(tokens, tree, cached_nodes, last_only)
-
-    def commit_path(self, start: int, keep) -> None:
-        keep = [int(k) for k in keep]
-        self._consensus._send(Consensus.COMMIT, [start, *keep])
-        self._runner.commit_path(start, keep)
-
-    def rollback(self, length: int) -> None:
-        self._consensus._send(Consensus.ROLLBACK, [length])
-        self._runner.rollback(length)
-
-
-class _HostPickler(pickle.Pickler):
-    """Pickles tensors from host memory: a draft's distributions computed on the drafter's GPU
-    arrive as CPU tensors, not as tensors on a device of another rank."""
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.Tensor) and obj.device.type != "cpu":
-            return obj.cpu().__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        return NotImplemented
-
-
-class RankChannel:
-    """A pipe to another rank (send / recv / poll of picklable objects), over torch.distributed.
-
-    It stands in for a multiprocessing Connection in the worker protocol. Each message is its size,
-    then its pickled bytes, sent without waiting (two ranks sending at once never deadlock). gloo's
-    point-to-point receives cannot be polled, so a daemon thread receives in turn and queues what
-    arrives; a peer that is gone (or a failed transfer) reads as EOFError, as a closed pipe does.
-    One channel per peer for the life of the process, ended by a "bye" from either side.
-    """
-
-    def __init__(self, peer: int, group):
-        self.peer, self.group = peer, group
-        self.failed = False
-        self.last_seq = 0  # the highest request number sent: a new worker numbers after it
-        self.owner = None  # weakref to the DraftWorker whose session the peer serves
-        self._inbox: queue.Queue = queue.Queue()
-        self._peeked = None  # a message poll took from the inbox, next in line for recv
-        self._sends: list = []
-        self._receiver = threading.Thread(target=self._receive_all, daemon=True, name="saguaro-rank-channel")
-        self._receiver.start()
-
-    def _receive_all(self) -> None:
-        while True:
-            try:
-                size = torch.zeros(1, dtype=torch.long)
-                dist.recv(size, self.peer, group=self.group)
-                data = torch.empty(int(size[0]), dtype=torch.uint8)
-                dist.recv(data, self.peer, group=self.group)
-                message = pickle.loads(data.numpy().tobytes())
-            except Exception as error:  # gloo: "Connection closed by peer", a failed transfer
-                self._inbox.put(EOFError(f"rank {self.peer} is gone ({error})"))
-                return
-            self._inbox.put(message)
-            if message == ("bye",):
-                return
-
-    def send(self, message) -> None:
-        if isinstance(message[0], int):
-            self.last_seq = max(self.last_seq, message[0])
-        buffer = io.BytesIO()
-        _HostPickler(buffer).dump(message)
-        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-        size = torch.tensor([len(data)], dtype=torch.long)
-        try:
-            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
-            for tensor in (size, data):
-                # The tensors must outlive the transfer: keep them with their pending work.
-                self._sends.append((dist.isend(tensor, self.peer, group=self.group), tensor))
-        except RuntimeError as error:
-            self.failed = True
-            raise BrokenPipeError(f"rank {self.peer} is gone ({error})") from error
-
-    def poll(self, timeout: float | None = 0.0) -> bool:
-        """Whether a message is waiting; waits up to `timeout` seconds for one (None: for ever)."""
-        if self._peeked is None:
-            try:
-                self._peeked = self._inbox.get(timeout=timeout)
-            except queue.Empty:
-                return False
-        return True
-
-    def recv(self):
-        message, self._peeked = self._peeked if self._peeked is not None else self._inbox.get(), None
-        if isinstance(message, EOFError):
-            self.failed = True
-            self._peeked = message  # every later read sees the end too
-            raise message
-        return message
-
-    def say_goodbye(self, timeout: float = 10.0) -> None:
-        """End the channel on both sides: the peer's receiver gets "bye", ours waits for its "bye"."""
-        with contextlib.suppress(BrokenPipeError):
-            self.send(("bye",))
-        deadline = time.monotonic() + timeout
-        for work, _ in self._sends:
-            with contextlib.suppress(RuntimeError):
-                work.wait(datetime.timedelta(seconds=max(0.1, deadline - time.monotonic())))
-        self._receiver.join(max(0.0, deadline - time.monotonic()))
-
-    def close(self) -> None:
-        """Nothing to release: the channel lives as long as the process group (see `shutdown`)."""
 
 
 def claim_drafter_rank(worker) -> RankChannel | None:
