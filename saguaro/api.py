@@ -13,6 +13,8 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto
+from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
+from .batched_runner import BatchedRunner
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
@@ -38,6 +40,8 @@ ADAPTIVE_DRAFT_COST = {
     "tree": "per_token",
 }
 MODEL_FREE = ("autoregressive", "prompt_lookup")
+# Methods whose batches run as one (batched.py); a tree's batch runs row after row.
+BATCHED_METHODS = ("autoregressive", "speculative", "saguaro", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
 
 
@@ -311,6 +315,7 @@ class SpeculativeGenerator:
         if self._schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
             controller = TreeDepthController if method == "tree" else LookaheadController
             self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
+        self._batch_lookaheads: dict[int, LookaheadController] = {}
 
     def _choose_method(self, sample: list[int]) -> None:
         """method="auto": the method the cost model predicts fastest, from step costs measured once
@@ -482,13 +487,21 @@ class SpeculativeGenerator:
             streamer.put(ids.cpu())
         if logits_processor is None or isinstance(logits_processor, LogitsProcessorList):
             logits_processor = [logits_processor] * len(prompts)
-        results = []
-        for prompt, pad, processors in zip(prompts, pads, logits_processor):
-            sampler = TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
-            stop = StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
-            results.append(self._generate_one(prompt, sampler, stop))
-            if self.auto:
-                self._learn_acceptance(results[-1][1])
+        samplers = [
+            TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
+            for pad, processors in zip(pads, logits_processor)
+        ]
+        stops = [
+            StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
+            for prompt, sampler in zip(prompts, samplers)
+        ]
+        if len(prompts) > 1 and self.method in BATCHED_METHODS:
+            results = self._generate_batch(prompts, samplers, stops)
+        else:
+            results = [self._generate_one(*row) for row in zip(prompts, samplers, stops)]
+        if self.auto:
+            for _, stats in results:
+                self._learn_acceptance(stats)
         if streamer is not None:
             streamer.end()
 
@@ -509,7 +522,49 @@ class SpeculativeGenerator:
         if not return_dict_in_generate:
             return sequences
         rows = [stats for _, stats in results]
-        return GenerateOutput(sequences, rows[0] if len(rows) == 1 else GenerationStats.merge(rows), rows)
+        batched = len(rows) > 1 and self.method in BATCHED_METHODS
+        merged = rows[0] if len(rows) == 1 else GenerationStats.merge(rows, concurrent=batched)
+        return GenerateOutput(sequences, merged, rows)
+
+    def _generate_batch(
+        self, prompts: list[list[int]], samplers: list[TokenSampler], stops: list[StopRule]
+    ) -> list[tuple[list[int], GenerationStats]]:
+        """All rows at once (batched.py): one target forward per round for every live row."""
+        method = "speculative" if self.method == "saguaro" else self.method
+        if self.method == "saguaro":
+            # Pre-speculating every row's outcomes would multiply the drafter's work by the batch;
+            # a batch is served by the batched speculative loop instead (exact all the same).
+            logger.info("saguaro: method='saguaro' serves a batch with batched speculative decoding")
+        stats = [GenerationStats(method=method, prompt_tokens=len(prompt)) for prompt in prompts]
+        drafter = None
+        if method == "speculative":
+            self._prepared_draft(prompts[0])
+            for row_stats in stats:
+                row_stats.draft_configuration = asdict(self.draft_configuration)
+            drafter = BatchedModelDrafter(self._draft, samplers[0].drafting(), self.target.config.vocab_size)
+        elif method == "prompt_lookup":
+            drafter = PerRowDrafters(PromptLookupDrafter)
+        new = batched_speculative(
+            BatchedRunner(self.target),
+            drafter,
+            prompts,
+            samplers,
+            stops,
+            stats,
+            self.num_speculative_tokens,
+            self._batch_lookahead if self.lookahead is not None and drafter is not None else None,
+        )
+        for row, row_stats in zip(new, stats):
+            row_stats.new_tokens = len(row)
+        return list(zip(new, stats))
+
+    def _batch_lookahead(self, rows: int) -> LookaheadController:
+        """The draft-length controller for a batch of `rows` live rows: a round's cost depends on
+        rows x tokens, so each batch size measures its own (kept across calls, like `lookahead`)."""
+        if rows not in self._batch_lookaheads:
+            cost = "free" if self.method == "prompt_lookup" else "per_token"
+            self._batch_lookaheads[rows] = LookaheadController(self.num_speculative_tokens, cost)
+        return self._batch_lookaheads[rows]
 
     def _generate_one(
         self, prompt: list[int], sampler: TokenSampler, stop: StopRule

@@ -117,10 +117,19 @@ class LookaheadController:
         self._probe_interval = probe_every
 
     def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
-        self.verify.observe(drafted + 1, verify_seconds)
-        if drafted:
-            self.acceptance.observe(drafted, accepted)
-        units = {"per_token": drafted, "per_round": 1 if drafted else 0, "free": 0}[self.draft_cost]
+        self.observe_rows([drafted], [accepted], verify_seconds, draft_seconds)
+
+    def observe_rows(
+        self, drafted: list[int], accepted: list[int], verify_seconds: float, draft_seconds: float
+    ) -> None:
+        """A round of a batch (batched.py): every row's acceptance counts, the round's costs once.
+        A row's tokens/s is then proportional to the batch's, so one choice serves all rows."""
+        for row_drafted, row_accepted in zip(drafted, accepted):
+            if row_drafted:
+                self.acceptance.observe(row_drafted, row_accepted)
+        deepest = max(drafted)
+        self.verify.observe(deepest + 1, verify_seconds)
+        units = {"per_token": deepest, "per_round": 1 if deepest else 0, "free": 0}[self.draft_cost]
         if units:
             sample = draft_seconds / units
             old = self.draft_seconds_per_unit
