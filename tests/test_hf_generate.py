@@ -9,7 +9,7 @@ from conftest import WORDS, perturbed_copy, tiny_model, word_tokenizer
 from stats_helpers import chi_square_pvalue
 
 import saguaro
-from saguaro import engines
+from saguaro import batched, engines
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -221,6 +221,7 @@ def test_batch_sampling_test_catches_draft_tokens_missing_from_the_history(small
             sampler.scores = original_scores
 
     monkeypatch.setattr(engines, "verify_proposal", forgetful)
+    monkeypatch.setattr(batched, "verify_proposal", forgetful)  # a batch runs the batched loop
     counts = sampled_batch_counts(target, draft, samples=1200)
     pvalues = [
         chi_square_pvalue(counts[row], exact_row_joint(target, prompt, PENALTY, 0.9))
