@@ -44,6 +44,7 @@ class BatchedModelDrafter:
         self.fed: list[int] = []
         self._mark = None
         self._drafted_fed = 0  # draft levels of the last proposal fed to the cache
+        self.round_seconds: float | None = None  # see propose
 
     def reset(self, rows: list[list[int]]) -> None:
         self.runner.start(len(rows))
@@ -53,22 +54,32 @@ class BatchedModelDrafter:
 
     def propose(self, depths: list[int]) -> list[Proposal]:
         pending = [row[fed:] for row, fed in zip(self.committed, self.fed)]
-        # A prompt is fed left-padded (the last column holds every row's last token); later
-        # catch-ups are one or two tokens per row.
-        first = not any(self.fed)
-        logits = self.runner.forward(pending, align_right=first, last_only=first)
-        last = [-1 if first else len(row) - 1 for row in pending]
-        level_logits = logits[torch.arange(len(pending)), last, : self.vocab_size]
+        # Left-padded, so every row's last token is in the last column, the only one whose logits
+        # are needed: the prompt at first, then one or two tokens per row (more after plain steps).
+        start = time.perf_counter()
+        logits = self.runner.forward(pending, align_right=True, last_only=True)[:, -1, : self.vocab_size]
+        catch_up_seconds = time.perf_counter() - start
         self.fed = [len(row) for row in self.committed]
         self._mark = self.runner.mark()
-        tokens, probs = [], []
+        tokens, probs, level_seconds = [], [], []
         for level in range(max(depths)):
-            q = self.sampler.probs(level_logits)
+            q = self.sampler.probs(logits)
             drawn = q.argmax(-1) if self.sampler.greedy else self.sampler.draw(q)
             tokens.append(drawn)
             probs.append(q)
             if level + 1 < max(depths):  # the last level is fed next round, if it is kept
-                level_logits = self.runner.forward([[int(t)] for t in drawn])[:, -1, : self.vocab_size]
+                start = time.perf_counter()
+                logits = self.runner.forward([[int(t)] for t in drawn])[:, -1, : self.vocab_size]
+                level_seconds.append(time.perf_counter() - start)
+        # What drafting these depths costs a round once the drafter keeps up (a catch-up of one or
+        # two tokens per row), for the draft-length controller: a prefill, or a catch-up after
+        # plain steps, is a one-off that must not make every later round look expensive.
+        if max(len(row) for row in pending) <= 2:
+            self.round_seconds = catch_up_seconds + sum(level_seconds)
+        elif level_seconds:
+            self.round_seconds = sum(level_seconds) * (len(level_seconds) + 1) / len(level_seconds)
+        else:
+            self.round_seconds = None
         self._drafted_fed = max(max(depths) - 1, 0)
         tokens = torch.stack(tokens, 1)  # [B, levels]
         probs = None if self.sampler.greedy else torch.stack(probs, 1)  # [B, levels, V]
@@ -96,6 +107,8 @@ class BatchedModelDrafter:
 
 class PerRowDrafters:
     """Model-free drafters (prompt lookup) batched the trivial way: one per row, no forwards."""
+
+    round_seconds = None  # drafting is free: the controller counts no draft cost
 
     def __init__(self, make_drafter):
         self.make_drafter = make_drafter
@@ -187,6 +200,7 @@ def batched_speculative(
             )
         if lookahead:
             drafted = [len(proposal.tokens) for proposal in proposals]
-            lookahead.observe_rows(drafted, [len(t) - 1 for t in emitted], verify_seconds, tock - tick)
+            draft_seconds = drafter.round_seconds if max(depths) else 0.0
+            lookahead.observe_rows(drafted, [len(t) - 1 for t in emitted], verify_seconds, draft_seconds)
         drop_finished()
     return [stop.trim(new) for stop, new in zip(stops, generated)]

@@ -120,17 +120,18 @@ class LookaheadController:
         self.observe_rows([drafted], [accepted], verify_seconds, draft_seconds)
 
     def observe_rows(
-        self, drafted: list[int], accepted: list[int], verify_seconds: float, draft_seconds: float
+        self, drafted: list[int], accepted: list[int], verify_seconds: float, draft_seconds: float | None
     ) -> None:
         """A round of a batch (batched.py): every row's acceptance counts, the round's costs once.
-        A row's tokens/s is then proportional to the batch's, so one choice serves all rows."""
+        A row's tokens/s is then proportional to the batch's, so one choice serves all rows.
+        draft_seconds None: this round's drafting time says nothing about a usual round's."""
         for row_drafted, row_accepted in zip(drafted, accepted):
             if row_drafted:
                 self.acceptance.observe(row_drafted, row_accepted)
         deepest = max(drafted)
         self.verify.observe(deepest + 1, verify_seconds)
         units = {"per_token": deepest, "per_round": 1 if deepest else 0, "free": 0}[self.draft_cost]
-        if units:
+        if units and draft_seconds is not None:
             sample = draft_seconds / units
             old = self.draft_seconds_per_unit
             self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
