@@ -541,11 +541,13 @@ class SpeculativeGenerator:
             self._prepared_draft(prompts[0])
             for row_stats in stats:
                 row_stats.draft_configuration = asdict(self.draft_configuration)
-            drafter = BatchedModelDrafter(self._draft, samplers[0].drafting(), self.target.config.vocab_size)
+            drafter = BatchedModelDrafter(
+                self._draft, samplers[0].drafting(), self.target.config.vocab_size, self._draft_prefixes
+            )
         elif method == "prompt_lookup":
             drafter = PerRowDrafters(PromptLookupDrafter)
         new = batched_speculative(
-            BatchedRunner(self.target),
+            BatchedRunner(self.target, self._target_prefixes),
             drafter,
             prompts,
             samplers,

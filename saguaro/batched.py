@@ -22,6 +22,7 @@ from .batched_runner import BatchedRunner
 from .cost_model import LookaheadController
 from .drafters import Drafter, Proposal
 from .engines import StopRule, verify_proposal
+from .prefix_cache import PrefixCache
 from .sampling import TokenSampler
 from .stats import GenerationStats
 from .tree import TokenTree
@@ -36,8 +37,14 @@ class BatchedModelDrafter:
     draws each row's token from the q it reports, which keeps sampled verification exact.
     """
 
-    def __init__(self, model, sampler: TokenSampler, vocab_size: int | None = None):
-        self.runner = BatchedRunner(model)
+    def __init__(
+        self,
+        model,
+        sampler: TokenSampler,
+        vocab_size: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        self.runner = BatchedRunner(model, prefix_cache)
         self.sampler = sampler
         self.vocab_size = vocab_size  # the draft never proposes ids the target cannot emit
         self.committed: list[list[int]] = []
@@ -57,7 +64,11 @@ class BatchedModelDrafter:
         # Left-padded, so every row's last token is in the last column, the only one whose logits
         # are needed: the prompt at first, then one or two tokens per row (more after plain steps).
         start = time.perf_counter()
-        logits = self.runner.forward(pending, align_right=True, last_only=True)[:, -1, : self.vocab_size]
+        if any(self.fed):
+            logits = self.runner.forward(pending, align_right=True, last_only=True)[:, -1]
+        else:  # the prompts, from the draft's prefix cache as far as it holds them
+            logits = self.runner.prefill(pending)[0]
+        logits = logits[:, : self.vocab_size]
         catch_up_seconds = time.perf_counter() - start
         self.fed = [len(row) for row in self.committed]
         self._mark = self.runner.mark()
@@ -99,6 +110,10 @@ class BatchedModelDrafter:
             row += emitted
         self._mark, self._drafted_fed = None, 0
 
+    def remember(self, index: int) -> None:
+        """Store what the draft's cache holds of row `index` for later calls."""
+        self.runner.remember(index, self.committed[index])
+
     def keep_rows(self, indices: list[int]) -> None:
         self.runner.keep_rows(indices)
         self.committed = [self.committed[i] for i in indices]
@@ -126,6 +141,9 @@ class PerRowDrafters:
         for drafter, emitted in zip(self.drafters, accepted):
             drafter.commit(list(range(len(emitted) - 1)), emitted[-1])
 
+    def remember(self, index: int) -> None:
+        """Nothing to store: no model, no KV."""
+
     def keep_rows(self, indices: list[int]) -> None:
         self.drafters = [self.drafters[i] for i in indices]
 
@@ -146,12 +164,11 @@ def batched_speculative(
     `LookaheadController` for a batch of that size (None: every round drafts max_depth).
     """
     start = time.perf_counter()
-    target.start(len(prompts))
-    logits = target.forward(prompts, align_right=True, last_only=True)[:, -1]
+    logits, reused = target.prefill(prompts)
     prefill_seconds = time.perf_counter() - start
     generated = [[sampler.choose(row, prompt)] for row, sampler, prompt in zip(logits, samplers, prompts)]
-    for row_stats in stats:
-        row_stats.prefill_seconds = prefill_seconds
+    for row_stats, row_reused in zip(stats, reused):
+        row_stats.prefill_seconds, row_stats.reused_prompt_tokens = prefill_seconds, row_reused
     live = list(range(len(prompts)))  # original row numbers of the rows still in the caches
     if drafter is not None:
         drafter.reset([prompt + new for prompt, new in zip(prompts, generated)])
@@ -162,6 +179,10 @@ def batched_speculative(
         for i, row in enumerate(live):
             if i not in going:
                 stats[row].total_seconds = time.perf_counter() - start
+                # Before the row leaves the caches: its KV serves later calls that start like it.
+                target.remember(i, prompts[row] + stops[row].trim(generated[row]))
+                if drafter is not None:
+                    drafter.remember(i)
         if len(going) < len(live):
             live = [live[i] for i in going]
             if live:

@@ -19,14 +19,16 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
+from .prefix_cache import PrefixCache, weights_version
 from .runner import _cache_keyword
 
 
 class BatchedRunner:
     """Runs `model` over rows of new tokens, each row on top of its own visible cache slots."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefix_cache: PrefixCache | None = None):
         self.model = model
+        self.prefix_cache = prefix_cache  # this model's own, shared with its single-row runners
         self.device = model.device
         self.dtype = model.dtype
         self._cache_keyword = _cache_keyword(model)
@@ -52,6 +54,51 @@ class BatchedRunner:
         self.visible = torch.zeros(rows, 0, dtype=torch.bool, device=self.device)
         self.slot_positions = torch.zeros(rows, 0, dtype=torch.long, device=self.device)
         self.next_position = torch.zeros(rows, dtype=torch.long, device=self.device)
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Start afresh with `prompts`; return each one's last logits [B, V] and how many of its
+        tokens were loaded from the prefix cache instead of computed (never the last one).
+
+        Each row loads the longest stored prefix of its own prompt, right-aligned in a block as
+        wide as the longest load (holes before a shorter one), then the rest is fed left-padded.
+        """
+        self.start(len(prompts))
+        reused, stored = [0] * len(prompts), [[] for _ in prompts]
+        if self.prefix_cache is not None:
+            self.prefix_cache.bind(weights_version(self.model))
+            for row, prompt in enumerate(prompts):
+                reused[row], stored[row] = self.prefix_cache.lookup(prompt[:-1])
+        if any(reused):
+            self._load(stored, reused)
+        rest = [prompt[n:] for prompt, n in zip(prompts, reused)]
+        return self.forward(rest, align_right=True, last_only=True)[:, -1], reused
+
+    def _load(self, stored: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
+        width = max(lengths)
+        reference = next(kv for kv in stored if kv)
+        for layer, (ref_keys, ref_values) in enumerate(reference):
+            keys = ref_keys.new_zeros(self.rows, ref_keys.shape[1], width, ref_keys.shape[3])
+            values = ref_values.new_zeros(self.rows, ref_values.shape[1], width, ref_values.shape[3])
+            for row, kv in enumerate(stored):
+                if kv:
+                    row_keys, row_values = kv[layer]
+                    keys[row, :, width - row_keys.shape[2] :] = row_keys[0]
+                    values[row, :, width - row_values.shape[2] :] = row_values[0]
+            self.cache.update(keys, values, layer)
+        lengths = torch.tensor(lengths, device=self.device)
+        offset = torch.arange(width, device=self.device)[None] - (width - lengths)[:, None]
+        self.visible = offset >= 0
+        self.slot_positions = offset.clamp_min(0)
+        self.next_position = lengths
+
+    def remember(self, row: int, sequence: list[int]) -> None:
+        """Store the row's committed KV in the prefix cache, given that its entries are the first
+        ones of `sequence` (entries beyond it are not stored)."""
+        length = min(len(sequence), int(self.visible[row].sum()))
+        if self.prefix_cache is not None and length:
+            self.prefix_cache.bind(weights_version(self.model))
+            kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.row_kv(row)]
+            self.prefix_cache.insert(sequence[:length], kv)
 
     @torch.no_grad()
     def forward(

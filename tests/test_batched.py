@@ -223,3 +223,34 @@ def test_concurrent_merge_takes_the_longest_row_time():
     merged = GenerationStats.merge(rows, concurrent=True)
     assert (merged.new_tokens, merged.total_seconds) == (10, 5.0)
     assert GenerationStats.merge(rows).total_seconds == 7.0
+
+
+def test_batches_reuse_and_store_prefixes_with_unchanged_output():
+    target = tiny_model("qwen2", seed=3)
+    draft = perturbed_copy(target, 0.01)
+    system = [1, *range(10, 40)]  # a shared "system prompt"
+    first = [system + [50, 51], system + [60, 61, 62]]
+    options = dict(method="speculative", speculation_schedule="constant", draft_quantization=None)
+    with saguaro.SpeculativeGenerator(target, draft, **options) as warm:
+        ids, mask = left_padded(first)
+        out = warm.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[])
+        answer = out[0, ids.shape[1] :].tolist()
+        # Turn 2 of row 0's chat, another request behind the system prompt, and an unrelated prompt.
+        second = [first[0] + answer + [70, 71], system + [80], [1, 90, 91, 92]]
+        ids, mask = left_padded(second)
+        result = warm.generate(
+            ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True
+        )
+        single = warm.generate(
+            torch.tensor([second[1]]), max_new_tokens=12, eos_token_id=[], return_dict_in_generate=True
+        )
+    reused = [row.reused_prompt_tokens for row in result.row_stats]
+    assert reused == [len(first[0]) + len(answer) - 1, len(system), 1]  # the last: its BOS
+    assert result.stats.drafted > result.stats.accepted > 0
+    for row, prompt in enumerate(second):
+        assert result.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 12, eos_token_id=[]), (
+            row
+        )
+    # A single row reads what the batch stored (the whole of second[1] but its last token).
+    assert single.stats.reused_prompt_tokens == len(second[1]) - 1
+    assert single.sequences[0, len(second[1]) :].tolist() == alone(target, second[1], 12, eos_token_id=[])
