@@ -456,7 +456,10 @@ class SpeculativeGenerator:
         streamer=None,
     ):
         """See `saguaro.generate`. Rows of a batch (left-padded, per `attention_mask`) are generated
-        one after another, each exactly as alone; finished rows are padded with pad_token_id.
+        together (batched.py: one target forward per round for all live rows, each accepting its
+        own count; "saguaro" and an auto-chosen tree run batched chains), except for method="tree",
+        whose rows run one after another; each row exactly as alone, finished rows padded with
+        pad_token_id.
         `logits_processor` (HF processors applied to the target's scores, each position with its own
         history) is one LogitsProcessorList for all rows or a list of them, one per row."""
         if (
@@ -495,7 +498,8 @@ class SpeculativeGenerator:
             StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
             for prompt, sampler in zip(prompts, samplers)
         ]
-        if len(prompts) > 1 and self.method in BATCHED_METHODS:
+        batched = len(prompts) > 1 and (self.method in BATCHED_METHODS or self.auto)
+        if batched:
             results = self._generate_batch(prompts, samplers, stops)
         else:
             results = [self._generate_one(*row) for row in zip(prompts, samplers, stops)]
@@ -522,19 +526,21 @@ class SpeculativeGenerator:
         if not return_dict_in_generate:
             return sequences
         rows = [stats for _, stats in results]
-        batched = len(rows) > 1 and self.method in BATCHED_METHODS
         merged = rows[0] if len(rows) == 1 else GenerationStats.merge(rows, concurrent=batched)
         return GenerateOutput(sequences, merged, rows)
 
     def _generate_batch(
         self, prompts: list[list[int]], samplers: list[TokenSampler], stops: list[StopRule]
     ) -> list[tuple[list[int], GenerationStats]]:
-        """All rows at once (batched.py): one target forward per round for every live row."""
-        method = "speculative" if self.method == "saguaro" else self.method
-        if self.method == "saguaro":
-            # Pre-speculating every row's outcomes would multiply the drafter's work by the batch;
-            # a batch is served by the batched speculative loop instead (exact all the same).
-            logger.info("saguaro: method='saguaro' serves a batch with batched speculative decoding")
+        """All rows at once (batched.py): one target forward per round for every live row.
+
+        Saguaro's pre-speculation of every row's outcomes would multiply the drafter's work by the
+        batch, and a tree (which "auto" may choose) has no batched loop: both serve a batch with
+        batched chains, exact all the same.
+        """
+        method = "speculative" if self.method in ("saguaro", "tree") else self.method
+        if method != self.method:
+            logger.info("saguaro: method=%r serves a batch with batched speculative decoding", self.method)
         stats = [GenerationStats(method=method, prompt_tokens=len(prompt)) for prompt in prompts]
         drafter = None
         if method == "speculative":
@@ -662,7 +668,8 @@ def generate(
     T tokens costs ~T steps); "constant" always drafts num_speculative_tokens.
     Greedy output is token-for-token the target's greedy `generate()`; with do_sample=True the
     output has exactly the target's sampling distribution (temperature / top_k / top_p as in HF).
-    A batch is left-padded per `attention_mask`; `streamer` gets tokens as rounds accept them.
+    A batch is left-padded per `attention_mask` and decoded as one (every live row verified in one
+    target forward per round, finished rows dropping out); `streamer` gets tokens as rounds accept them.
     Returns a LongTensor [batch, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible for a fixed method with

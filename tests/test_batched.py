@@ -254,3 +254,29 @@ def test_batches_reuse_and_store_prefixes_with_unchanged_output():
     # A single row reads what the batch stored (the whole of second[1] but its last token).
     assert single.stats.reused_prompt_tokens == len(second[1]) - 1
     assert single.sequences[0, len(second[1]) :].tolist() == alone(target, second[1], 12, eos_token_id=[])
+
+
+@pytest.mark.parametrize(
+    "quantization, vocab_size", [("int8", None), ("int4", 48)], ids=["int8", "int4+vocab48"]
+)
+def test_compressed_drafts_serve_a_batch(quantization, vocab_size):
+    # The quantized kernels take contiguous activations; a batch's last positions are a strided view.
+    target = tiny_model("llama", seed=0, hidden=128)
+    draft = perturbed_copy(target, 0.003)
+    ids, mask = left_padded(PROMPTS)
+    out = saguaro.generate(
+        target,
+        ids,
+        draft_model=draft,
+        attention_mask=mask,
+        method="speculative",
+        max_new_tokens=24,
+        eos_token_id=[],
+        speculation_schedule="constant",
+        return_dict_in_generate=True,
+        draft_quantization=quantization,
+        draft_vocab_size=vocab_size,
+    )
+    for row, prompt in enumerate(PROMPTS):
+        assert out.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 24, eos_token_id=[]), row
+    assert 0 < out.stats.accepted < out.stats.drafted
