@@ -73,6 +73,17 @@ def main() -> None:
             f"new tokens/round per row {out.stats.mean_accepted_length:.2f}",
             flush=True,
         )
+        draft = out.stats.draft_configuration
+        rounds = " ".join(
+            f"{r['drafted']}/{r['accepted']},{r['draft_seconds'] * 1000:.0f},{r['verify_seconds'] * 1000:.0f}"
+            for r in out.row_stats[0].round_log
+        )
+        print(
+            f"draft {draft['quantization']}/{draft['vocab_size']}; "
+            f"prefill {out.stats.prefill_seconds:.2f} s; "
+            f"row 0's rounds (drafted/accepted, draft ms, verify ms): {rounds}",
+            flush=True,
+        )
     ratio = statistics.median(h / s for h, s in zip(hf_seconds, saguaro_seconds))
     saguaro.disable(target)
     print(f"median speedup over HF batched greedy: {ratio:.2f}x (batch {args.batch_size}, {args.method})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import numbers
 import threading
@@ -568,10 +569,17 @@ class SpeculativeGenerator:
 
     def _batch_lookahead(self, rows: int) -> LookaheadController:
         """The draft-length controller for a batch of `rows` live rows: a round's cost depends on
-        rows x tokens, so each batch size measures its own (kept across calls, like `lookahead`)."""
+        rows x tokens, so each batch size measures its own (kept across calls, like `lookahead`).
+        A new size starts from the nearest measured size's estimates: starting from nothing would
+        draft at full length, and when rows drop out mid-call with speculation off, the drafter
+        would first have to catch up on every token made meanwhile."""
         if rows not in self._batch_lookaheads:
-            cost = "free" if self.method == "prompt_lookup" else "per_token"
-            self._batch_lookaheads[rows] = LookaheadController(self.num_speculative_tokens, cost)
+            if self._batch_lookaheads:
+                nearest = min(self._batch_lookaheads, key=lambda size: abs(size - rows))
+                self._batch_lookaheads[rows] = copy.deepcopy(self._batch_lookaheads[nearest])
+            else:
+                cost = "free" if self.method == "prompt_lookup" else "per_token"
+                self._batch_lookaheads[rows] = LookaheadController(self.num_speculative_tokens, cost)
         return self._batch_lookaheads[rows]
 
     def _generate_one(
