@@ -44,10 +44,13 @@ def shared_prefix_benchmark(
         )["input_ids"]
 
     warmup = ids([{"role": "user", "content": "Say hi."}])
+    draft_options = {}  # after the first generator: its draft choice, so later ones skip measuring
 
     def new_generator():
-        generator = saguaro.SpeculativeGenerator(target, draft)
+        generator = saguaro.SpeculativeGenerator(target, draft, **draft_options)
         generator.generate(warmup, max_new_tokens=4)  # lazy initialisation and the draft choice
+        chosen = generator.draft_configuration
+        draft_options.update(draft_quantization=chosen.quantization, draft_vocab_size=chosen.vocab_size)
         return generator
 
     turn1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
