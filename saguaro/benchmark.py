@@ -474,10 +474,15 @@ def per_round_times(runs: list[dict]) -> dict[str, float]:
     def median(value) -> float:
         return statistics.median(value(r) for r in runs)
 
+    def forwards(r) -> int:
+        """The run's target forwards after the prefill. A batch's stats count rounds per row (and
+        its times once, the longest row's): its forwards are in the trace."""
+        return len(r["trace"]["target_tokens"]) - 1 if r.get("batch_size", 1) > 1 else r["rounds"]
+
     return {
-        "tokens_per_round": median(lambda r: r["new_tokens"] / r["rounds"]),
-        "wait_seconds_per_round": median(lambda r: r["draft_seconds"] / r["rounds"]),
-        "drafter_busy_seconds_per_round": median(lambda r: r["drafter_busy_seconds"] / r["rounds"]),
+        "tokens_per_round": median(lambda r: r["new_tokens"] / r["rounds"]),  # per row
+        "wait_seconds_per_round": median(lambda r: r["draft_seconds"] / forwards(r)),
+        "drafter_busy_seconds_per_round": median(lambda r: r["drafter_busy_seconds"] / forwards(r)),
         "wait_fraction_of_decode": median(
             lambda r: r["draft_seconds"] / max(r["seconds"] - r["prefill_seconds"], 1e-9)
         ),
