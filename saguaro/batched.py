@@ -52,6 +52,7 @@ class BatchedModelDrafter:
         self._mark = None
         self._drafted_fed = 0  # draft levels of the last proposal fed to the cache
         self.round_seconds: float | None = None  # see propose
+        self.catch_up: tuple[int, float] | None = None  # a one-off catch-up: (tokens, seconds)
 
     def reset(self, rows: list[list[int]]) -> None:
         self.runner.start(len(rows))
@@ -85,7 +86,9 @@ class BatchedModelDrafter:
         # What drafting these depths costs a round once the drafter keeps up (a catch-up of one or
         # two tokens per row), for the draft-length controller: a prefill, or a catch-up after
         # plain steps, is a one-off that must not make every later round look expensive.
-        if max(len(row) for row in pending) <= 2:
+        width = max(len(row) for row in pending)
+        self.catch_up = None if width <= 2 else (width * len(pending), catch_up_seconds)
+        if width <= 2:
             self.round_seconds = catch_up_seconds + sum(level_seconds)
         elif level_seconds:
             self.round_seconds = sum(level_seconds) * (len(level_seconds) + 1) / len(level_seconds)
@@ -99,6 +102,10 @@ class BatchedModelDrafter:
             row_probs = None if probs is None else probs[row, :depth]
             proposals.append(Proposal(tokens[row, :depth], row_probs, TokenTree.chain(depth)))
         return proposals
+
+    def catch_up_tokens(self) -> int:
+        """What the next propose() feeds before it drafts (rows x the widest row's pending tokens)."""
+        return len(self.committed) * max(len(row) - fed for row, fed in zip(self.committed, self.fed))
 
     def commit(self, accepted: list[list[int]]) -> None:
         """Each row's accepted drafts, then its next token (the whole of what the round emitted)."""
@@ -124,6 +131,10 @@ class PerRowDrafters:
     """Model-free drafters (prompt lookup) batched the trivial way: one per row, no forwards."""
 
     round_seconds = None  # drafting is free: the controller counts no draft cost
+    catch_up = None  # and there is nothing to catch up on
+
+    def catch_up_tokens(self) -> int:
+        return 0
 
     def __init__(self, make_drafter):
         self.make_drafter = make_drafter
@@ -196,6 +207,12 @@ def batched_speculative(
         limits = [min(max_depth, stops[row].remaining(generated[row]) - 1) for row in live]
         lookahead = lookahead_for(len(live)) if lookahead_for else None
         depth = lookahead.choose(max(limits)) if lookahead else max(limits)
+        if depth and lookahead and drafter is not None:
+            # The drafter first feeds what it lacks (the prompts, the tokens of plain steps): worth
+            # it only if speculation saves more than that over what the longest row has left.
+            remaining = max(stops[row].remaining(generated[row]) for row in live)
+            if not lookahead.worth_catching_up(drafter.catch_up_tokens(), remaining):
+                depth = 0
         depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(live)
         tick = time.perf_counter()
         proposals = drafter.propose(depths) if max(depths) else [Proposal.empty()] * len(live)
@@ -223,5 +240,7 @@ def batched_speculative(
             drafted = [len(proposal.tokens) for proposal in proposals]
             draft_seconds = drafter.round_seconds if max(depths) else 0.0
             lookahead.observe_rows(drafted, [len(t) - 1 for t in emitted], verify_seconds, draft_seconds)
+            if max(depths) and drafter.catch_up is not None:
+                lookahead.observe_catch_up(*drafter.catch_up)
         drop_finished()
     return [stop.trim(new) for stop, new in zip(stops, generated)]

@@ -113,6 +113,7 @@ class LookaheadController:
         self.verify = CostCurve(optimistic=True)
         self.acceptance = AcceptanceCounter(max_k)
         self.draft_seconds_per_unit = 0.0  # per token or per round, by draft_cost
+        self.catch_up_seconds_per_token = 0.0  # a drafter feeding many tokens at once (batched.py)
         self._rounds_off = 0
         self._probe_interval = probe_every
 
@@ -135,6 +136,22 @@ class LookaheadController:
             sample = draft_seconds / units
             old = self.draft_seconds_per_unit
             self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
+
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        """A drafter fed `tokens` it lacked (a prefill, the tokens of plain steps) in `seconds`."""
+        sample = seconds / tokens
+        old = self.catch_up_seconds_per_token
+        self.catch_up_seconds_per_token = sample if old == 0 else 0.7 * old + 0.3 * sample
+
+    def worth_catching_up(self, tokens: int, remaining: int) -> bool:
+        """Whether speculating for the `remaining` tokens saves more than a drafter's catch-up over
+        `tokens` costs. Speculation pays per round, the catch-up once: a short generation may not
+        earn it back (a batch's draft prefill, say). Unmeasured, it is tried, which measures it."""
+        if not self.catch_up_seconds_per_token or not self.verify or tokens == 0:
+            return True
+        best = max(range(1, self.max_k + 1), key=self.tokens_per_second)
+        saved = remaining * (1 / self.tokens_per_second(0) - 1 / self.tokens_per_second(best))
+        return saved > tokens * self.catch_up_seconds_per_token
 
     def round_seconds(self, k: int) -> float:
         units = {"per_token": k, "per_round": 1 if k else 0, "free": 0}[self.draft_cost]
