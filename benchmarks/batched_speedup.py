@@ -43,7 +43,8 @@ def main() -> None:
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.bfloat16).eval()
     target.generation_config = plain_greedy_config(target)
     prompts = [json.loads(line)["prompt"] for line in HELDOUT.read_text().splitlines() if line.strip()]
-    chat = [[{"role": "user", "content": text}] for text in prompts[: args.batch_size]]
+    # The held-out prompts in order, cycled for a batch larger than the set.
+    chat = [[{"role": "user", "content": prompts[i % len(prompts)]}] for i in range(args.batch_size)]
     texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chat]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     options = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
