@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import numbers
 import threading
@@ -13,6 +14,8 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto, distributed
+from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
+from .batched_runner import BatchedRunner
 from .consensus import Consensus
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
@@ -39,6 +42,8 @@ ADAPTIVE_DRAFT_COST = {
     "tree": "per_token",
 }
 MODEL_FREE = ("autoregressive", "prompt_lookup")
+# Methods whose batches run as one (batched.py); a tree's batch runs row after row.
+BATCHED_METHODS = ("autoregressive", "speculative", "saguaro", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
 
 
@@ -323,6 +328,7 @@ class SpeculativeGenerator:
         if self._schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
             controller = TreeDepthController if method == "tree" else LookaheadController
             self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
+        self._batch_lookaheads: dict[int, LookaheadController] = {}
 
     def _choose_method(self, sample: list[int]) -> None:
         """method="auto": the method the cost model predicts fastest, from step costs measured once
@@ -475,7 +481,10 @@ class SpeculativeGenerator:
         streamer=None,
     ):
         """See `saguaro.generate`. Rows of a batch (left-padded, per `attention_mask`) are generated
-        one after another, each exactly as alone; finished rows are padded with pad_token_id.
+        together (batched.py: one target forward per round for all live rows, each accepting its
+        own count; "saguaro" and an auto-chosen tree run batched chains), except for method="tree",
+        whose rows run one after another; each row exactly as alone, finished rows padded with
+        pad_token_id.
         `logits_processor` (HF processors applied to the target's scores, each position with its own
         history) is one LogitsProcessorList for all rows or a list of them, one per row."""
         if (
@@ -506,13 +515,23 @@ class SpeculativeGenerator:
             streamer.put(ids.cpu())
         if logits_processor is None or isinstance(logits_processor, LogitsProcessorList):
             logits_processor = [logits_processor] * len(prompts)
-        results = []
-        for prompt, pad, processors in zip(prompts, pads, logits_processor):
-            sampler = TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
-            stop = StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
-            results.append(self._generate_row(prompt, sampler, stop))
-            if self.auto:
-                self._learn_acceptance(results[-1][1])
+        samplers = [
+            TokenSampler(sampling, generator, processors, [pad_token_id] * pad if pad else [])
+            for pad, processors in zip(pads, logits_processor)
+        ]
+        stops = [
+            StopRule(max_new_tokens, eos, stopping_criteria, sampler.history_prefix + prompt, streamer)
+            for prompt, sampler in zip(prompts, samplers)
+        ]
+        # A tensor-parallel target decodes rows one after another (its ranks replay one runner).
+        batched = len(prompts) > 1 and (self.method in BATCHED_METHODS or self.auto) and self._tp is None
+        if batched:
+            results = self._generate_batch(prompts, samplers, stops)
+        else:
+            results = [self._generate_row(*row) for row in zip(prompts, samplers, stops)]
+        if self.auto:
+            for _, stats in results:
+                self._learn_acceptance(stats)
         if streamer is not None:
             streamer.end()
 
@@ -533,7 +552,60 @@ class SpeculativeGenerator:
         if not return_dict_in_generate:
             return sequences
         rows = [stats for _, stats in results]
-        return GenerateOutput(sequences, rows[0] if len(rows) == 1 else GenerationStats.merge(rows), rows)
+        merged = rows[0] if len(rows) == 1 else GenerationStats.merge(rows, concurrent=batched)
+        return GenerateOutput(sequences, merged, rows)
+
+    def _generate_batch(
+        self, prompts: list[list[int]], samplers: list[TokenSampler], stops: list[StopRule]
+    ) -> list[tuple[list[int], GenerationStats]]:
+        """All rows at once (batched.py): one target forward per round for every live row.
+
+        Saguaro's pre-speculation of every row's outcomes would multiply the drafter's work by the
+        batch, and a tree (which "auto" may choose) has no batched loop: both serve a batch with
+        batched chains, exact all the same.
+        """
+        method = "speculative" if self.method in ("saguaro", "tree") else self.method
+        if method != self.method:
+            logger.info("saguaro: method=%r serves a batch with batched speculative decoding", self.method)
+        stats = [GenerationStats(method=method, prompt_tokens=len(prompt)) for prompt in prompts]
+        drafter = None
+        if method == "speculative":
+            self._prepared_draft(prompts[0])
+            for row_stats in stats:
+                row_stats.draft_configuration = asdict(self.draft_configuration)
+            drafter = BatchedModelDrafter(
+                self._draft, samplers[0].drafting(), self.target.config.vocab_size, self._draft_prefixes
+            )
+        elif method == "prompt_lookup":
+            drafter = PerRowDrafters(PromptLookupDrafter)
+        new = batched_speculative(
+            BatchedRunner(self.target, self._target_prefixes),
+            drafter,
+            prompts,
+            samplers,
+            stops,
+            stats,
+            self.num_speculative_tokens,
+            self._batch_lookahead if self.lookahead is not None and drafter is not None else None,
+        )
+        for row, row_stats in zip(new, stats):
+            row_stats.new_tokens = len(row)
+        return list(zip(new, stats))
+
+    def _batch_lookahead(self, rows: int) -> LookaheadController:
+        """The draft-length controller for a batch of `rows` live rows: a round's cost depends on
+        rows x tokens, so each batch size measures its own (kept across calls, like `lookahead`).
+        A new size starts from the nearest measured size's estimates: starting from nothing would
+        draft at full length, and when rows drop out mid-call with speculation off, the drafter
+        would first have to catch up on every token made meanwhile."""
+        if rows not in self._batch_lookaheads:
+            if self._batch_lookaheads:
+                nearest = min(self._batch_lookaheads, key=lambda size: abs(size - rows))
+                self._batch_lookaheads[rows] = copy.deepcopy(self._batch_lookaheads[nearest])
+            else:
+                cost = "free" if self.method == "prompt_lookup" else "per_token"
+                self._batch_lookaheads[rows] = LookaheadController(self.num_speculative_tokens, cost)
+        return self._batch_lookaheads[rows]
 
     def _generate_row(
         self, prompt: list[int], sampler: TokenSampler, stop: StopRule
@@ -657,7 +729,8 @@ def generate(
     T tokens costs ~T steps); "constant" always drafts num_speculative_tokens.
     Greedy output is token-for-token the target's greedy `generate()`; with do_sample=True the
     output has exactly the target's sampling distribution (temperature / top_k / top_p as in HF).
-    A batch is left-padded per `attention_mask`; `streamer` gets tokens as rounds accept them.
+    A batch is left-padded per `attention_mask` and decoded as one (every live row verified in one
+    target forward per round, finished rows dropping out); `streamer` gets tokens as rounds accept them.
     Returns a LongTensor [batch, prompt + new], or a GenerateOutput with `.sequences` and `.stats`
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible for a fixed method with

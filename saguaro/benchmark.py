@@ -9,6 +9,7 @@ each run's time is predicted from those step costs and the forwards its acceptan
 
     saguaro bench                      # quick: the demo pair (fetched on first use), 6 methods, minutes
     saguaro bench --full               # every method, step costs before and after, cost-model check
+    saguaro bench --batch-sizes 1 4 8 --shared-prefix   # batched rows; prefix reuse across calls
     saguaro bench --target DIR --draft DIR [--dtype bfloat16] [--num-prompts 3] [--out results.json]
     saguaro bench --random-weights --target CONFIG_DIR --draft CONFIG_DIR --device cuda \\
                   --acceptance-from results.json     # GPU step costs + projected speedups
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from . import cost_model, demo_models, distributed, launch, report, step_costs
 from .placement import ThreadSplit
+from .prefix_benchmark import shared_prefix_benchmark
 from .stats import add_counts
 
 HF_METHODS = ("hf_greedy", "hf_assisted")
@@ -151,9 +153,15 @@ def variants(method: str) -> set[str]:
 
 
 def run_method(
-    method: str, generators: dict, ids: torch.Tensor, max_new_tokens: int, threads: int, temperature: float
+    method: str,
+    generators: dict,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    threads: int,
+    temperature: float,
 ):
-    """Returns (new token ids, seconds, saguaro stats or {}, forward trace)."""
+    """Returns (each row's new token ids, seconds, saguaro stats or {}, forward trace)."""
     # Every method gets all `threads`, as a user's call would: a Saguaro generator splits the
     # cores between its target and its worker itself.
     torch.set_num_threads(1 if "1thread" in variants(method) else threads)
@@ -161,25 +169,69 @@ def run_method(
     sampling = {"do_sample": True, "temperature": temperature} if "sample" in variants(method) else {}
     in_process = base_method(method) != "saguaro"  # a Saguaro drafter works in its own process
     traced = {"target": target, "draft": draft} if in_process else {"target": target}
+    eos = target.generation_config.eos_token_id
     with forward_trace(**traced) as trace:
         start = time.perf_counter()
         if method in HF_METHODS:
             extra = {"assistant_model": draft} if method == "hf_assisted" else {}
             out = target.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                **extra,
+                ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **extra
             )
-            return out[0, ids.shape[1] :].tolist(), time.perf_counter() - start, {}, trace
+            return new_tokens(out, ids.shape[1], eos), time.perf_counter() - start, {}, trace
         result = generators[method].generate(
-            ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **sampling
+            ids,
+            attention_mask=mask,
+            pad_token_id=target.generation_config.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            **sampling,
         )
         seconds = time.perf_counter() - start
     stats = result.stats.as_dict()
     stats["chosen_method"] = generators[method].method  # what "auto" settled on
-    return result.sequences[0, ids.shape[1] :].tolist(), seconds, stats, trace
+    return new_tokens(result.sequences, ids.shape[1], eos), seconds, stats, trace
+
+
+def new_tokens(sequences: torch.Tensor, prompt_width: int, eos) -> list[list[int]]:
+    """Each row's new tokens up to and including its first EOS (a batch pads finished rows after it)."""
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    rows = []
+    for row in sequences[:, prompt_width:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def left_padded(rows: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[1, n] prompts -> a left-padded batch and its attention mask."""
+    width = max(row.shape[1] for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[1] :] = row[0]
+        mask[i, width - row.shape[1] :] = 1
+    return ids, mask
+
+
+def batches(num_prompts: int, size: int) -> list[list[int]]:
+    """Prompt indices per batch: the prompts in order, cycled so that every batch is full and every
+    prompt is in one (a batch of 8 from 6 prompts repeats 2 of them)."""
+    count = max(1, -(-num_prompts // size))
+    return [[(b * size + i) % num_prompts for i in range(size)] for b in range(count)]
+
+
+def batch_key(method: str, size: int) -> str:
+    """A method's results key at a batch size: the method itself for batch 1, e.g. speculative@batch4."""
+    return method if size == 1 else f"{method}{report.BATCH_MARK}{size}"
+
+
+def batch_suffix(key: str) -> str:
+    return key[key.index(report.BATCH_MARK) :] if report.BATCH_MARK in key else ""
+
+
+def methods_at(methods: list[str], size: int) -> list[str]:
+    """The methods a batch of `size` runs: HF's assisted generation takes one sequence only."""
+    return [m for m in methods if size == 1 or m != "hf_assisted"]
 
 
 def measure_costs(
@@ -260,7 +312,7 @@ def benchmark(args) -> dict:
     if not args.full:
         warm = warm[:, :QUICK_WARMUP_TOKENS]
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
-        run_method(method, generators, warm, 8, args.threads, args.temperature)
+        run_method(method, generators, warm, torch.ones_like(warm), 8, args.threads, args.temperature)
 
     prompt_lengths = [encode(tokenizer, p["prompt"]).shape[1] for p in prompts]
     if args.full:
@@ -269,41 +321,52 @@ def benchmark(args) -> dict:
     bandwidth = step_costs.copy_bandwidth("cpu")
     target_bytes = step_costs.model_bytes(target)
 
-    rows = {m: [] for m in methods}
-    work = [(i, rep) for i in range(len(prompts)) for rep in range(args.repeats)]
-    for i, rep in tqdm(work, desc="prompts x repeats", unit="run", disable=not args.progress):
-        prompt = prompts[i]
-        ids = encode(tokenizer, prompt["prompt"])
+    pad = target.generation_config.pad_token_id
+    encoded = [encode(tokenizer, p["prompt"]) for p in prompts]
+    rows = {batch_key(m, size): [] for size in args.batch_sizes for m in methods_at(methods, size)}
+    work = [
+        (size, batch, rep)
+        for size in args.batch_sizes
+        for batch in batches(len(prompts), size)
+        for rep in range(args.repeats)
+    ]
+    for size, batch, rep in tqdm(work, desc="batches x repeats", unit="run", disable=not args.progress):
+        ids, mask = left_padded([encoded[i] for i in batch], pad)
         reference = None
-        for method in methods:
-            torch.manual_seed(1000 * i + rep)
+        for method in methods_at(methods, size):
+            key = batch_key(method, size)
+            torch.manual_seed(1000 * batch[0] + rep)
             tokens, seconds, stats, trace = run_method(
-                method, generators, ids, args.max_new_tokens, args.threads, args.temperature
+                method, generators, ids, mask, args.max_new_tokens, args.threads, args.temperature
             )
             if method == "hf_greedy":
                 reference = tokens
             greedy = "sample" not in variants(method)
+            produced = sum(len(row) for row in tokens)
             row = {
-                "prompt": i,
+                "prompt": batch[0],
+                "batch_size": size,
+                "prompts": batch,
                 "repeat": rep,
-                "kind": prompt["kind"],
-                "prompt_tokens": ids.shape[1],
-                "new_tokens": len(tokens),
+                "kind": prompts[batch[0]]["kind"] if size == 1 else "batch",
+                "prompt_tokens": int(mask.sum()),
+                "new_tokens": produced,
                 "seconds": seconds,
-                "tokens_per_second": len(tokens) / seconds,
+                "tokens_per_second": produced / seconds,
                 "matches_hf_greedy": None if reference is None or not greedy else tokens == reference,
                 "trace": trace,
                 **{k: stats[k] for k in STAT_KEYS if k in stats},
             }
-            rows[method].append(row)
+            rows[key].append(row)
             tqdm.write(
-                f"prompt {i:2d} {prompt['kind']:9s} {method:20s} {row['tokens_per_second']:6.2f} tok/s"
+                f"{'prompt ' + str(batch[0]) if size == 1 else f'batch of {size}':10s} {row['kind']:9s} "
+                f"{method:20s} {row['tokens_per_second']:6.2f} tok/s"
                 + (
                     f"  accepted/round {row['mean_accepted_length']:.2f}"
                     if "mean_accepted_length" in row
                     else ""
                 )
-                + (f"  hit rate {row['hit_rate']:.2f}" if base_method(method) == "saguaro" else "")
+                + (f"  hit rate {row['hit_rate']:.2f}" if key == "saguaro" else "")
                 + ("" if row["matches_hf_greedy"] in (None, True) else "  OUTPUT DIFFERS FROM HF GREEDY")
             )
     for generator in {id(g): g for g in generators.values()}.values():
@@ -315,6 +378,8 @@ def benchmark(args) -> dict:
         costs_after = measure_costs(target, draft, args.threads, args.step_repeats, prompt_lengths)
         curves = average_costs(costs_before, costs_after)
         for method, runs in rows.items():
+            if batch_suffix(method):  # step costs are one row's: a batch's time is not predicted
+                continue
             for row in runs:
                 predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
                 row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
@@ -322,6 +387,10 @@ def benchmark(args) -> dict:
             "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
             "step_cost_drift": {name: costs_after[name](1) / costs_before[name](1) for name in curves},
         }
+    if args.shared_prefix:
+        print("shared-prefix scenarios (time to first token, warm vs cold generator) ...", flush=True)
+        torch.set_num_threads(args.threads)
+        measured["shared_prefix"] = shared_prefix_benchmark(target, draft, tokenizer, args.repeats_prefix)
     # The keys in the order of earlier results files (docs/results), so runs diff cleanly.
     return {
         "setup": setup_description(args, target_bytes, bandwidth),
@@ -359,9 +428,12 @@ def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) 
             entry["predicted_tokens_per_second"] = predicted
             entry["prediction_error"] = predicted / median - 1
         for base in HF_METHODS:
-            if base in rows and base != method:
-                ratios = [r["tokens_per_second"] / b["tokens_per_second"] for r, b in zip(runs, rows[base])]
-                entry[f"speedup_vs_{base}"] = statistics.median(ratios)
+            baseline = base + batch_suffix(method)  # like for like: the same batch size
+            if baseline in rows and baseline != method:
+                pairs = zip(runs, rows[baseline])
+                entry[f"speedup_vs_{base}"] = statistics.median(
+                    r["tokens_per_second"] / b["tokens_per_second"] for r, b in pairs
+                )
         if "mean_accepted_length" in runs[0]:
             entry["median_accepted_length"] = statistics.median(r["mean_accepted_length"] for r in runs)
             histogram = []
@@ -405,10 +477,15 @@ def per_round_times(runs: list[dict]) -> dict[str, float]:
     def median(value) -> float:
         return statistics.median(value(r) for r in runs)
 
+    def forwards(r) -> int:
+        """The run's target forwards after the prefill. A batch's stats count rounds per row (and
+        its times once, the longest row's): its forwards are in the trace."""
+        return len(r["trace"]["target_tokens"]) - 1 if r.get("batch_size", 1) > 1 else r["rounds"]
+
     return {
-        "tokens_per_round": median(lambda r: r["new_tokens"] / r["rounds"]),
-        "wait_seconds_per_round": median(lambda r: r["draft_seconds"] / r["rounds"]),
-        "drafter_busy_seconds_per_round": median(lambda r: r["drafter_busy_seconds"] / r["rounds"]),
+        "tokens_per_round": median(lambda r: r["new_tokens"] / r["rounds"]),  # per row
+        "wait_seconds_per_round": median(lambda r: r["draft_seconds"] / forwards(r)),
+        "drafter_busy_seconds_per_round": median(lambda r: r["drafter_busy_seconds"] / forwards(r)),
         "wait_fraction_of_decode": median(
             lambda r: r["draft_seconds"] / max(r["seconds"] - r["prefill_seconds"], 1e-9)
         ),
@@ -487,6 +564,7 @@ def setup_description(args, target_bytes: int, bandwidth: float) -> dict:
         "dtype": args.dtype,
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
+        "batch_sizes": args.batch_sizes,
         "num_speculative_tokens": args.num_speculative_tokens,
         "tree_branching": args.tree_branching,
         "repeats": args.repeats,
@@ -582,6 +660,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, default=1, help="runs per prompt and method (medians and quartiles over all)"
     )
     parser.add_argument("--max-new-tokens", type=int, help="tokens per run (default 24, with --full 64)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="batch sizes to run every method at (e.g. 1 4 8): prompts cycled into left-padded "
+        "batches, each compared with HF's batched greedy on the same batch (default: 1)",
+    )
+    parser.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="also measure prefix reuse: a chat's second turn and another request behind the same "
+        "~470-token system prompt, time to first token on a warm vs a cold generator",
+    )
+    parser.add_argument(
+        "--repeats-prefix", type=int, default=3, help="repeats per shared-prefix scenario (medians)"
+    )
     parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
     parser.add_argument(
         "--tree-branching",
@@ -637,6 +732,8 @@ def main(argv=None) -> None:
             f"unknown method(s) {unknown}; choose from {list(HF_METHODS + SAGUARO_METHODS)}, "
             "optionally with +sample, +constant and/or +1thread"
         )
+    if any(size < 1 for size in args.batch_sizes):
+        parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
     if (args.target is None) != (args.draft is None):
         parser.error("give both --target and --draft, or neither for the demo pair")
     if args.acceptance_from and "projection" not in json.loads(Path(args.acceptance_from).read_text()):

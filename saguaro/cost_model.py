@@ -113,15 +113,26 @@ class LookaheadController:
         self.verify = CostCurve(optimistic=True)
         self.acceptance = AcceptanceCounter(max_k)
         self.draft_seconds_per_unit = 0.0  # per token or per round, by draft_cost
+        self.catch_up_seconds_per_token = 0.0  # a drafter feeding many tokens at once (batched.py)
         self._rounds_off = 0
         self._probe_interval = probe_every
 
     def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
-        self.verify.observe(drafted + 1, verify_seconds)
-        if drafted:
-            self.acceptance.observe(drafted, accepted)
-        units = {"per_token": drafted, "per_round": 1 if drafted else 0, "free": 0}[self.draft_cost]
-        if units:
+        self.observe_rows([drafted], [accepted], verify_seconds, draft_seconds)
+
+    def observe_rows(
+        self, drafted: list[int], accepted: list[int], verify_seconds: float, draft_seconds: float | None
+    ) -> None:
+        """A round of a batch (batched.py): every row's acceptance counts, the round's costs once.
+        A row's tokens/s is then proportional to the batch's, so one choice serves all rows.
+        draft_seconds None: this round's drafting time says nothing about a usual round's."""
+        for row_drafted, row_accepted in zip(drafted, accepted):
+            if row_drafted:
+                self.acceptance.observe(row_drafted, row_accepted)
+        deepest = max(drafted)
+        self.verify.observe(deepest + 1, verify_seconds)
+        units = {"per_token": deepest, "per_round": 1 if deepest else 0, "free": 0}[self.draft_cost]
+        if units and draft_seconds is not None:
             sample = draft_seconds / units
             old = self.draft_seconds_per_unit
             self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
@@ -133,6 +144,22 @@ class LookaheadController:
         Rounds observed later blend in as usual; lengths already observed keep their measurement."""
         for tokens, seconds in verify_seconds.items():
             self.verify.points.setdefault(tokens, seconds)
+
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        """A drafter fed `tokens` it lacked (a prefill, the tokens of plain steps) in `seconds`."""
+        sample = seconds / tokens
+        old = self.catch_up_seconds_per_token
+        self.catch_up_seconds_per_token = sample if old == 0 else 0.7 * old + 0.3 * sample
+
+    def worth_catching_up(self, tokens: int, remaining: int) -> bool:
+        """Whether speculating for the `remaining` tokens saves more than a drafter's catch-up over
+        `tokens` costs. Speculation pays per round, the catch-up once: a short generation may not
+        earn it back (a batch's draft prefill, say). Unmeasured, it is tried, which measures it."""
+        if not self.catch_up_seconds_per_token or not self.verify or tokens == 0:
+            return True
+        best = max(range(1, self.max_k + 1), key=self.tokens_per_second)
+        saved = remaining * (1 / self.tokens_per_second(0) - 1 / self.tokens_per_second(best))
+        return saved > tokens * self.catch_up_seconds_per_token
 
     def round_seconds(self, k: int) -> float:
         units = {"per_token": k, "per_round": 1 if k else 0, "free": 0}[self.draft_cost]

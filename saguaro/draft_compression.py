@@ -152,8 +152,9 @@ class _WeightOnlyLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The kernels take 2D activations in the scales' dtype (bf16, fp16 and fp32 all run).
-        y = self._matmul(x.reshape(-1, x.shape[-1]).to(self.scale_dtype)).to(x.dtype)
+        # The kernels take contiguous 2D activations in the scales' dtype (bf16, fp16 and fp32 all
+        # run); a batch's last positions only (logits_to_keep=1) arrive as a strided view.
+        y = self._matmul(x.reshape(-1, x.shape[-1]).to(self.scale_dtype).contiguous()).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

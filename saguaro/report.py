@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+BATCH_MARK = "@batch"  # in a results key: speculative@batch4 is speculative on batches of 4 prompts
+
 
 def _cell(value, fmt: str, unit: str = "") -> str:
     return "-" if value is None else format(value, fmt) + unit
@@ -76,6 +78,12 @@ def markdown(results: dict) -> str:
                 f"| {s.get('outputs_matching_hf_greedy', '-')} | {s['bandwidth_fraction']:.0%} "
                 f"| {_prediction(s)} |"
             )
+        if any(BATCH_MARK in method for method in results["summary"]):
+            lines += [
+                "",
+                f"method{BATCH_MARK}N: N prompts per call (left-padded), tok/s over all rows; its ratios are "
+                "against HF's batched greedy on the same batches.",
+            ]
         lines += _rounds(results["summary"])
         lines += _drafts(results["summary"])
         lines += [
@@ -86,6 +94,8 @@ def markdown(results: dict) -> str:
             if "step_costs" in results
             else "Quick run: no step costs, cost-model check or projections (`saguaro bench --full`).",
         ]
+    if results.get("shared_prefix"):
+        lines += _shared_prefix(results["shared_prefix"])
     if "step_costs" in results:
         lines += _step_costs(results)
     if results.get("observed_verify_seconds"):
@@ -101,6 +111,24 @@ def markdown(results: dict) -> str:
     if "projection" in results:
         lines += _projection(results["projection"])
     return "\n".join(lines) + "\n"
+
+
+def _shared_prefix(scenarios: list[dict]) -> list[str]:
+    """Prefix reuse across calls: first-token time on a warm generator vs a cold one."""
+    lines = [
+        "",
+        "## Prefix reuse across calls (time to first token, median)",
+        "",
+        "| scenario | prompt tokens | reused | cold | warm | warm/cold | warm answer = cold |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in scenarios:
+        lines.append(
+            f"| {s['scenario']} | {s['prompt_tokens']} | {s['reused_prompt_tokens']} "
+            f"| {s['cold_first_token_seconds']:.2f} s | {s['warm_first_token_seconds']:.2f} s "
+            f"| {s['warm_over_cold']:.2f} | {s['same_output']} |"
+        )
+    return lines
 
 
 def _prediction(s: dict) -> str:

@@ -73,12 +73,15 @@ class GenerationStats:
             add_counts(self.accepted_histogram, [0] * accepted + [1])
 
     @classmethod
-    def merge(cls, rows: list[GenerationStats]) -> GenerationStats:
-        """One record for a batch whose rows ran one after another: counts and times add up."""
+    def merge(cls, rows: list[GenerationStats], concurrent: bool = False) -> GenerationStats:
+        """One record for a batch: counts add up; times add up for rows that ran one after another,
+        and are the longest row's for rows that ran `concurrent`ly (batched, sharing every forward)."""
         merged = cls(method=rows[0].method, draft_configuration=rows[0].draft_configuration)
         for row in rows:
             for name, value in vars(row).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float) and concurrent:
+                    setattr(merged, name, max(getattr(merged, name), value))
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     setattr(merged, name, getattr(merged, name) + value)
             merged.round_log += row.round_log
             add_counts(merged.accepted_histogram, row.accepted_histogram)

@@ -6,7 +6,7 @@ import statistics
 import pytest
 from conftest import WORDS, perturbed_copy, slow_verification, tiny_model, word_tokenizer
 
-from saguaro import benchmark, cli, demo_models
+from saguaro import benchmark, cli, demo_models, prefix_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,44 @@ def test_bench_reports_rounds_one_thread_variants_and_what_auto_chose(pair_on_di
     assert summary["saguaro"]["draft_configuration"]["threads"] == 1
     report = (tmp_path / "results.md").read_text()
     assert "## Rounds" in report and "saguaro+1thread" in report and "## Draft configuration" in report
+
+
+@pytest.mark.timeout(600)
+def test_bench_batch_sizes_and_shared_prefix_scenarios(pair_on_disk, tmp_path, monkeypatch):
+    # A system prompt the tiny models' 512 positions hold twice (the real one is ~470 tokens).
+    monkeypatch.setattr(prefix_benchmark, "SYSTEM", " ".join(WORDS[:60]))
+    out = tmp_path / "results.json"
+    benchmark.main(
+        ["--target", str(pair_on_disk / "target"), "--draft", str(pair_on_disk / "draft")]
+        + tiny_options(pair_on_disk, out)
+        + ["--methods", "hf_greedy", "hf_assisted", "speculative", "autoregressive"]
+        + ["--num-prompts", "3", "--max-new-tokens", "12", "--batch-sizes", "1", "2"]
+        + ["--shared-prefix", "--repeats-prefix", "1"]
+    )
+    results = json.loads(out.read_text())
+    summary, runs = results["summary"], results["runs"]
+    assert set(summary) == {
+        "hf_greedy",
+        "hf_assisted",
+        "speculative",
+        "autoregressive",
+        "hf_greedy@batch2",
+        "speculative@batch2",
+        "autoregressive@batch2",
+    }  # HF's assisted generation takes one sequence: no batched run of it
+    # 3 prompts in batches of 2: [0, 1] and [2, 0]; every row equals HF's batched greedy (fp32).
+    assert [r["prompts"] for r in runs["speculative@batch2"]] == [[0, 1], [2, 0]]
+    assert summary["speculative@batch2"]["outputs_matching_hf_greedy"] == "2/2"
+    assert summary["speculative@batch2"]["speedup_vs_hf_greedy"] == statistics.median(
+        r["tokens_per_second"] / b["tokens_per_second"]
+        for r, b in zip(runs["speculative@batch2"], runs["hf_greedy@batch2"])
+    )
+    # Both rows' tokens count (up to each row's EOS), as in HF's batch.
+    new_tokens = [r["new_tokens"] for r in runs["speculative@batch2"]]
+    assert new_tokens == [r["new_tokens"] for r in runs["hf_greedy@batch2"]] and max(new_tokens) > 12
+    scenarios = {s["scenario"]: s for s in results["shared_prefix"]}
+    assert set(scenarios) == {"chat turn 2", "same system prompt"}
+    for scenario in scenarios.values():
+        assert scenario["same_output"] and scenario["reused_prompt_tokens"] >= 60
+    report = (tmp_path / "results.md").read_text()
+    assert "speculative@batch2" in report and "## Prefix reuse across calls" in report

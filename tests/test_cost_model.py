@@ -60,6 +60,16 @@ def test_controller_picks_a_middle_length_when_drafts_are_mediocre():
     assert 1 <= controller.choose(6) < 6
 
 
+def test_a_catch_up_is_paid_only_where_the_remaining_tokens_repay_it():
+    # Speculation saves most of a second per token here; a drafter that must first feed 100 tokens at
+    # 0.1 s each (a batch's prompts) repays that over 50 tokens, not over 5.
+    controller = _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01)
+    assert controller.worth_catching_up(100, 50)  # unmeasured: tried, which measures it
+    controller.observe_catch_up(100, 10.0)
+    assert controller.worth_catching_up(100, 50) and not controller.worth_catching_up(100, 5)
+    assert controller.worth_catching_up(0, 1)
+
+
 def test_controller_never_exceeds_the_limit():
     controller = _controller_after(lambda t: 1.0, acceptance=0.9)
     assert controller.choose(2) == 2 and controller.choose(0) == 0

@@ -9,7 +9,7 @@ from conftest import WORDS, perturbed_copy, tiny_model, word_tokenizer
 from stats_helpers import chi_square_pvalue
 
 import saguaro
-from saguaro import engines
+from saguaro import batched, engines
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -221,6 +221,7 @@ def test_batch_sampling_test_catches_draft_tokens_missing_from_the_history(small
             sampler.scores = original_scores
 
     monkeypatch.setattr(engines, "verify_proposal", forgetful)
+    monkeypatch.setattr(batched, "verify_proposal", forgetful)  # a batch runs the batched loop
     counts = sampled_batch_counts(target, draft, samples=1200)
     pvalues = [
         chi_square_pvalue(counts[row], exact_row_joint(target, prompt, PENALTY, 0.9))
@@ -334,6 +335,7 @@ def test_top_p_above_one_is_ignored_as_by_hf(pair):
     target, draft = pair
     ids = torch.tensor([[1, 5, 9, 14]])
     runs = []
+    # A fixed method: auto's choice follows measured timings, and so would the random draws.
     with saguaro.enable(
         target, draft_model=draft, method="speculative", speculation_schedule="constant", strict=True
     ):

@@ -61,13 +61,13 @@ VOCAB = 6
 PROMPT = [1, 4, 3]
 
 
-def exact_joint(model, length: int, **shaping) -> torch.Tensor:
-    """The target's exact probability of every continuation of `length` tokens, [V]*length."""
+def exact_joint(model, length: int, prompt=PROMPT, **shaping) -> torch.Tensor:
+    """The target's exact probability of every continuation of `length` tokens after `prompt`, [V]*length."""
     joint = torch.ones(1, dtype=torch.double)
     prefixes = [[]]
     for _ in range(length):
         with torch.no_grad():
-            logits = model(torch.tensor([PROMPT + c for c in prefixes])).logits[:, -1]
+            logits = model(torch.tensor([prompt + c for c in prefixes])).logits[:, -1]
         step = reference_probs(logits, **shaping)
         joint = (joint[:, None] * step).flatten()
         prefixes = [c + [t] for c in prefixes for t in range(VOCAB)]
