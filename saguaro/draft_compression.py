@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import math
 import statistics
 import time
 import warnings
@@ -139,7 +140,14 @@ def dequantized_weight(weight: torch.Tensor, mode: str, group_size: int = INT4_G
 
 
 class _WeightOnlyLinear(nn.Module):
-    """A linear whose weight is stored quantized; activations keep their float dtype."""
+    """A linear whose weight is stored quantized; activations keep their float dtype.
+
+    The weight-only kernels are matrix-vector code: fast while a step streams the weights for one
+    token or a few, slow for the hundreds of rows of a prefill, which the float weight's matrix
+    multiply runs at compute speed. So from `dense_from_rows` rows on (measured by
+    `measure_dense_crossover`; never until then) the float weight, shared with the source linear
+    and not copied, does the multiply.
+    """
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -147,11 +155,16 @@ class _WeightOnlyLinear(nn.Module):
         self.scale_dtype = linear.weight.dtype
         # Shared with the source linear and never modified: only the weight is quantized.
         self.bias = linear.bias
+        # A plain tensor attribute (not a parameter or buffer): the caller's weight, not the draft's.
+        self.dense_weight = linear.weight.detach()
+        self.dense_from_rows = math.inf
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() >= self.dense_from_rows * x.shape[-1]:  # a prefill: rows x in_features
+            return nn.functional.linear(x, self.dense_weight, self.bias)
         # The kernels take contiguous 2D activations in the scales' dtype (bf16, fp16 and fp32 all
         # run); a batch's last positions only (logits_to_keep=1) arrive as a strided view.
         y = self._matmul(x.reshape(-1, x.shape[-1]).to(self.scale_dtype).contiguous()).to(x.dtype)
@@ -260,6 +273,33 @@ def _build_cpu_quantized(linear: nn.Linear, mode: str, group_size: int) -> _Weig
         ) from error
 
 
+def _fastest_of(call, repeats: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure_dense_crossover(
+    linear: _WeightOnlyLinear, rows=(2, 4, 8, 16, 32, 64, 128), repeats: int = 3
+) -> float:
+    """The fewest rows from which `linear`'s float weight multiplies at least as fast as its
+    quantized kernel, at every larger size measured too (one noisy size does not decide); inf if
+    the kernel wins at the largest size."""
+    crossover = math.inf
+    for n in reversed(rows):
+        x = torch.randn(n, linear.in_features, dtype=linear.scale_dtype)
+        quantized = _fastest_of(lambda x=x: linear._matmul(x), repeats)
+        dense = _fastest_of(lambda x=x: nn.functional.linear(x, linear.dense_weight), repeats)
+        if dense > quantized:
+            break
+        crossover = n
+    return crossover
+
+
 def _quantize_with_torchao(model: nn.Module, mode: str, group_size: int) -> None:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -294,6 +334,15 @@ def quantize_draft(
         linears = [(name, m) for name, m in clone.named_modules() if isinstance(m, nn.Linear)]
         for name, linear in linears:
             _set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo))
+        quantized = [m for m in clone.modules() if isinstance(m, _WeightOnlyLinear)]
+        if quantized:
+            # Timed on the largest layer other than the LM head, which a prefill runs for one row.
+            head = clone.get_output_embeddings() if hasattr(clone, "get_output_embeddings") else None
+            head = getattr(head, "linear", head)
+            body = [m for m in quantized if m is not head] or quantized
+            crossover = measure_dense_crossover(max(body, key=lambda m: m.in_features * m.out_features))
+            for module in quantized:
+                module.dense_from_rows = crossover
     elif device.type == "cuda":
         _quantize_with_torchao(clone, mode, group_size)
     else:

@@ -325,3 +325,58 @@ def test_quantization_failure_falls_back_under_auto_and_raises_when_explicit(mon
     assert set(out.stats.draft_configuration["step_seconds"]) == {"none/full"}
     with pytest.raises(DraftCompressionUnavailable, match="cannot run int8 weight-only matmuls"):
         saguaro.SpeculativeGenerator(target, draft, draft_quantization="int8", draft_vocab_size=None)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_many_rows_take_the_shared_float_weight(mode):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 48)
+    quantized = LINEARS[mode](linear)
+    assert quantized.dense_weight.data_ptr() == linear.weight.data_ptr()  # shared, not copied
+    assert all(p is not quantized.dense_weight for p in quantized.parameters())  # not the draft's own
+    quantized.dense_from_rows = 4
+    many, few = torch.randn(2, 3, 256), torch.randn(1, 3, 256)
+    assert torch.equal(quantized(many), torch.nn.functional.linear(many, linear.weight, linear.bias))
+    kernel = quantized._matmul(few.reshape(3, 256)).reshape(1, 3, 48) + linear.bias
+    assert torch.equal(quantized(few), kernel)
+    assert not torch.equal(quantized(few), torch.nn.functional.linear(few, linear.weight, linear.bias))
+
+
+def test_dense_crossover_needs_the_float_weight_to_win_from_there_on(monkeypatch):
+    linear = Int8WeightOnlyLinear(torch.nn.Linear(64, 32))
+
+    # Planted timings: the kernel costs rows, the dense multiply 16, except one noisy dip at 4 rows.
+    def timed(call, repeats):
+        return next(costs)
+
+    monkeypatch.setattr(draft_compression, "_fastest_of", timed)
+    rows = (2, 4, 8, 16, 32)
+    # Measured from the largest size down, (kernel, dense) per size.
+    costs = iter([(32, 16), (16, 16), (8, 16), (4, 3)][i // 2][i % 2] for i in range(8))
+    assert draft_compression.measure_dense_crossover(linear, rows) == 16
+    costs = iter([(32, 40)][i // 2][i % 2] for i in range(2))  # the kernel wins even at 32 rows
+    assert draft_compression.measure_dense_crossover(linear, rows) == float("inf")
+
+
+def test_quantize_draft_times_its_crossover_and_a_prefill_stays_exact():
+    target = tiny_model("llama", seed=0)
+    quantized = quantize_draft(perturbed_copy(target, 0.005), "int8")
+    crossovers = {m.dense_from_rows for m in quantized.modules() if isinstance(m, Int8WeightOnlyLinear)}
+    assert len(crossovers) == 1  # one measurement for every layer
+    expected = target.generate(PROMPT, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for crossover in (1, 10**9):  # a prefill through the float weights, and through the kernels
+        for m in quantized.modules():
+            if isinstance(m, Int8WeightOnlyLinear):
+                m.dense_from_rows = crossover
+        out = saguaro.generate(
+            target,
+            PROMPT,
+            draft_model=quantized,
+            method="speculative",
+            max_new_tokens=16,
+            draft_quantization=None,
+            draft_vocab_size=None,
+            eos_token_id=[],
+            return_dict_in_generate=True,
+        )
+        assert out.sequences.tolist() == expected.tolist() and out.stats.accepted > 0
