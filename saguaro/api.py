@@ -13,6 +13,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto
+from .compiled_runner import STATIC_CAPACITY, CompiledRunner, check_compilable
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
@@ -220,6 +221,7 @@ class SpeculativeGenerator:
         draft_vocab_size: int | str | None = "auto",
         prefix_cache: bool = True,
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+        compile: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -255,7 +257,15 @@ class SpeculativeGenerator:
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         check_max_bytes(prefix_cache_bytes)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if compile:
+            check_compilable(target, draft_model if method not in MODEL_FREE else None)
         self.target, self.draft_model = target, draft_model
+        # compile=True: the target's and the chain drafter's steps run as compiled graphs on static
+        # caches (compiled_runner.py), kept across calls so the graphs compiled at warm-up serve them.
+        self.compile = compile
+        self._static_runners: dict[str, CompiledRunner] = {}
         # Each model's prefix cache (None: off) holds the KV of earlier calls' sequences; the Saguaro
         # worker keeps its own in its process.
         self._prefix_cache_bytes = prefix_cache_bytes if prefix_cache else None
@@ -384,7 +394,7 @@ class SpeculativeGenerator:
         # It starts with empty prefix caches: copying stored KV would cost memory for no exactness.
         state = dict(vars(self))
         state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
-        state.update(_target_prefixes=None, _draft_prefixes=None)
+        state.update(_target_prefixes=None, _draft_prefixes=None, _static_runners={})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -516,7 +526,7 @@ class SpeculativeGenerator:
     ) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
-        runner = ModelRunner(self.target, capacity, self._target_prefixes)
+        runner = self._runner("target", self.target, capacity, self._target_prefixes, (1, tree_size + 1))
         runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
         if self.method not in MODEL_FREE:
@@ -543,6 +553,11 @@ class SpeculativeGenerator:
                     self.threads,
                 )
         else:
+            # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
+            draft_runner = None
+            if self.tree_shape is None:
+                # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft.
+                draft_runner = self._runner("draft", self._draft, capacity, self._draft_prefixes, (1, 2))
             drafter = ModelDrafter(
                 self._draft,
                 sampler.drafting(),
@@ -550,6 +565,7 @@ class SpeculativeGenerator:
                 capacity,
                 self.tree_shape,
                 self._draft_prefixes,
+                draft_runner,
             )
             runners.append(drafter.runner)
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
@@ -559,6 +575,21 @@ class SpeculativeGenerator:
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
         return new, stats
+
+    def _runner(self, role: str, model, capacity: int, prefixes, buckets) -> ModelRunner:
+        """A fresh eager runner, or with compile=True this role's compiled runner: reused while its
+        static cache is large enough (its graphs stay valid), else replaced by one twice as large."""
+        if not self.compile:
+            return ModelRunner(model, capacity, prefixes)
+        runner = self._static_runners.get(role)
+        if runner is None or runner.cache.capacity < capacity or runner.model is not model:
+            size = max(STATIC_CAPACITY, 1 << (capacity - 1).bit_length())
+            runner = CompiledRunner(model, size, prefixes, buckets)
+            self._static_runners[role] = runner
+        runner.prefix_cache = prefixes
+        runner.buckets = tuple(sorted(set(runner.buckets) | set(buckets)))
+        runner.reset()
+        return runner
 
 
 def generate(

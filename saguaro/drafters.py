@@ -79,8 +79,10 @@ class ModelDrafter(Drafter):
         capacity: int = 256,
         shape: list[int] | DynamicTree | None = None,
         prefix_cache: PrefixCache | None = None,
+        runner: ModelRunner | None = None,
     ):
-        self.runner = ModelRunner(model, capacity, prefix_cache)
+        # `runner`: one of the draft model's own, e.g. a CompiledRunner kept across calls.
+        self.runner = runner or ModelRunner(model, capacity, prefix_cache)
         self.sampler = sampler
         # Ids the target cannot emit (a draft embedding padded beyond the target's) are never
         # proposed: they could only be rejected. q is then the distribution over the rest.

@@ -1,0 +1,141 @@
+"""CompiledRunner: a ModelRunner whose decoding steps are compiled graphs of fixed shape.
+
+An eager HF forward of a small model is mostly Python (module calls, mask building, cache
+bookkeeping: ~2 ms on a CPU) around microseconds of arithmetic, and on a GPU it launches kernels
+one by one. `torch.compile` removes both - inductor on CPU, CUDA graphs (mode="reduce-overhead")
+on GPU - but only for shapes it has seen. So every step here has a fixed shape:
+  * the KV cache is a `StaticKVCache` (fixed capacity, written at a slot given by a tensor);
+  * T new tokens are padded up to a bucket (1, 2, K + 1, ...: `buckets`), so the few graphs
+    compiled at warm-up serve every step after it; padded tokens write past the real ones, where
+    nothing sees them, and are written over later;
+  * the mask is built inside the graph from the write position and the tree's ancestor matrix,
+    which is made once per tree shape; no O(L^2) mask exists anywhere: a step's is [T, capacity].
+A forward over more tokens than the largest bucket (a prefill) runs the same step function eagerly:
+compiling one graph per prompt length would cost more than it saves.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .prefix_cache import PrefixCache
+from .runner import ModelRunner, _num_layers
+from .static_cache import StaticKVCache
+from .tree import TokenTree
+
+# One code object serves every compiled step, so each (model shape, bucket) is one of its cache
+# entries; a target and a draft with their buckets take about 6, near torch's default limit of 8.
+RECOMPILE_LIMIT = 64
+# Static caches hold at least this many entries and grow by doubling: a call that fits the current
+# capacity reuses its graphs (a capacity is part of a graph's shape).
+STATIC_CAPACITY = 256
+
+
+def check_compilable(*models) -> None:
+    """Clear errors for models whose steps cannot run on a static cache."""
+    for model in models:
+        if model is not None and getattr(model.config, "sliding_window", None):
+            raise ValueError(
+                f"compile=True does not support sliding-window attention ({type(model).__name__} has "
+                f"sliding_window={model.config.sliding_window}); pass compile=False for this model"
+            )
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """CUDA graphs on GPU (the step's launches replayed as one); inductor's default on CPU."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+def decode_step(model, cache, ids, depths, ancestors, tree_start, keep_last: int):
+    """Logits [T, V] of `ids` [1, T]: node i sits at position tree_start + depths[i], sees every slot
+    before tree_start and slot tree_start + j where ancestors[i, j] (j < W, the tree's width)."""
+    capacity, width = cache.capacity, ancestors.shape[1]
+    slots = torch.arange(capacity, device=ids.device)
+    relative = slots - tree_start
+    in_tree = (relative >= 0) & (relative < width)
+    visible = (slots < tree_start)[None, :] | (ancestors[:, relative.clamp(0, width - 1)] & in_tree[None, :])
+    dtype = model.get_input_embeddings().weight.dtype
+    # Additive: eager attention adds the mask to the scores; SDPA takes it as well.
+    mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device)
+    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
+    out = model(
+        input_ids=ids,
+        position_ids=(tree_start + depths)[None],
+        attention_mask=mask,
+        use_cache=True,
+        logits_to_keep=keep_last,
+        cache=cache,
+    )
+    return out.logits[0]
+
+
+@functools.cache
+def compiled_step(mode: str | None):
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+
+@functools.lru_cache(maxsize=256)
+def tree_layout(parents: tuple[int, ...], cached_nodes: int, rows: int, device) -> tuple:
+    """(depths [rows], ancestors [rows, width]) of the tree's new nodes, padded to `rows`; made once
+    per tree shape. A padded row sees only itself: a row that sees nothing would be NaN."""
+    tree = TokenTree(parents)
+    width = max(len(tree), cached_nodes + rows)
+    depths = torch.zeros(rows, dtype=torch.long)
+    ancestors = torch.zeros(rows, width, dtype=torch.bool)
+    new = len(tree) - cached_nodes
+    depths[:new] = torch.tensor(tree.depths()[cached_nodes:], dtype=torch.long)
+    ancestors[:new, : len(tree)] = tree.ancestor_mask()[cached_nodes:]
+    padded = torch.arange(new, rows)
+    depths[new:] = depths[:new].max() + 1 if new else 0
+    ancestors[padded, cached_nodes + padded] = True
+    return depths.to(device), ancestors.to(device)
+
+
+class CompiledRunner(ModelRunner):
+    """A ModelRunner over a `StaticKVCache` whose forwards of up to max(buckets) tokens on top of
+    the committed context run as compiled graphs, one per bucket."""
+
+    def __init__(
+        self,
+        model,
+        capacity: int,
+        prefix_cache: PrefixCache | None = None,
+        buckets: tuple[int, ...] = (1,),
+    ):
+        check_compilable(model)
+        super().__init__(model, capacity, prefix_cache)
+        self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
+        self.buckets = tuple(sorted(set(buckets)))
+        self._step = compiled_step(compile_mode(model.device))
+        self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
+        if model.device.type == "cuda":
+            torch._dynamo.mark_static_address(self._tree_start, guard=False)
+
+    @torch.no_grad()
+    def forward(
+        self, tokens, tree: TokenTree | None = None, cached_nodes: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        """As `ModelRunner.forward`; `last_only` returns [1, V], computed with the rest in a bucket."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        count = len(tokens)
+        tree = tree or TokenTree.chain(count)
+        if len(tree) != cached_nodes + count:
+            raise ValueError(f"{cached_nodes} cached + {count} new tokens but a tree of {len(tree)} nodes")
+        bucket = next((b for b in self.buckets if b >= count), None) if cached_nodes == 0 else None
+        rows = bucket or count
+        ids = torch.zeros(1, rows, dtype=torch.long)
+        ids[0, :count] = tokens.masked_fill(tokens >= self._embedding_rows, 0)
+        depths, ancestors = tree_layout(tuple(tree.parents), cached_nodes, rows, self.device)
+        self._tree_start.fill_(self.length - cached_nodes)
+        self.cache.begin_write(self.length, rows)
+        inputs = (self.model, self.cache, ids.to(self.device), depths, ancestors, self._tree_start)
+        if bucket is not None:
+            logits = self._step(*inputs, 0)
+            logits = logits[count - 1 : count] if last_only else logits[:count]
+        else:
+            logits = decode_step(*inputs, int(last_only))
+        self.cache.length += count
+        return logits
