@@ -124,7 +124,10 @@ class CompiledRunner(ModelRunner):
         tree = tree or TokenTree.chain(count)
         if len(tree) != cached_nodes + count:
             raise ValueError(f"{cached_nodes} cached + {count} new tokens but a tree of {len(tree)} nodes")
-        bucket = next((b for b in self.buckets if b >= count), None) if cached_nodes == 0 else None
+        # The buffers take their shapes from the first forward: it runs eagerly, so no graph ever
+        # initialises them.
+        compilable = cached_nodes == 0 and self.cache.layers[0].is_initialized
+        bucket = next((b for b in self.buckets if b >= count), None) if compilable else None
         rows = bucket or count
         ids = torch.zeros(1, rows, dtype=torch.long)
         ids[0, :count] = tokens.masked_fill(tokens >= self._embedding_rows, 0)

@@ -123,7 +123,18 @@ def test_speculative_sampling_matches_target_distribution(pair, shaping):
     assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
 
 
-def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
+# compile=True: the same rounds through compiled steps on static caches (test_compile.py).
+COMPILED = {"compile": True}
+
+
+def test_compiled_speculative_sampling_matches_target_distribution(pair):
+    target, draft = pair
+    counts = sample_counts(target, draft, samples=1500, seed=12, options=COMPILED, temperature=0.8)
+    assert chi_square_pvalue(counts, exact_joint(target, 3, temperature=0.8)) > PASS_P
+
+
+@pytest.mark.parametrize("options", [None, COMPILED], ids=["eager", "compiled"])
+def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch, options):
     target, draft = pair
     real_propose = ModelDrafter.propose
 
@@ -135,7 +146,7 @@ def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
         return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
 
     monkeypatch.setattr(ModelDrafter, "propose", greedy_draft_sampled_q)
-    counts = sample_counts(target, draft, samples=1500, seed=11)
+    counts = sample_counts(target, draft, samples=1500, seed=11, options=options)
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
 
 
