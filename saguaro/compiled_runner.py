@@ -31,6 +31,9 @@ RECOMPILE_LIMIT = 64
 # Static caches hold at least this many entries and grow by doubling: a call that fits the current
 # capacity reuses its graphs (a capacity is part of a graph's shape).
 STATIC_CAPACITY = 256
+# Greedy tokens per compiled call in autoregressive decoding: the call's fixed cost (guards,
+# launching the graph, the engine's bookkeeping) is shared by this many tokens.
+GREEDY_BLOCK = 8
 
 
 def check_compilable(*models) -> None:
@@ -71,10 +74,26 @@ def decode_step(model, cache, ids, depths, ancestors, tree_start, keep_last: int
     return out.logits[0]
 
 
+def greedy_steps(model, cache, token, steps: int):
+    """Greedy decoding of `steps` tokens after `token` ([1, 1], the last one not yet in the cache,
+    written at slot cache.start): each argmax is fed back on the device, and the [steps] tokens
+    come back together, so a block of tokens costs one call and one host read."""
+    first = cache.start.clone()
+    depth, itself = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+    depth, itself = depth.to(token.device), itself.to(token.device)
+    tokens = []
+    for step in range(steps):
+        cache.start.copy_(first + step)
+        token = decode_step(model, cache, token, depth, itself, first + step, 0)[-1:].argmax(-1)[None]
+        tokens.append(token[0, 0])
+    return torch.stack(tokens)
+
+
 @functools.cache
-def compiled_step(mode: str | None):
+def compiled(step, mode: str | None):
+    """`step` compiled once per process: its graphs are cached per shape and shared by every runner."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -109,7 +128,8 @@ class CompiledRunner(ModelRunner):
         super().__init__(model, capacity, prefix_cache)
         self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
         self.buckets = tuple(sorted(set(buckets)))
-        self._step = compiled_step(compile_mode(model.device))
+        self._step = compiled(decode_step, compile_mode(model.device))
+        self._greedy_steps = compiled(greedy_steps, compile_mode(model.device))
         self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
         if model.device.type == "cuda":
             torch._dynamo.mark_static_address(self._tree_start, guard=False)
@@ -142,3 +162,16 @@ class CompiledRunner(ModelRunner):
             logits = decode_step(*inputs, int(last_only))
         self.cache.length += count
         return logits
+
+    @torch.no_grad()
+    def greedy_block(self, token: int) -> list[int]:
+        """The next GREEDY_BLOCK greedy tokens after `token` (appended, not yet in the cache), in one
+        compiled call; the cache then holds `token` and all of them but the last. A caller that
+        needs fewer (a stop, max_new_tokens) rolls back: the extra steps only cost their compute."""
+        if not self.cache.layers[0].is_initialized or self.length + GREEDY_BLOCK > self.cache.capacity:
+            return [int(self.forward([token])[-1].argmax())]
+        self.cache.begin_write(self.length, GREEDY_BLOCK)
+        ids = torch.tensor([[token if token < self._embedding_rows else 0]], dtype=torch.long)
+        tokens = self._greedy_steps(self.model, self.cache, ids.to(self.device), GREEDY_BLOCK).tolist()
+        self.cache.length += GREEDY_BLOCK
+        return tokens
