@@ -46,9 +46,13 @@ def check_compilable(*models) -> None:
             )
 
 
-def compile_mode(device: torch.device) -> str | None:
-    """CUDA graphs on GPU (the step's launches replayed as one); inductor's default on CPU."""
-    return "reduce-overhead" if device.type == "cuda" else None
+def compile_settings(device: torch.device) -> dict:
+    """CUDA graphs on GPU (a step's launches replayed as one). On CPU, inductor with one-row matrix
+    products turned into generated multiply-and-sum loops: at T = 1 each of a step's ~30 small
+    products otherwise pays a BLAS call's fixed cost, most of the step (measured: 2.7x faster steps)."""
+    if device.type == "cuda":
+        return {"mode": "reduce-overhead"}
+    return {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}}
 
 
 def decode_step(model, cache, ids, depths, ancestors, tree_start, keep_last: int):
@@ -90,10 +94,11 @@ def greedy_steps(model, cache, token, steps: int):
 
 
 @functools.cache
-def compiled(step, mode: str | None):
-    """`step` compiled once per process: its graphs are cached per shape and shared by every runner."""
+def compiled(step, device_type: str):
+    """`step` compiled once per process and device type: its graphs are cached per shape and shared
+    by every runner."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+    return torch.compile(step, fullgraph=True, dynamic=False, **compile_settings(torch.device(device_type)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,8 +133,8 @@ class CompiledRunner(ModelRunner):
         super().__init__(model, capacity, prefix_cache)
         self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
         self.buckets = tuple(sorted(set(buckets)))
-        self._step = compiled(decode_step, compile_mode(model.device))
-        self._greedy_steps = compiled(greedy_steps, compile_mode(model.device))
+        self._step = compiled(decode_step, model.device.type)
+        self._greedy_steps = compiled(greedy_steps, model.device.type)
         self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
         if model.device.type == "cuda":
             torch._dynamo.mark_static_address(self._tree_start, guard=False)
