@@ -641,6 +641,11 @@ def generate(
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible for a fixed method with
     speculation_schedule="constant" (auto's choices and adaptive lengths follow measured timings).
+    compile=True runs the target's steps, and the chain drafter's, as compiled graphs of fixed shape
+    on static KV caches (inductor on CPU, CUDA graphs on GPU; compiled_runner.py): the first calls
+    compile (seconds to minutes per shape), later ones are faster. Off by default: it pays on long
+    or many generations with one generator, not on a single short call. Sliding-window models
+    cannot use it.
     For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
     the model with `saguaro.enable` and call `model.generate` as usual: only a kept generator (or an
     enabled model) reuses the KV of earlier calls' prompts and answers (prefix_cache=True, its
