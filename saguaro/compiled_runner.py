@@ -135,9 +135,22 @@ class CompiledRunner(ModelRunner):
         self.buckets = tuple(sorted(set(buckets)))
         self._step = compiled(decode_step, model.device.type)
         self._greedy_steps = compiled(greedy_steps, model.device.type)
+        self._compiled_buckets: set[int] = set()
         self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
         if model.device.type == "cuda":
             torch._dynamo.mark_static_address(self._tree_start, guard=False)
+
+    def feed(self, tokens: list[int]) -> tuple[torch.Tensor, int]:
+        """As `ModelRunner.feed`; the first feed also compiles every bucket's graph, so that compile
+        time never lands in a round that the draft-length controller measures."""
+        result = super().feed(tokens)
+        for bucket in sorted(set(self.buckets) - self._compiled_buckets):
+            length = self.length
+            if length + bucket <= self.cache.capacity:
+                self.forward([0] * bucket)  # written past the committed entries, then dropped
+                self.rollback(length)
+                self._compiled_buckets.add(bucket)
+        return result
 
     @torch.no_grad()
     def forward(
