@@ -101,3 +101,19 @@ def test_enable_with_compile(pair):
     with saguaro.enable(target, draft, method="speculative", compile=True):
         out = target.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, do_sample=False, eos_token_id=[])
     assert out.tolist() == expected.tolist()
+
+
+def test_greedy_block_stops_mid_block_like_hf(pair):
+    # Blocks decode 8 tokens per call: an end-of-sequence token inside one must still end the output
+    # right after it, and the next call must start clean.
+    target, _ = pair
+    free_run = hf_greedy(target, PROMPTS[0], 20)[0, len(PROMPTS[0]) :].tolist()
+    eos = free_run[5]
+    expected = target.generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=eos
+    )
+    with saguaro.SpeculativeGenerator(target, method="autoregressive", compile=True) as generator:
+        for _ in range(2):
+            out = generator.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, eos_token_id=eos)
+            assert out.tolist() == expected.tolist()
+        assert free_run.index(eos) < 8  # the stop really fell inside the first block
