@@ -13,7 +13,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from . import auto
-from .compiled_runner import STATIC_CAPACITY, CompiledRunner, check_compilable
+from .compiled_runner import GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .drafters import ModelDrafter, PromptLookupDrafter
@@ -526,7 +526,11 @@ class SpeculativeGenerator:
     ) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
-        runner = self._runner("target", self.target, capacity, self._target_prefixes, (1, tree_size + 1))
+        # Autoregressive greedy decoding runs in compiled blocks (engines.autoregressive).
+        blocks = (GREEDY_BLOCK,) if self.method == "autoregressive" and not sampler.config.do_sample else ()
+        runner = self._runner(
+            "target", self.target, capacity, self._target_prefixes, (1, tree_size + 1), blocks
+        )
         runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
         if self.method not in MODEL_FREE:
@@ -556,8 +560,12 @@ class SpeculativeGenerator:
             # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
             draft_runner = None
             if self.tree_shape is None:
-                # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft.
-                draft_runner = self._runner("draft", self._draft, capacity, self._draft_prefixes, (1, 2))
+                # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
+                # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
+                chains = () if sampler.config.do_sample else tuple(range(1, max_depth + 1))
+                draft_runner = self._runner(
+                    "draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains
+                )
             drafter = ModelDrafter(
                 self._draft,
                 sampler.drafting(),
@@ -576,7 +584,7 @@ class SpeculativeGenerator:
         stats.new_tokens = len(new)
         return new, stats
 
-    def _runner(self, role: str, model, capacity: int, prefixes, buckets) -> ModelRunner:
+    def _runner(self, role: str, model, capacity: int, prefixes, buckets, chains=()) -> ModelRunner:
         """A fresh eager runner, or with compile=True this role's compiled runner: reused while its
         static cache is large enough (its graphs stay valid), else replaced by one twice as large."""
         if not self.compile:
@@ -584,10 +592,11 @@ class SpeculativeGenerator:
         runner = self._static_runners.get(role)
         if runner is None or runner.cache.capacity < capacity or runner.model is not model:
             size = max(STATIC_CAPACITY, 1 << (capacity - 1).bit_length())
-            runner = CompiledRunner(model, size, prefixes, buckets)
+            runner = CompiledRunner(model, size, prefixes, buckets, chains)
             self._static_runners[role] = runner
         runner.prefix_cache = prefixes
         runner.buckets = tuple(sorted(set(runner.buckets) | set(buckets)))
+        runner.chain_lengths = tuple(sorted(set(runner.chain_lengths) | set(chains)))
         runner.reset()
         return runner
 

@@ -34,6 +34,9 @@ STATIC_CAPACITY = 256
 # Greedy tokens per compiled call in autoregressive decoding: the call's fixed cost (guards,
 # launching the graph, the engine's bookkeeping) is shared by this many tokens.
 GREEDY_BLOCK = 8
+# Tokens a greedy chain starts from, padded to this: a drafter lacks 1 or 2 committed tokens
+# (2 after a round that accepted every draft), and one width keeps one graph per chain length.
+CHAIN_FEED = 2
 
 
 def check_compilable(*models) -> None:
@@ -78,19 +81,25 @@ def decode_step(model, cache, ids, depths, ancestors, tree_start, keep_last: int
     return out.logits[0]
 
 
-def greedy_steps(model, cache, token, steps: int):
-    """Greedy decoding of `steps` tokens after `token` ([1, 1], the last one not yet in the cache,
-    written at slot cache.start): each argmax is fed back on the device, and the [steps] tokens
-    come back together, so a block of tokens costs one call and one host read."""
+def greedy_steps(model, cache, ids, fed, steps: int, vocab: int | None):
+    """Greedy continuation, `steps` tokens long, of ids[0, :fed] (not yet in the cache; `ids` [1, B]
+    padded, written from slot cache.start): the first forward feeds them, each later one the previous
+    argmax, fed back on the device, and the [steps] tokens come back together: one call, one host
+    read, no wait per token. Argmaxes range over the first `vocab` ids (None: all)."""
     first = cache.start.clone()
-    depth, itself = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
-    depth, itself = depth.to(token.device), itself.to(token.device)
-    tokens = []
-    for step in range(steps):
-        cache.start.copy_(first + step)
-        token = decode_step(model, cache, token, depth, itself, first + step, 0)[-1:].argmax(-1)[None]
-        tokens.append(token[0, 0])
-    return torch.stack(tokens)
+    rows = ids.shape[1]
+    depths = torch.arange(rows, device=ids.device)
+    chain = torch.ones(rows, rows, dtype=torch.bool, device=ids.device).tril()
+    logits = decode_step(model, cache, ids, depths, chain, first, 0)
+    token = logits.index_select(0, (fed - 1).reshape(1))[:, :vocab].argmax(-1)
+    tokens = [token]
+    for step in range(steps - 1):
+        slot = first + fed + step
+        cache.start.copy_(slot)
+        logits = decode_step(model, cache, token[None], depths[:1] * 0, chain[:1, :1], slot, 0)
+        token = logits[:, :vocab].argmax(-1)
+        tokens.append(token)
+    return torch.cat(tokens)
 
 
 @functools.cache
@@ -128,14 +137,17 @@ class CompiledRunner(ModelRunner):
         capacity: int,
         prefix_cache: PrefixCache | None = None,
         buckets: tuple[int, ...] = (1,),
+        chain_lengths: tuple[int, ...] = (),
     ):
         check_compilable(model)
         super().__init__(model, capacity, prefix_cache)
         self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
         self.buckets = tuple(sorted(set(buckets)))
+        self.chain_lengths = tuple(sorted(set(chain_lengths)))  # greedy_chain lengths to compile at once
         self._step = compiled(decode_step, model.device.type)
         self._greedy_steps = compiled(greedy_steps, model.device.type)
         self._compiled_buckets: set[int] = set()
+        self._compiled_chains: set[int] = set()
         self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
         if model.device.type == "cuda":
             torch._dynamo.mark_static_address(self._tree_start, guard=False)
@@ -144,12 +156,17 @@ class CompiledRunner(ModelRunner):
         """As `ModelRunner.feed`; the first feed also compiles every bucket's graph, so that compile
         time never lands in a round that the draft-length controller measures."""
         result = super().feed(tokens)
+        length = self.length
+        # Written past the committed entries, then dropped.
         for bucket in sorted(set(self.buckets) - self._compiled_buckets):
-            length = self.length
             if length + bucket <= self.cache.capacity:
-                self.forward([0] * bucket)  # written past the committed entries, then dropped
+                self.forward([0] * bucket)
                 self.rollback(length)
                 self._compiled_buckets.add(bucket)
+        for steps in sorted(set(self.chain_lengths) - self._compiled_chains):
+            if self.greedy_chain([0], steps) is not None:
+                self.rollback(length)
+                self._compiled_chains.add(steps)
         return result
 
     @torch.no_grad()
@@ -182,14 +199,28 @@ class CompiledRunner(ModelRunner):
         return logits
 
     @torch.no_grad()
+    def greedy_chain(self, tokens: list[int], steps: int, vocab: int | None = None) -> list[int] | None:
+        """The `steps` greedy tokens after `tokens` (1 or 2, appended, not yet in the cache), in one
+        compiled call; the cache then holds `tokens` and all the new ones but the last. None where
+        no graph applies (the first forward, more tokens, no room): the caller steps instead."""
+        end = self.length + CHAIN_FEED + steps
+        if (
+            not self.cache.layers[0].is_initialized
+            or not 0 < len(tokens) <= CHAIN_FEED
+            or end > self.cache.capacity
+        ):
+            return None
+        ids = torch.zeros(1, CHAIN_FEED, dtype=torch.long)
+        ids[0, : len(tokens)] = torch.tensor([t if t < self._embedding_rows else 0 for t in tokens])
+        fed = torch.tensor(len(tokens))
+        self.cache.begin_write(self.length, CHAIN_FEED)
+        new = self._greedy_steps(
+            self.model, self.cache, ids.to(self.device), fed.to(self.device), steps, vocab
+        )
+        self.cache.length += len(tokens) + steps - 1
+        return new.tolist()
+
     def greedy_block(self, token: int) -> list[int]:
-        """The next GREEDY_BLOCK greedy tokens after `token` (appended, not yet in the cache), in one
-        compiled call; the cache then holds `token` and all of them but the last. A caller that
-        needs fewer (a stop, max_new_tokens) rolls back: the extra steps only cost their compute."""
-        if not self.cache.layers[0].is_initialized or self.length + GREEDY_BLOCK > self.cache.capacity:
-            return [int(self.forward([token])[-1].argmax())]
-        self.cache.begin_write(self.length, GREEDY_BLOCK)
-        ids = torch.tensor([[token if token < self._embedding_rows else 0]], dtype=torch.long)
-        tokens = self._greedy_steps(self.model, self.cache, ids.to(self.device), GREEDY_BLOCK).tolist()
-        self.cache.length += GREEDY_BLOCK
-        return tokens
+        """The next GREEDY_BLOCK greedy tokens after `token` (see greedy_chain); a caller that needs
+        fewer (a stop, max_new_tokens) drops the rest: the extra steps only cost their compute."""
+        return self.greedy_chain([token], GREEDY_BLOCK) or [int(self.forward([token])[-1].argmax())]

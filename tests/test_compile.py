@@ -10,7 +10,7 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
-from saguaro.compiled_runner import decode_step, tree_layout
+from saguaro.compiled_runner import CompiledRunner, decode_step, tree_layout
 from saguaro.static_cache import StaticKVCache
 
 PROMPTS = [[1, 17, 33, 5, 80, 42, 9, 64, 23], [1, 7, 7, 8, 9, 7, 7, 8, 9, 7, 7, 8, 40, 41]]
@@ -30,8 +30,16 @@ def pair():
 
 
 @pytest.mark.parametrize("method", ["autoregressive", "speculative", "prompt_lookup", "tree"])
-def test_compiled_methods_match_hf_greedy(pair, method):
+def test_compiled_methods_match_hf_greedy(pair, method, monkeypatch):
     target, draft = pair
+    chains = []  # greedy chains decoded in one call: autoregressive blocks, whole draft chains
+    real_chain = CompiledRunner.greedy_chain
+
+    def greedy_chain(self, *args):
+        chains.append(real_chain(self, *args))
+        return chains[-1]
+
+    monkeypatch.setattr(CompiledRunner, "greedy_chain", greedy_chain)
     with saguaro.SpeculativeGenerator(
         target, draft, method=method, speculation_schedule="constant", compile=True
     ) as generator:
@@ -45,6 +53,8 @@ def test_compiled_methods_match_hf_greedy(pair, method):
                 assert any(r["accepted"] for r in drafted)
                 assert any(r["accepted"] < r["drafted"] for r in drafted)
         assert type(generator._static_runners["target"]).__name__ == "CompiledRunner"
+    if method in ("autoregressive", "speculative"):
+        assert sum(chain is not None for chain in chains) > 5
 
 
 def test_no_recompiles_after_warm_up(pair):
