@@ -113,7 +113,8 @@ def compiled(step, device_type: str):
 @functools.lru_cache(maxsize=256)
 def tree_layout(parents: tuple[int, ...], cached_nodes: int, rows: int, device) -> tuple:
     """(depths [rows], ancestors [rows, width]) of the tree's new nodes, padded to `rows`; made once
-    per tree shape. A padded row sees only itself: a row that sees nothing would be NaN."""
+    per tree shape. A padded row sits at depth 0 (a position the model surely has) and sees only
+    itself: a row that sees nothing would be NaN."""
     tree = TokenTree(parents)
     width = max(len(tree), cached_nodes + rows)
     depths = torch.zeros(rows, dtype=torch.long)
@@ -122,7 +123,6 @@ def tree_layout(parents: tuple[int, ...], cached_nodes: int, rows: int, device) 
     depths[:new] = torch.tensor(tree.depths()[cached_nodes:], dtype=torch.long)
     ancestors[:new, : len(tree)] = tree.ancestor_mask()[cached_nodes:]
     padded = torch.arange(new, rows)
-    depths[new:] = depths[:new].max() + 1 if new else 0
     ancestors[padded, cached_nodes + padded] = True
     return depths.to(device), ancestors.to(device)
 
