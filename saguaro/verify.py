@@ -96,11 +96,7 @@ def verify_chain_sampled(
     p_x = target_probs[:count].gather(1, tokens[:, None])[:, 0]
     q_x = draft_probs.gather(1, tokens[:, None])[:, 0]
     accepted = _leading_true(uniforms * q_x < p_x)  # u < p/q without dividing by a zero q
-    rest = (target_probs[:count] - draft_probs).clamp_min_(0)
-    total = rest.sum(-1, keepdim=True)
-    # As `residual`: only float rounding can empty a rejected position's residual, and then p is right.
-    rest = torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), target_probs[:count])
-    candidates = torch.cat([rest, target_probs[count:]])
+    candidates = torch.cat([residual(target_probs[:count], draft_probs), target_probs[count:]])
     return _read(accepted, sampler.draw(candidates.index_select(0, accepted[None]))[0])
 
 
@@ -116,12 +112,13 @@ def _read(accepted: torch.Tensor, next_token: torch.Tensor) -> tuple[list[int], 
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)): the part of p that a rejected proposal drawn from q did not cover."""
+    """norm(max(0, p - q)) along the last dimension (per row of [..., V]): the part of p that a
+    rejected proposal drawn from q did not cover. Tensor ops only: no host read."""
     rest = (p - q).clamp_min_(0)
-    total = rest.sum()
+    total = rest.sum(-1, keepdim=True)
     # A rejection means p(x) < q(x), so the residual has mass sum(max(0, p-q)) = TV(p, q) > 0;
     # only float rounding can make it vanish, and then p itself is the right distribution.
-    return rest / total if total > 0 else p
+    return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), p)
 
 
 def one_hot_probs(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
