@@ -17,6 +17,7 @@ compiling one graph per prompt length would cost more than it saves.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -25,8 +26,8 @@ from .runner import ModelRunner, _num_layers
 from .static_cache import StaticKVCache
 from .tree import TokenTree
 
-# One code object serves every compiled step, so each (model shape, bucket) is one of its cache
-# entries; a target and a draft with their buckets take about 6, near torch's default limit of 8.
+# Graphs per kind of model: every bucket and greedy chain length (about 10), near torch's default
+# limit of 8.
 RECOMPILE_LIMIT = 64
 # Static caches hold at least this many entries and grow by doubling: a call that fits the current
 # capacity reuses its graphs (a capacity is part of a graph's shape).
@@ -102,12 +103,22 @@ def greedy_steps(model, cache, ids, fed, steps: int, vocab: int | None):
     return torch.cat(tokens)
 
 
+def model_signature(model) -> tuple:
+    """What a compiled step's graphs depend on besides its inputs' shapes: models alike in all of
+    it (the same model in another generator, a copy) share graphs."""
+    return type(model).__qualname__, model.config.to_json_string(), str(model.dtype), model.device.type
+
+
 @functools.cache
-def compiled(step, device_type: str):
-    """`step` compiled once per process and device type: its graphs are cached per shape and shared
-    by every runner."""
+def compiled(step, signature: tuple):
+    """`step` compiled for one kind of model (`model_signature`). Dynamo keeps a code object's graphs
+    in one list, checked in order on every call and capped (recompile_limit): each kind of model gets
+    its own copy of the code, so a process running many (a test session, drafts being compared)
+    neither hits the cap nor slows every call's lookup."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(step, fullgraph=True, dynamic=False, **compile_settings(torch.device(device_type)))
+    copy = types.FunctionType(step.__code__.replace(), step.__globals__, step.__name__, step.__defaults__)
+    settings = compile_settings(torch.device(signature[-1]))
+    return torch.compile(copy, fullgraph=True, dynamic=False, **settings)
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,8 +155,9 @@ class CompiledRunner(ModelRunner):
         self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
         self.buckets = tuple(sorted(set(buckets)))
         self.chain_lengths = tuple(sorted(set(chain_lengths)))  # greedy_chain lengths to compile at once
-        self._step = compiled(decode_step, model.device.type)
-        self._greedy_steps = compiled(greedy_steps, model.device.type)
+        signature = model_signature(model)
+        self._step = compiled(decode_step, signature)
+        self._greedy_steps = compiled(greedy_steps, signature)
         self._compiled_buckets: set[int] = set()
         self._compiled_chains: set[int] = set()
         self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
