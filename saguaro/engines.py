@@ -106,10 +106,12 @@ def autoregressive(
             new = target.greedy_block(generated[-1])
         else:
             new = [sampler.choose(target.forward(generated[-1:])[-1], prompt + generated)]
+        before = len(generated)
         generated += new
         stop.stream(generated)
         seconds = (time.perf_counter() - tick) / len(new)
-        for _ in new:  # a round per token, as without blocks
+        # A round per output token, as without blocks (a block's tokens past a stop are dropped).
+        for _ in range(len(stop.trim(generated)) - before):
             stats.record_round(0, 0, verify_seconds=seconds)
     return stop.trim(generated)
 

@@ -123,7 +123,14 @@ def test_greedy_block_stops_mid_block_like_hf(pair):
         torch.tensor([PROMPTS[0]]), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=eos
     )
     with saguaro.SpeculativeGenerator(target, method="autoregressive", compile=True) as generator:
-        for _ in range(2):
-            out = generator.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, eos_token_id=eos)
-            assert out.tolist() == expected.tolist()
+        for max_new_tokens in (20, 3):  # a stop inside the first block, then max_new_tokens inside it
+            out = generator.generate(
+                torch.tensor([PROMPTS[0]]),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                return_dict_in_generate=True,
+            )
+            assert out.sequences.tolist() == expected[:, : len(PROMPTS[0]) + max_new_tokens].tolist()
+            # A round per output token after the prefill's, as without blocks.
+            assert out.stats.rounds + 1 == out.stats.new_tokens
         assert free_run.index(eos) < 8  # the stop really fell inside the first block
