@@ -16,6 +16,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from . import auto, distributed
 from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
 from .batched_runner import BatchedRunner
+from .compiled_runner import GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
 from .consensus import Consensus
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
@@ -226,6 +227,7 @@ class SpeculativeGenerator:
         draft_vocab_size: int | str | None = "auto",
         prefix_cache: bool = True,
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
+        compile: bool = False,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -272,7 +274,20 @@ class SpeculativeGenerator:
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         check_max_bytes(prefix_cache_bytes)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
+        if compile and self._tp is not None:
+            raise ValueError(
+                "compile=True does not serve a tensor-parallel target (its other ranks replay eager "
+                "runner operations); pass compile=False"
+            )
+        if compile:
+            check_compilable(target, draft_model if method not in MODEL_FREE else None)
         self.target, self.draft_model = target, draft_model
+        # compile=True: the target's and the chain drafter's steps run as compiled graphs on static
+        # caches (compiled_runner.py), kept across calls so the graphs compiled at warm-up serve them.
+        self.compile = compile
+        self._static_runners: dict[str, CompiledRunner] = {}
         # Each model's prefix cache (None: off) holds the KV of earlier calls' sequences; the Saguaro
         # worker keeps its own in its process.
         self._prefix_cache_bytes = prefix_cache_bytes if prefix_cache else None
@@ -414,7 +429,7 @@ class SpeculativeGenerator:
         # It starts with empty prefix caches: copying stored KV would cost memory for no exactness.
         state = dict(vars(self))
         state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
-        state.update(_target_prefixes=None, _draft_prefixes=None)
+        state.update(_target_prefixes=None, _draft_prefixes=None, _static_runners={})
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -628,16 +643,20 @@ class SpeculativeGenerator:
         consensus.finish(new)
         return new, stats
 
-    def _target_runner(self, prompt: list[int], stop: StopRule) -> ModelRunner:
-        capacity = len(prompt) + stop.max_new_tokens + self._tree_extent()[1] + 1
-        return ModelRunner(self.target, capacity, self._target_prefixes)
+    def _target_runner(self, prompt: list[int], stop: StopRule, blocks=()) -> ModelRunner:
+        tree_size = self._tree_extent()[1]
+        capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
+        buckets = (1, tree_size + 1)
+        return self._runner("target", self.target, capacity, self._target_prefixes, buckets, blocks)
 
     def _generate_one(
         self, prompt: list[int], sampler: TokenSampler, stop: StopRule, consensus=None
     ) -> tuple[list[int], GenerationStats]:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
-        runner = self._target_runner(prompt, stop)
+        # Autoregressive greedy decoding runs in compiled blocks (engines.autoregressive).
+        blocks = (GREEDY_BLOCK,) if self.method == "autoregressive" and not sampler.config.do_sample else ()
+        runner = self._target_runner(prompt, stop, blocks)
         if consensus is not None:
             runner = consensus.lead(runner)
         runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
@@ -667,6 +686,15 @@ class SpeculativeGenerator:
                     self.threads,
                 )
         else:
+            # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
+            draft_runner = None
+            if self.tree_shape is None:
+                # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
+                # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
+                chains = () if sampler.config.do_sample else tuple(range(1, max_depth + 1))
+                draft_runner = self._runner(
+                    "draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains
+                )
             drafter = ModelDrafter(
                 self._draft,
                 sampler.drafting(),
@@ -674,6 +702,7 @@ class SpeculativeGenerator:
                 capacity,
                 self.tree_shape,
                 self._draft_prefixes,
+                draft_runner,
             )
             runners.append(drafter.runner)
             new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
@@ -683,6 +712,22 @@ class SpeculativeGenerator:
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
         return new, stats
+
+    def _runner(self, role: str, model, capacity: int, prefixes, buckets, chains=()) -> ModelRunner:
+        """A fresh eager runner, or with compile=True this role's compiled runner: reused while its
+        static cache is large enough (its graphs stay valid), else replaced by one twice as large."""
+        if not self.compile:
+            return ModelRunner(model, capacity, prefixes)
+        runner = self._static_runners.get(role)
+        if runner is None or runner.cache.capacity < capacity or runner.model is not model:
+            size = max(STATIC_CAPACITY, 1 << (capacity - 1).bit_length())
+            runner = CompiledRunner(model, size, prefixes, buckets, chains)
+            self._static_runners[role] = runner
+        runner.prefix_cache = prefixes
+        runner.buckets = tuple(sorted(set(runner.buckets) | set(buckets)))
+        runner.chain_lengths = tuple(sorted(set(runner.chain_lengths) | set(chains)))
+        runner.reset()
+        return runner
 
 
 def generate(
@@ -735,6 +780,11 @@ def generate(
     when return_dict_in_generate=True. `generator` seeds sampling; by default torch's global RNG
     is used, so torch.manual_seed makes runs reproducible for a fixed method with
     speculation_schedule="constant" (auto's choices and adaptive lengths follow measured timings).
+    compile=True runs the target's steps, and the chain drafter's, as compiled graphs of fixed shape
+    on static KV caches (inductor on CPU, CUDA graphs on GPU; compiled_runner.py): the first calls
+    compile (seconds to minutes per shape), later ones are faster. Off by default: it pays on long
+    or many generations with one generator, not on a single short call. Sliding-window models
+    cannot use it.
     For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
     the model with `saguaro.enable` and call `model.generate` as usual: only a kept generator (or an
     enabled model) reuses the KV of earlier calls' prompts and answers (prefix_cache=True, its

@@ -79,8 +79,10 @@ class ModelDrafter(Drafter):
         capacity: int = 256,
         shape: list[int] | DynamicTree | None = None,
         prefix_cache: PrefixCache | None = None,
+        runner: ModelRunner | None = None,
     ):
-        self.runner = ModelRunner(model, capacity, prefix_cache)
+        # `runner`: one of the draft model's own, e.g. a CompiledRunner kept across calls.
+        self.runner = runner or ModelRunner(model, capacity, prefix_cache)
         self.sampler = sampler
         # Ids the target cannot emit (a draft embedding padded beyond the target's) are never
         # proposed: they could only be rejected. q is then the distribution over the rest.
@@ -109,6 +111,13 @@ class ModelDrafter(Drafter):
             return self._last
         budget = self.shape.budget if isinstance(self.shape, DynamicTree) else None
         pending = self.committed[self.runner.length :]  # all of it after reset: a prefill
+        if self.shape is None and self.sampler.greedy and hasattr(self.runner, "greedy_chain"):
+            # A compiled runner drafts the whole greedy chain in one call, with no wait per token.
+            tokens = self.runner.greedy_chain(pending, len(levels), self.vocab_size)
+            if tokens is not None:
+                self._fed_nodes = len(tokens) - 1  # the last draft is fed next round, as below
+                self._last = Proposal(torch.tensor(tokens), None, TokenTree.chain(len(tokens)))
+                return self._last
         level_logits = self.runner.feed(pending)[0][None, : self.vocab_size]
         tree, tokens, probs, frontier, scores = TokenTree(()), [], [], [-1], [1.0]
         for depth, (offered, kept) in enumerate(levels):

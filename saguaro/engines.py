@@ -23,7 +23,13 @@ from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
 from .stats import GenerationStats
 from .tree import TokenTree
-from .verify import one_hot_probs, verify_tree_greedy, verify_tree_sampled
+from .verify import (
+    one_hot_probs,
+    verify_chain_greedy,
+    verify_chain_sampled,
+    verify_tree_greedy,
+    verify_tree_sampled,
+)
 from .workers import WorkerFailed
 
 
@@ -92,12 +98,21 @@ def autoregressive(
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
+    # A compiled runner decodes plain greedy tokens in blocks (argmax fed back on the device).
+    blocks = hasattr(target, "greedy_block") and sampler.greedy and not sampler.uses_history
     while not stop.finished(generated):
         tick = time.perf_counter()
-        logits = target.forward(generated[-1:])[-1]
-        generated.append(sampler.choose(logits, prompt + generated))
+        if blocks:
+            new = target.greedy_block(generated[-1])
+        else:
+            new = [sampler.choose(target.forward(generated[-1:])[-1], prompt + generated)]
+        before = len(generated)
+        generated += new
         stop.stream(generated)
-        stats.record_round(0, 0, verify_seconds=time.perf_counter() - tick)
+        seconds = (time.perf_counter() - tick) / len(new)
+        # A round per output token, as without blocks (a block's tokens past a stop are dropped).
+        for _ in range(len(stop.trim(generated)) - before):
+            stats.record_round(0, 0, verify_seconds=seconds)
     return stop.trim(generated)
 
 
@@ -157,8 +172,11 @@ def verify_proposal(
         histories = [history] + [
             history + [tokens[n] for n in proposal.tree.path_to(node)] for node in range(len(tokens))
         ]
+    chain = proposal.tree.is_chain
     if sampler.greedy:
         scores = sampler.scores(target_logits, histories) if sampler.uses_history else target_logits
+        if chain:
+            return verify_chain_greedy(scores, proposal.tokens)
         return verify_tree_greedy(scores, proposal.tokens, proposal.tree)
     p = sampler.probs(target_logits, histories)
     q = proposal.probs
@@ -166,6 +184,8 @@ def verify_proposal(
         q = one_hot_probs(proposal.tokens, max([p.shape[-1], *(proposal.tokens + 1).tolist()]))
     width = max(p.shape[-1], q.shape[-1])
     p, q = pad_vocab(p, width), pad_vocab(q.to(p.device), width)
+    if chain:
+        return verify_chain_sampled(p, q, proposal.tokens, sampler)
     return verify_tree_sampled(p, q, proposal.tokens, proposal.tree, sampler)
 
 

@@ -109,8 +109,12 @@ class TokenSampler:
         return torch.multinomial(flat, 1, generator=self.generator).reshape(probs.shape[:-1])
 
     def uniform(self) -> float:
+        return self.uniforms(1).item()
+
+    def uniforms(self, count: int) -> torch.Tensor:
+        """[count] independent U(0, 1) draws, on the generator's device."""
         device = self.generator.device if self.generator is not None else None
-        return torch.rand((), generator=self.generator, device=device).item()
+        return torch.rand(count, generator=self.generator, device=device)
 
     def choose(self, logits: torch.Tensor, history: list[int] | None = None) -> int:
         """The next token after a single position's logits [V], whose history is `history`."""

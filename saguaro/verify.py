@@ -19,6 +19,11 @@ level, row 1 + i judges the children of node i. Verification walks down from the
   * Deterministic proposals (top-k children, prompt lookup) are the case q_i = one-hot(x_i):
     accept with p_i(x_i), else remove x_i from p_i. Verifying them by "argmax match" while
     sampling would not be exact.
+
+A chain (one child per node) is verified by `verify_chain_greedy` / `verify_chain_sampled` as
+whole-tensor operations on the logits' device, as gpt-fast and vLLM's rejection sampler do: every
+position is judged at once, the accepted length is the first failure, and the host reads the
+accepted length and the next token together, once per round (a GPU waits once, not per node).
 """
 
 from __future__ import annotations
@@ -68,13 +73,52 @@ def verify_tree_sampled(
             return path, int(sampler.draw(p))
 
 
+def verify_chain_greedy(target_scores: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], int]:
+    """target_scores [1 + K, V], tokens [K] (a chain) -> (accepted positions, the target's next token)."""
+    choice = target_scores.argmax(-1)
+    accepted = _leading_true(tokens.to(choice.device) == choice[:-1])
+    return _read(accepted, choice[accepted])
+
+
+def verify_chain_sampled(
+    target_probs: torch.Tensor, draft_probs: torch.Tensor, tokens: torch.Tensor, sampler: TokenSampler
+) -> tuple[list[int], int]:
+    """target_probs [1 + K, V], draft_probs [K, V] (row i: what tokens[i] was drawn from), a chain.
+
+    Draft i is accepted iff u_i q_i(x_i) < p_i(x_i) and every draft before it was; the first
+    rejected position's residual norm(max(0, p - q)), or p_K after K acceptances, gives the next
+    token. One uniform per position is drawn up front: those after the first rejection go unused,
+    as independent draws that are never looked at change no outcome's probability.
+    """
+    count = len(tokens)
+    tokens = tokens.to(target_probs.device)
+    uniforms = sampler.uniforms(count).to(target_probs.device)
+    p_x = target_probs[:count].gather(1, tokens[:, None])[:, 0]
+    q_x = draft_probs.gather(1, tokens[:, None])[:, 0]
+    accepted = _leading_true(uniforms * q_x < p_x)  # u < p/q without dividing by a zero q
+    candidates = torch.cat([residual(target_probs[:count], draft_probs), target_probs[count:]])
+    return _read(accepted, sampler.draw(candidates.index_select(0, accepted[None]))[0])
+
+
+def _leading_true(flags: torch.Tensor) -> torch.Tensor:
+    """How many of `flags` are True before the first False (a 0-d tensor, on their device)."""
+    return flags.long().cumprod(0).sum()
+
+
+def _read(accepted: torch.Tensor, next_token: torch.Tensor) -> tuple[list[int], int]:
+    """The round's one host read: the accepted length and the next token together."""
+    length, token = torch.stack([accepted, next_token.long()]).tolist()
+    return list(range(length)), token
+
+
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)): the part of p that a rejected proposal drawn from q did not cover."""
+    """norm(max(0, p - q)) along the last dimension (per row of [..., V]): the part of p that a
+    rejected proposal drawn from q did not cover. Tensor ops only: no host read."""
     rest = (p - q).clamp_min_(0)
-    total = rest.sum()
+    total = rest.sum(-1, keepdim=True)
     # A rejection means p(x) < q(x), so the residual has mass sum(max(0, p-q)) = TV(p, q) > 0;
     # only float rounding can make it vanish, and then p itself is the right distribution.
-    return rest / total if total > 0 else p
+    return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), p)
 
 
 def one_hot_probs(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:

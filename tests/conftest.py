@@ -132,3 +132,30 @@ def slow_verification(monkeypatch, seconds: float = 0.03):
         return real_verify(*args)
 
     monkeypatch.setattr(engines, "verify_proposal", verify)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--compile",
+        action="store_true",
+        help="build every SpeculativeGenerator with compile=True (models with sliding windows excepted)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _compile_everything(request, monkeypatch):
+    """`pytest --compile`: the whole suite through compiled steps, so every exactness test also
+    checks the compiled path (slow: graphs compile for each model shape)."""
+    if request.config.getoption("--compile"):
+        from saguaro.api import SpeculativeGenerator
+
+        real_init = SpeculativeGenerator.__init__
+
+        def init(self, target, draft_model=None, *args, **kwargs):
+            models = (target, draft_model)
+            windowed = any(getattr(getattr(m, "config", None), "sliding_window", None) for m in models)
+            kwargs.setdefault("compile", not windowed)
+            real_init(self, target, draft_model, *args, **kwargs)
+
+        monkeypatch.setattr(SpeculativeGenerator, "__init__", init)
+    yield

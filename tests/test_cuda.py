@@ -35,6 +35,10 @@ def cuda_pair():
         ("saguaro", {"placement": "process"}),
         ("saguaro", {"placement": "inline"}),
         ("auto", {}),
+        # compile=True: CUDA graphs over static caches (test_compile.py checks the CPU build).
+        ("autoregressive", {"compile": True}),
+        ("speculative", {"compile": True}),
+        ("tree", {"compile": True}),
     ],
 )
 def test_greedy_on_cuda_equals_hf_greedy(method, options):

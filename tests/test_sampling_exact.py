@@ -15,13 +15,20 @@ from saguaro.drafters import ModelDrafter, Proposal
 from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig, TokenSampler
 from saguaro.tree import TokenTree
-from saguaro.verify import verify_tree_sampled
+from saguaro.verify import verify_chain_sampled, verify_tree_sampled
 
 PASS_P = 1e-3  # a correct sampler fails this once in a thousand seeds; our seeds are fixed
 FAIL_P = 1e-6
 
 
-def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0):
+VERIFIERS = {
+    # The per-node walk over a tree that is a chain, and the whole-chain tensor version.
+    "tree_walk": lambda p, q, drafts, sampler: verify_tree_sampled(p, q, drafts, TokenTree.chain(3), sampler),
+    "chain_tensor": verify_chain_sampled,
+}
+
+
+def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0, verifier: str = "tree_walk"):
     """Verify K=3 drafts against fixed p's; return counts of the first and second emitted tokens."""
     gen = torch.Generator().manual_seed(seed)
     p = torch.tensor(
@@ -37,7 +44,7 @@ def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0):
     first, second = torch.zeros(5), torch.zeros(5)
     for _ in range(trials):
         drafts = q.argmax(-1) if draw_greedy else torch.multinomial(q, 1, generator=gen).flatten()
-        path, token = verify_tree_sampled(p, q, drafts, TokenTree.chain(3), sampler)
+        path, token = VERIFIERS[verifier](p, q, drafts, sampler)
         emitted = drafts[path].tolist() + [token]
         first[emitted[0]] += 1
         if len(emitted) > 1:
@@ -45,15 +52,17 @@ def synthetic_round(draw_greedy: bool, trials: int, seed: int = 0):
     return p, first, second
 
 
-def test_chain_verification_is_exact():
-    p, first, second = synthetic_round(draw_greedy=False, trials=20000)
+@pytest.mark.parametrize("verifier", VERIFIERS)
+def test_chain_verification_is_exact(verifier):
+    p, first, second = synthetic_round(draw_greedy=False, trials=20000, verifier=verifier)
     assert chi_square_pvalue(first, p[0]) > PASS_P
     # Given that the first draft was accepted, the next token is again target-distributed.
     assert chi_square_pvalue(second, p[1]) > PASS_P
 
 
-def test_chain_verification_test_catches_greedy_drafts():
-    p, first, _ = synthetic_round(draw_greedy=True, trials=20000)
+@pytest.mark.parametrize("verifier", VERIFIERS)
+def test_chain_verification_test_catches_greedy_drafts(verifier):
+    p, first, _ = synthetic_round(draw_greedy=True, trials=20000, verifier=verifier)
     assert chi_square_pvalue(first, p[0]) < FAIL_P
 
 
@@ -123,7 +132,18 @@ def test_speculative_sampling_matches_target_distribution(pair, shaping):
     assert chi_square_pvalue(counts, exact_joint(target, 3, **shaping)) > PASS_P
 
 
-def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
+# compile=True: the same rounds through compiled steps on static caches (test_compile.py).
+COMPILED = {"compile": True}
+
+
+def test_compiled_speculative_sampling_matches_target_distribution(pair):
+    target, draft = pair
+    counts = sample_counts(target, draft, samples=1500, seed=12, options=COMPILED, temperature=0.8)
+    assert chi_square_pvalue(counts, exact_joint(target, 3, temperature=0.8)) > PASS_P
+
+
+@pytest.mark.parametrize("options", [None, COMPILED], ids=["eager", "compiled"])
+def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch, options):
     target, draft = pair
     real_propose = ModelDrafter.propose
 
@@ -135,7 +155,7 @@ def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch):
         return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
 
     monkeypatch.setattr(ModelDrafter, "propose", greedy_draft_sampled_q)
-    counts = sample_counts(target, draft, samples=1500, seed=11)
+    counts = sample_counts(target, draft, samples=1500, seed=11, options=options)
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
 
 

@@ -1,0 +1,136 @@
+"""compile=True: compiled steps on static caches, exact, captured once.
+
+Compiling costs seconds per graph on a CPU, so every test here uses one model shape: graphs
+compiled by one test serve the next (parameters are graph inputs, so another model of the same
+shape reuses them). `pytest --compile` runs the whole suite with compile=True.
+"""
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model
+
+import saguaro
+from saguaro.compiled_runner import CompiledRunner, decode_step, tree_layout
+from saguaro.static_cache import StaticKVCache
+
+PROMPTS = [[1, 17, 33, 5, 80, 42, 9, 64, 23], [1, 7, 7, 8, 9, 7, 7, 8, 9, 7, 7, 8, 40, 41]]
+
+
+def hf_greedy(model, prompt, max_new_tokens):
+    ids = torch.tensor([prompt])
+    return model.generate(
+        ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=[]
+    )
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=0)
+    return target, perturbed_copy(target, 0.02)
+
+
+@pytest.mark.parametrize("method", ["autoregressive", "speculative", "prompt_lookup", "tree"])
+def test_compiled_methods_match_hf_greedy(pair, method, monkeypatch):
+    target, draft = pair
+    chains = []  # greedy chains decoded in one call: autoregressive blocks, whole draft chains
+    real_chain = CompiledRunner.greedy_chain
+
+    def greedy_chain(self, *args):
+        chains.append(real_chain(self, *args))
+        return chains[-1]
+
+    monkeypatch.setattr(CompiledRunner, "greedy_chain", greedy_chain)
+    with saguaro.SpeculativeGenerator(
+        target, draft, method=method, speculation_schedule="constant", compile=True
+    ) as generator:
+        for prompt, new in zip(PROMPTS, (40, 27)):
+            out = generator.generate(
+                torch.tensor([prompt]), max_new_tokens=new, eos_token_id=[], return_dict_in_generate=True
+            )
+            assert out.sequences.tolist() == hf_greedy(target, prompt, new).tolist()
+            if method != "autoregressive":  # speculation really ran: drafts kept and drafts refused
+                drafted = [r for r in out.stats.round_log if r["drafted"]]
+                assert any(r["accepted"] for r in drafted)
+                assert any(r["accepted"] < r["drafted"] for r in drafted)
+        assert type(generator._static_runners["target"]).__name__ == "CompiledRunner"
+    if method in ("autoregressive", "speculative"):
+        assert sum(chain is not None for chain in chains) > 5
+
+
+def test_no_recompiles_after_warm_up(pair):
+    target, draft = pair
+    torch._dynamo.utils.counters.clear()
+    with saguaro.SpeculativeGenerator(target, draft, method="speculative", compile=True) as generator:
+        generator.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=30, eos_token_id=[])  # warm-up
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        # Other prompt lengths, other output lengths, the adaptive draft length, a new generator:
+        # all served by the graphs compiled above.
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            generator.generate(torch.tensor([PROMPTS[1]]), max_new_tokens=45, eos_token_id=[])
+            with saguaro.SpeculativeGenerator(target, draft, method="speculative", compile=True) as other:
+                other.generate(torch.tensor([PROMPTS[0][:5]]), max_new_tokens=12, eos_token_id=[])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+
+@pytest.mark.parametrize("tree", [(-1,), (-1, 0, 1, 2, 3), (-1, 0, 0, 1, 2)], ids=["one", "chain", "tree"])
+def test_decode_step_is_one_graph_without_breaks(pair, tree):
+    target, _ = pair
+    cache = StaticKVCache(target.config.num_hidden_layers, 64, target.device)
+    depths, ancestors = tree_layout(tree, 0, len(tree), target.device)
+    ids = torch.tensor([[5] * len(tree)])
+    start = torch.tensor(3)
+    explanation = torch._dynamo.explain(decode_step)(target, cache, ids, depths, ancestors, start, 0)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+def test_padded_bucket_gives_the_unpadded_logits(pair):
+    # A chain of 2 padded to a bucket of 5 sees exactly what it would alone.
+    target, _ = pair
+    runners = []
+    for buckets in ((1,), (1, 5)):
+        with saguaro.SpeculativeGenerator(target, method="autoregressive", compile=True) as generator:
+            runner = generator._runner("target", target, 64, None, buckets)
+            runner.feed(PROMPTS[0])
+            runners.append(runner.forward([4, 9]))
+    torch.testing.assert_close(runners[0], runners[1])
+
+
+def test_compile_option_checks(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        saguaro.SpeculativeGenerator(target, draft, method="speculative", compile="yes")
+    windowed = tiny_model("mistral", seed=0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        saguaro.SpeculativeGenerator(windowed, method="autoregressive", compile=True)
+
+
+def test_enable_with_compile(pair):
+    target, draft = pair
+    expected = hf_greedy(target, PROMPTS[0], 20)
+    with saguaro.enable(target, draft, method="speculative", compile=True):
+        out = target.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=20, do_sample=False, eos_token_id=[])
+    assert out.tolist() == expected.tolist()
+
+
+def test_greedy_block_stops_mid_block_like_hf(pair):
+    # Blocks decode 8 tokens per call: an end-of-sequence token inside one must still end the output
+    # right after it, and the next call must start clean.
+    target, _ = pair
+    free_run = hf_greedy(target, PROMPTS[0], 20)[0, len(PROMPTS[0]) :].tolist()
+    eos = free_run[5]
+    expected = target.generate(
+        torch.tensor([PROMPTS[0]]), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=eos
+    )
+    with saguaro.SpeculativeGenerator(target, method="autoregressive", compile=True) as generator:
+        for max_new_tokens in (20, 3):  # a stop inside the first block, then max_new_tokens inside it
+            out = generator.generate(
+                torch.tensor([PROMPTS[0]]),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                return_dict_in_generate=True,
+            )
+            assert out.sequences.tolist() == expected[:, : len(PROMPTS[0]) + max_new_tokens].tolist()
+            # A round per output token after the prefill's, as without blocks.
+            assert out.stats.rounds + 1 == out.stats.new_tokens
+        assert free_run.index(eos) < 8  # the stop really fell inside the first block
