@@ -94,6 +94,9 @@ class AcceptanceCounter:
         return [(a + self.prior) / (r + 2 * self.prior) for a, r in zip(self.accepted, self.reached)]
 
 
+MAX_PROBE_INTERVAL = 256  # rounds between probes, at most, while speculation stays off
+
+
 class LookaheadController:
     """Chooses each round's draft length K in [0, max_k] to maximise E_K / round time.
 
@@ -102,7 +105,8 @@ class LookaheadController:
     whatever its length) or "free" (prompt lookup). When K = 0 wins, speculation is off; every
     `probe_every` rounds one speculative round re-measures acceptance and cost, in case the text
     turns predictable (copying code, say); each probe that leaves speculation off doubles the
-    interval to the next (up to 256 rounds), so a machine where it never pays stops paying for probes.
+    interval to the next (up to 256 rounds), so a machine where it never pays stops paying for probes;
+    where not even drafts that are all accepted would pay, probes wait the full 256 rounds at once.
     """
 
     def __init__(self, max_k: int, draft_cost: str = "per_token", probe_every: int = 16):
@@ -180,8 +184,18 @@ class LookaheadController:
         self._rounds_off += 1
         if self._rounds_off < self._probe_interval:
             return 0
-        self._rounds_off, self._probe_interval = 0, min(2 * self._probe_interval, 256)
+        if not self._could_pay(top) and self._probe_interval < MAX_PROBE_INTERVAL:
+            # Not even drafts that are all accepted would beat a plain step (verification costing
+            # about K+1 steps): a probe has nothing to learn but whether that cost changed, which
+            # is worth one round in MAX_PROBE_INTERVAL, not one in 16.
+            self._rounds_off, self._probe_interval = 0, MAX_PROBE_INTERVAL
+            return 0
+        self._rounds_off, self._probe_interval = 0, min(2 * self._probe_interval, MAX_PROBE_INTERVAL)
         return max(range(1, top + 1), key=self.tokens_per_second)
+
+    def _could_pay(self, top: int) -> bool:
+        """Whether some K <= top would beat a plain step if every draft were accepted."""
+        return any((k + 1) / self.round_seconds(k) > 1 / self.round_seconds(0) for k in range(1, top + 1))
 
 
 class TreeDepthController(LookaheadController):
