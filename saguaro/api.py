@@ -381,10 +381,11 @@ class SpeculativeGenerator:
             self._auto_counts[3] += max(0, len(drafted_rounds) - 1)
 
     def _seed_saguaro_lookahead(self) -> None:
-        """Give Saguaro's adaptive schedule the step costs `auto` times once per process (the
+        """Show Saguaro's adaptive schedule the step costs `auto` times once per process (the
         target alone for a plain step, beside the worker for a verification), so that where
         verification costs about K+1 steps (a CPU without native bf16) not even the first round
-        pays for a draft. A few forwards, once per process; `method="auto"` has them already."""
+        pays for a draft (elsewhere the controller starts unseeded: see `LookaheadController.seed`).
+        A few forwards, once per process; `method="auto"` has them already."""
         # A tensor-parallel target is not timed: its other ranks could not follow the leader's forwards.
         if self.lookahead is None or self.lookahead.verify or self._tp is not None:
             return

@@ -141,13 +141,20 @@ class LookaheadController:
             old = self.draft_seconds_per_unit
             self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
 
-    def seed(self, verify_seconds: dict[int, float]) -> None:
-        """Start from step costs timed beforehand (tokens -> seconds of a verification), so the
-        first rounds are already chosen by cost: where verifying K+1 tokens costs about K+1 steps,
-        the very first round is a plain step instead of a full-length draft that measures it.
-        Rounds observed later blend in as usual; lengths already observed keep their measurement."""
+    def seed(self, verify_seconds: dict[int, float]) -> bool:
+        """Start from step costs timed beforehand (tokens -> seconds of a verification) where they
+        say that not even drafts that are all accepted would beat a plain step (verification
+        costing about K+1 steps, a CPU without native bf16): the very first round is then a plain
+        step, not a full-length draft that finds it out. Otherwise nothing is seeded, and the first
+        rounds draft the full length, which measures acceptance at every position soonest.
+        Returns whether it seeded; lengths already observed keep their measurement."""
+        known = dict(self.verify.points)
         for tokens, seconds in verify_seconds.items():
             self.verify.points.setdefault(tokens, seconds)
+        if self._could_pay(self.max_k):
+            self.verify.points = known
+            return False
+        return True
 
     def observe_catch_up(self, tokens: int, seconds: float) -> None:
         """A drafter fed `tokens` it lacked (a prefill, the tokens of plain steps) in `seconds`."""

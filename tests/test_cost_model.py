@@ -123,18 +123,16 @@ def test_no_frequent_probes_where_even_accepted_drafts_cannot_pay():
 def test_seeded_controller_starts_from_timed_costs():
     # Verifying T tokens timed at T steps (a CPU without native bf16): no draft even at first.
     costly = LookaheadController(4)
-    costly.seed({1: 1.0, 5: 5.0})
-    assert costly.choose(4) == 0
-    # Timed nearly flat (native bf16, a GPU): the first round drafts.
+    assert costly.seed({1: 1.0, 5: 5.0}) and costly.choose(4) == 0
+    # Timed nearly flat (native bf16, a GPU): not seeded, the first round drafts the full length.
     cheap = LookaheadController(4)
-    cheap.seed({1: 1.0, 5: 1.1})
-    assert cheap.choose(4) > 0
+    assert not cheap.seed({1: 1.0, 5: 1.1}) and not cheap.verify and cheap.choose(4) == 4
     # Rounds blend into a seed like any measurement; a later seed only fills in lengths not yet known.
-    cheap.observe(4, 4, 3.0, 0.0)
-    blended = cheap.verify.points[5]
-    assert 1.1 < blended < 3.0
-    cheap.seed({5: 1.1, 3: 2.0})
-    assert cheap.verify.points[5] == blended and cheap.verify.points[3] == 2.0
+    costly.observe(0, 0, 0.5, 0.0)
+    blended = costly.verify.points[1]
+    assert 0.5 < blended < 1.0
+    assert costly.seed({1: 1.0, 3: 3.0})
+    assert costly.verify.points[1] == blended and costly.verify.points[3] == 3.0
 
 
 def test_saguaro_starts_with_plain_steps_where_timed_verification_costs_k_steps(monkeypatch):
