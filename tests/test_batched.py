@@ -34,6 +34,29 @@ def alone(model, prompt, max_new_tokens, eos_token_id=None):
     return out[0, len(prompt) :].tolist()
 
 
+def speculative_batch(target, draft, max_new_tokens, **options):
+    """saguaro.generate on the left-padded PROMPTS with method="speculative" and a plain draft
+    unless `options` say otherwise; returns (ids, output with .stats)."""
+    ids, mask = left_padded(PROMPTS)
+    options = {
+        "method": "speculative",
+        "eos_token_id": [],
+        "draft_quantization": None,
+        "draft_vocab_size": None,
+        **options,
+    }
+    out = saguaro.generate(
+        target,
+        ids,
+        draft_model=draft,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        return_dict_in_generate=True,
+        **options,
+    )
+    return ids, out
+
+
 def target_forward_batches(model):
     """The batch size of every forward of `model` (a hook; remove it with .remove())."""
     sizes = []
@@ -49,21 +72,8 @@ def test_each_row_equals_its_prompt_alone_with_ragged_acceptance(arch):
     # gpt2: learned absolute positions; mistral: a sliding window the 48 tokens cross.
     target = tiny_model(arch, seed=0)
     draft = perturbed_copy(target, 0.003)
-    ids, mask = left_padded(PROMPTS)
     sizes, hook = target_forward_batches(target)
-    out = saguaro.generate(
-        target,
-        ids,
-        draft_model=draft,
-        attention_mask=mask,
-        method="speculative",
-        max_new_tokens=48,
-        eos_token_id=[],
-        speculation_schedule="constant",
-        return_dict_in_generate=True,
-        draft_quantization=None,
-        draft_vocab_size=None,
-    )
+    ids, out = speculative_batch(target, draft, 48, speculation_schedule="constant")
     hook.remove()
     for row, prompt in enumerate(PROMPTS):
         assert out.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 48, eos_token_id=[]), row
@@ -84,21 +94,8 @@ def test_rows_finish_at_different_times_and_drop_out():
     free = [alone(target, prompt, 40, eos_token_id=[]) for prompt in PROMPTS]
     # An EOS that row 0 emits early and row 1 never does: rows end at EOS and at max_new_tokens.
     eos = next(t for t in free[0][2:12] if t not in free[1])
-    ids, mask = left_padded(PROMPTS)
     sizes, hook = target_forward_batches(target)
-    out = saguaro.generate(
-        target,
-        ids,
-        draft_model=draft,
-        attention_mask=mask,
-        method="speculative",
-        max_new_tokens=40,
-        eos_token_id=eos,
-        pad_token_id=0,
-        return_dict_in_generate=True,
-        draft_quantization=None,
-        draft_vocab_size=None,
-    )
+    ids, out = speculative_batch(target, draft, 40, eos_token_id=eos, pad_token_id=0)
     hook.remove()
     lengths = []
     for row, prompt in enumerate(PROMPTS):
@@ -263,17 +260,11 @@ def test_compressed_drafts_serve_a_batch(quantization, vocab_size):
     # The quantized kernels take contiguous activations; a batch's last positions are a strided view.
     target = tiny_model("llama", seed=0, hidden=128)
     draft = perturbed_copy(target, 0.003)
-    ids, mask = left_padded(PROMPTS)
-    out = saguaro.generate(
+    ids, out = speculative_batch(
         target,
-        ids,
-        draft_model=draft,
-        attention_mask=mask,
-        method="speculative",
-        max_new_tokens=24,
-        eos_token_id=[],
+        draft,
+        24,
         speculation_schedule="constant",
-        return_dict_in_generate=True,
         draft_quantization=quantization,
         draft_vocab_size=vocab_size,
     )
