@@ -41,3 +41,13 @@ def reference_probs(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=Non
         probs = probs.masked_fill(drop, 0)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def argmax_with_sampled_q(proposal):
+    """The planted sampling bug (HF #47932): report the q the drafts should be drawn from, but
+    propose its argmax. A chi-square test that cannot see this is not testing exactness."""
+    from saguaro.drafters import Proposal
+
+    if proposal.probs is None or not len(proposal.tokens):
+        return proposal
+    return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)

@@ -4,12 +4,11 @@ accepting its own count, finished rows dropping out; each row exactly as alone."
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
-from stats_helpers import chi_square_pvalue
+from stats_helpers import argmax_with_sampled_q, chi_square_pvalue
 from test_sampling_exact import exact_joint
 
 import saguaro
 from saguaro.batched import BatchedModelDrafter
-from saguaro.drafters import Proposal
 from saguaro.stats import GenerationStats
 
 PROMPTS = [[1, 17, 33, 5, 80, 42, 9, 64, 23], [1, 5, 6], [1, 44, 45, 46, 47, 48], [1, 90, 12, 13, 14, 15, 16]]
@@ -201,10 +200,7 @@ def test_sampled_batch_test_catches_draft_not_drawn_from_q(small_vocab_pair, mon
     real_propose = BatchedModelDrafter.propose
 
     def greedy_tokens_sampled_q(self, depths):
-        return [
-            Proposal(p.probs.argmax(-1), p.probs, p.tree) if p.probs is not None and len(p.tokens) else p
-            for p in real_propose(self, depths)
-        ]
+        return [argmax_with_sampled_q(p) for p in real_propose(self, depths)]
 
     monkeypatch.setattr(BatchedModelDrafter, "propose", greedy_tokens_sampled_q)
     target, draft = small_vocab_pair

@@ -7,11 +7,11 @@ used in the acceptance ratio) and checks that the same test then fails, so a pas
 import pytest
 import torch
 from conftest import tiny_model
-from stats_helpers import chi_square_pvalue, reference_probs
+from stats_helpers import argmax_with_sampled_q, chi_square_pvalue, reference_probs
 
 import saguaro
 from saguaro import engines
-from saguaro.drafters import ModelDrafter, Proposal
+from saguaro.drafters import ModelDrafter
 from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig, TokenSampler
 from saguaro.tree import TokenTree
@@ -148,11 +148,7 @@ def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch, optio
     real_propose = ModelDrafter.propose
 
     def greedy_draft_sampled_q(self, num_tokens):
-        # The HF #47932 mistake: report the sampled q but propose the draft's argmax.
-        proposal = real_propose(self, num_tokens)
-        if proposal.probs is None:
-            return proposal
-        return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
+        return argmax_with_sampled_q(real_propose(self, num_tokens))
 
     monkeypatch.setattr(ModelDrafter, "propose", greedy_draft_sampled_q)
     counts = sample_counts(target, draft, samples=1500, seed=11, options=options)

@@ -141,8 +141,10 @@ def lifecycle(target, draft, rank, saved) -> None:
 
 def chi_square(target, draft, rank, saved, samples: int = 400) -> None:
     """Counts of the first two sampled tokens; then the same with drafts not drawn from their q."""
+    from stats_helpers import argmax_with_sampled_q
+
     import saguaro
-    from saguaro.drafters import ModelDrafter, Proposal
+    from saguaro.drafters import ModelDrafter
 
     def counts(method):
         table = torch.zeros(6, 6)
@@ -160,10 +162,7 @@ def chi_square(target, draft, rank, saved, samples: int = 400) -> None:
     real_propose = ModelDrafter.propose
 
     def greedy_draft_sampled_q(self, depth):
-        proposal = real_propose(self, depth)
-        if proposal.probs is None:
-            return proposal
-        return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
+        return argmax_with_sampled_q(real_propose(self, depth))
 
     ModelDrafter.propose = greedy_draft_sampled_q
     saved["planted_counts"] = counts("speculative")
