@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .prefix_cache import PrefixCache, weights_version
-from .runner import _cache_keyword
+from .runner import _cache_keyword, additive_masks
 
 
 class BatchedRunner:
@@ -175,19 +175,9 @@ class BatchedRunner:
         ]
 
     def _mask(self, visible: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor):
-        """Additive float mask [B, 1, T, slots] (or a dict of them per HF layer type); additive
-        rather than boolean because eager attention adds the mask to the scores."""
-        if not self._sliding_window:
-            return self._additive(visible)
-        windowed = visible & (positions[:, :, None] - key_positions[:, None, :] < self._sliding_window)
-        if not self._layer_types:
-            return self._additive(windowed)
-        return {
-            kind: self._additive(windowed if kind == "sliding_attention" else visible)
-            for kind in self._layer_types
-        }
-
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return mask[:, None]
+        """Additive float mask [B, 1, T, slots], or a dict of them per HF layer type."""
+        windowed = None
+        if self._sliding_window:
+            windowed = visible & (positions[:, :, None] - key_positions[:, None, :] < self._sliding_window)
+            windowed = windowed[:, None]
+        return additive_masks(visible[:, None], self.dtype, windowed, self._layer_types)

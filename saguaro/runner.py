@@ -140,26 +140,32 @@ class ModelRunner:
         return out.logits[0]
 
     def _attention_mask(self, past: int, positions: torch.Tensor, tree: TokenTree, cached_nodes: int):
-        """Additive float mask [1, 1, T, past + len(tree)], or a dict of them per HF layer type.
-
-        Additive (0 / most negative float) rather than boolean because eager attention adds the mask
-        to the scores, and SDPA accepts both.
-        """
+        """Additive float mask [1, 1, T, past + len(tree)], or a dict of them per HF layer type."""
         visible = torch.ones(len(positions), past + len(tree), dtype=torch.bool, device=self.device)
         visible[:, past:] = tree.ancestor_mask()[cached_nodes:].to(self.device)
+        windowed = None
         if self._sliding_window and (not self._layer_types or "sliding_attention" in self._layer_types):
             tree_positions = past + torch.tensor(tree.depths(), device=self.device)
             key_positions = torch.cat([torch.arange(past, device=self.device), tree_positions])
             windowed = visible & (positions[:, None] - key_positions[None, :] < self._sliding_window)
-            if not self._layer_types:
-                return self._additive(windowed)
-            return {
-                t: self._additive(windowed if t == "sliding_attention" else visible)
-                for t in self._layer_types
-            }
-        return self._additive(visible)
+            windowed = windowed[None, None]
+        return additive_masks(visible[None, None], self.dtype, windowed, self._layer_types)
 
-    def _additive(self, visible: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
-        return mask[None, None]
+
+def additive_masks(visible: torch.Tensor, dtype, windowed: torch.Tensor | None = None, layer_types=()):
+    """Additive float mask(s) (0 where `visible`, the most negative float elsewhere) for HF's
+    attention: with a sliding window, `windowed` (visible and within the window) serves the
+    sliding-attention layers, and a model that mixes layer types gets a dict of masks per type.
+
+    Additive rather than boolean because eager attention adds the mask to the scores (SDPA takes both).
+    """
+
+    def additive(allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    if windowed is None:
+        return additive(visible)
+    if not layer_types:
+        return additive(windowed)
+    return {t: additive(windowed if t == "sliding_attention" else visible) for t in layer_types}
