@@ -19,6 +19,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def is_chain_prefix(keep: list[int]) -> bool:
+    """Whether the path `keep` (entry indices relative to a commit's start) is 0, 1, ..., i.e.
+    already in place, so committing it only moves a length. Raises unless it is increasing, as a
+    root-to-node path is: moving entries down then never overwrites one still to be read."""
+    if any(b <= a for a, b in zip(keep, keep[1:])):
+        raise ValueError(f"commit_path needs increasing indices, got {keep}")
+    return keep == list(range(len(keep)))
+
+
 class SlotLayer(CacheLayerMixin):
     """One attention layer's keys and values in [batch, kv_heads, capacity, head_dim] buffers."""
 
@@ -136,9 +145,7 @@ class SpeculativeCache(Cache):
         overwrites one that is still to be read.
         """
         keep = list(keep)
-        if any(b <= a for a, b in zip(keep, keep[1:])):
-            raise ValueError(f"commit_path needs increasing indices, got {keep}")
-        if keep == list(range(len(keep))):  # an accepted chain prefix is already in place: no copy
+        if is_chain_prefix(keep):  # an accepted chain prefix is already in place: no copy
             self.rollback(start + len(keep))
             return
         device = next((layer.device for layer in self.layers if layer.is_initialized), "cpu")

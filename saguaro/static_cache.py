@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .cache import is_chain_prefix
+
 
 class StaticSlotLayer(CacheLayerMixin):
     """One attention layer's keys and values, in buffers whose shape and address never change."""
@@ -96,9 +98,7 @@ class StaticKVCache(Cache):
         """Of the entries written at start, start+1, ..., keep those at start+keep[i], in order
         (`keep` increasing, as a root-to-node path is). A chain prefix commits by length."""
         keep = list(keep)
-        if any(b <= a for a, b in zip(keep, keep[1:])):
-            raise ValueError(f"commit_path needs increasing indices, got {keep}")
-        if keep != list(range(len(keep))):
+        if not is_chain_prefix(keep):
             sources = torch.tensor(keep, dtype=torch.long, device=self.start.device) + start
             for layer in self.layers:
                 layer.move(start, sources)
