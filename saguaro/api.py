@@ -16,7 +16,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from . import auto, distributed
 from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
 from .batched_runner import BatchedRunner
-from .compiled_runner import GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
+from .compiled_runner import CHAIN_FEED, GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
 from .consensus import Consensus
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
@@ -656,7 +656,8 @@ class SpeculativeGenerator:
         max_depth, tree_size = self._tree_extent()
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
         # Autoregressive greedy decoding runs in compiled blocks (engines.autoregressive).
-        blocks = (GREEDY_BLOCK,) if self.method == "autoregressive" and not sampler.config.do_sample else ()
+        greedy_blocks = self.method == "autoregressive" and not sampler.config.do_sample
+        blocks = ((GREEDY_BLOCK, 1),) if greedy_blocks else ()
         runner = self._target_runner(prompt, stop, blocks)
         if consensus is not None:
             runner = consensus.lead(runner)
@@ -692,7 +693,8 @@ class SpeculativeGenerator:
             if self.tree_shape is None:
                 # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
                 # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
-                chains = () if sampler.config.do_sample else tuple(range(1, max_depth + 1))
+                lengths = () if sampler.config.do_sample else range(1, max_depth + 1)
+                chains = tuple((k, CHAIN_FEED) for k in lengths)
                 draft_runner = self._runner(
                     "draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains
                 )
@@ -726,7 +728,7 @@ class SpeculativeGenerator:
             self._static_runners[role] = runner
         runner.prefix_cache = prefixes
         runner.buckets = tuple(sorted(set(runner.buckets) | set(buckets)))
-        runner.chain_lengths = tuple(sorted(set(runner.chain_lengths) | set(chains)))
+        runner.chains = tuple(sorted(set(runner.chains) | set(chains)))
         runner.reset()
         return runner
 

@@ -35,8 +35,10 @@ STATIC_CAPACITY = 256
 # Greedy tokens per compiled call in autoregressive decoding: the call's fixed cost (guards,
 # launching the graph, the engine's bookkeeping) is shared by this many tokens.
 GREEDY_BLOCK = 8
-# Tokens a greedy chain starts from, padded to this: a drafter lacks 1 or 2 committed tokens
+# Tokens a drafter's greedy chain starts from, padded to this: it lacks 1 or 2 committed tokens
 # (2 after a round that accepted every draft), and one width keeps one graph per chain length.
+# Autoregressive blocks always start from one token, and feed exactly one: a one-row first step
+# takes inductor's one-row products, where two rows would call BLAS (15% of a token's time).
 CHAIN_FEED = 2
 
 
@@ -148,13 +150,13 @@ class CompiledRunner(ModelRunner):
         capacity: int,
         prefix_cache: PrefixCache | None = None,
         buckets: tuple[int, ...] = (1,),
-        chain_lengths: tuple[int, ...] = (),
+        chains: tuple[tuple[int, int], ...] = (),
     ):
         check_compilable(model)
         super().__init__(model, capacity, prefix_cache)
         self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
         self.buckets = tuple(sorted(set(buckets)))
-        self.chain_lengths = tuple(sorted(set(chain_lengths)))  # greedy_chain lengths to compile at once
+        self.chains = tuple(sorted(set(chains)))  # greedy_chain (steps, width) to compile at once
         signature = model_signature(model)
         self._step = compiled(decode_step, signature)
         self._greedy_steps = compiled(greedy_steps, signature)
@@ -175,10 +177,10 @@ class CompiledRunner(ModelRunner):
                 self.forward([0] * bucket)
                 self.rollback(length)
                 self._compiled_buckets.add(bucket)
-        for steps in sorted(set(self.chain_lengths) - self._compiled_chains):
-            if self.greedy_chain([0], steps) is not None:
+        for steps, width in sorted(set(self.chains) - self._compiled_chains):
+            if self.greedy_chain([0], steps, width=width) is not None:
                 self.rollback(length)
-                self._compiled_chains.add(steps)
+                self._compiled_chains.add((steps, width))
         return result
 
     @torch.no_grad()
@@ -211,21 +213,22 @@ class CompiledRunner(ModelRunner):
         return logits
 
     @torch.no_grad()
-    def greedy_chain(self, tokens: list[int], steps: int, vocab: int | None = None) -> list[int] | None:
-        """The `steps` greedy tokens after `tokens` (1 or 2, appended, not yet in the cache), in one
-        compiled call; the cache then holds `tokens` and all the new ones but the last. None where
-        no graph applies (the first forward, more tokens, no room): the caller steps instead."""
-        end = self.length + CHAIN_FEED + steps
-        if (
-            not self.cache.layers[0].is_initialized
-            or not 0 < len(tokens) <= CHAIN_FEED
-            or end > self.cache.capacity
-        ):
+    def greedy_chain(
+        self, tokens: list[int], steps: int, vocab: int | None = None, width: int = CHAIN_FEED
+    ) -> list[int] | None:
+        """The `steps` greedy tokens after `tokens` (at most `width`, appended, not yet in the
+        cache; padded to `width`), in one compiled call; the cache then holds `tokens` and all the
+        new ones but the last. None where no graph applies (the first forward, more tokens, no
+        room): the caller steps instead."""
+        end = self.length + width + steps
+        if not self.cache.layers[0].is_initialized or not 0 < len(tokens) <= width:
             return None
-        ids = torch.zeros(1, CHAIN_FEED, dtype=torch.long)
+        if end > self.cache.capacity:
+            return None
+        ids = torch.zeros(1, width, dtype=torch.long)
         ids[0, : len(tokens)] = torch.tensor([t if t < self._embedding_rows else 0 for t in tokens])
         fed = torch.tensor(len(tokens))
-        self.cache.begin_write(self.length, CHAIN_FEED)
+        self.cache.begin_write(self.length, width)
         new = self._greedy_steps(
             self.model, self.cache, ids.to(self.device), fed.to(self.device), steps, vocab
         )
@@ -235,4 +238,4 @@ class CompiledRunner(ModelRunner):
     def greedy_block(self, token: int) -> list[int]:
         """The next GREEDY_BLOCK greedy tokens after `token` (see greedy_chain); a caller that needs
         fewer (a stop, max_new_tokens) drops the rest: the extra steps only cost their compute."""
-        return self.greedy_chain([token], GREEDY_BLOCK) or [int(self.forward([token])[-1].argmax())]
+        return self.greedy_chain([token], GREEDY_BLOCK, width=1) or [int(self.forward([token])[-1].argmax())]

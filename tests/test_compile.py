@@ -35,8 +35,8 @@ def test_compiled_methods_match_hf_greedy(pair, method, monkeypatch):
     chains = []  # greedy chains decoded in one call: autoregressive blocks, whole draft chains
     real_chain = CompiledRunner.greedy_chain
 
-    def greedy_chain(self, *args):
-        chains.append(real_chain(self, *args))
+    def greedy_chain(self, *args, **kwargs):
+        chains.append(real_chain(self, *args, **kwargs))
         return chains[-1]
 
     monkeypatch.setattr(CompiledRunner, "greedy_chain", greedy_chain)
