@@ -19,9 +19,12 @@ def hf_greedy(target, ids):
     return target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
-def cuda_pair():
+def cuda_pair(attention: str | None = None):
     target = tiny_model("llama", seed=0).to("cuda")
-    return target, perturbed_copy(target, 0.005)
+    draft = perturbed_copy(target, 0.005)
+    if attention is not None:  # trees go through this backend; HF's own steps (no tree) through SDPA
+        target.set_attn_implementation(attention)
+    return target, draft
 
 
 @pytest.mark.parametrize(
@@ -39,10 +42,13 @@ def cuda_pair():
         ("autoregressive", {"compile": True}),
         ("speculative", {"compile": True}),
         ("tree", {"compile": True}),
+        # The tree verified through each tree-attention backend (csrc/'s built just in time).
+        *[("tree", {"attention": f"saguaro_tree{backend}"}) for backend in ("", "_cuda", "_sdpa")],
     ],
 )
 def test_greedy_on_cuda_equals_hf_greedy(method, options):
-    target, draft = cuda_pair()
+    options = dict(options)
+    target, draft = cuda_pair(options.pop("attention", None))
     ids = torch.tensor([PROMPT], device="cuda")
     expected = hf_greedy(target, ids)
     out = saguaro.generate(
