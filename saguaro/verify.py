@@ -51,11 +51,18 @@ def verify_tree_greedy(
     deepest node whose every ancestor was taken, and the argmax after it is the next token.
     """
     layout = tree_layout(tree, target_scores.device)
+    return _read_tree(*tree_greedy_outcome(target_scores, tokens.to(target_scores.device), layout), tree)
+
+
+def tree_greedy_outcome(
+    target_scores: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device side of `verify_tree_greedy`: (the path's last node or -1, the next token), 0-d."""
     choice = target_scores.argmax(-1)
-    matches = tokens.to(choice.device) == choice.index_select(0, layout.parent_rows)
+    matches = tokens == choice.index_select(0, layout.parent_rows)
     taken = matches & ~(layout.earlier_siblings & matches[None, :]).any(1)
     end = _deepest_reached(taken, layout)
-    return _read_tree(end, choice.index_select(0, end + 1)[0], tree)
+    return end, choice.index_select(0, end + 1)[0]
 
 
 def verify_tree_sampled(
@@ -75,12 +82,25 @@ def verify_tree_sampled(
     chain of accepted children from the root, and the next token is drawn from where it ends.
     Node c is judged with uniform u[c], as in the reference: results are identical.
     """
-    layout = tree_layout(tree, target_probs.device)
-    tokens = tokens.to(target_probs.device)
-    uniforms = sampler.uniforms(len(tree)).to(target_probs.device)
+    device = target_probs.device
+    uniforms = sampler.uniforms(len(tree)).to(device)
+    layout = tree_layout(tree, device)
+    end, rest = tree_rejection_outcome(target_probs, draft_probs, tokens.to(device), uniforms, layout)
+    return _read_tree(end, sampler.draw(rest)[0], tree)
+
+
+def tree_rejection_outcome(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    tokens: torch.Tensor,
+    uniforms: torch.Tensor,
+    layout: TreeLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device side of `verify_tree_sampled`: (the path's last node or -1, 0-d; the distribution
+    the next token is drawn from, [1, V])."""
     running = target_probs.clone()  # row r: the distribution parent row r draws from next
     open_rows = torch.ones(len(running), dtype=torch.bool, device=running.device)  # none accepted yet
-    accepted = torch.zeros(len(tree), dtype=torch.bool, device=running.device)
+    accepted = torch.zeros(len(tokens), dtype=torch.bool, device=running.device)
     for nodes, rows in layout.sibling_ranks:
         p, q = running.index_select(0, rows), draft_probs.index_select(0, nodes)
         x = tokens.index_select(0, nodes)[:, None]
@@ -92,7 +112,7 @@ def verify_tree_sampled(
         running[rows] = torch.where(rejected[:, None], residual(p, q), p)
         open_rows[rows] = rejected
     end = _deepest_reached(accepted, layout)
-    return _read_tree(end, sampler.draw(running.index_select(0, end + 1))[0], tree)
+    return end, running.index_select(0, end + 1)
 
 
 @dataclass(frozen=True)

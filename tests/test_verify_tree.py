@@ -5,7 +5,13 @@ import torch
 
 from saguaro.sampling import SamplingConfig, TokenSampler
 from saguaro.tree import TokenTree, static_tree
-from saguaro.verify import verify_tree_greedy, verify_tree_sampled
+from saguaro.verify import (
+    tree_greedy_outcome,
+    tree_layout,
+    tree_rejection_outcome,
+    verify_tree_greedy,
+    verify_tree_sampled,
+)
 from saguaro.verify_reference import verify_tree_greedy_reference, verify_tree_sampled_reference
 
 VOCAB = 5  # small, so that drafts often match and siblings repeat tokens
@@ -64,7 +70,26 @@ def test_tree_sampled_matches_the_walk(deterministic):
 
 
 def test_one_layout_per_tree_shape():
-    from saguaro.verify import tree_layout
-
     tree = static_tree([2, 2])
     assert tree_layout(tree, torch.device("cpu")) is tree_layout(TokenTree(tree.parents), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shape", [[4, 2, 1], [2, 2, 2]])
+def test_device_side_is_one_graph_without_breaks(shape):
+    """What a round does on the device traces as one graph (fullgraph=True raises at any break),
+    so it can be compiled or captured; the eager backend keeps the check cheap."""
+    tree = static_tree(shape)
+    layout = tree_layout(tree, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(len(tree) + 1, VOCAB, generator=generator)
+    draft = torch.softmax(torch.randn(len(tree), VOCAB, generator=generator), -1)
+    tokens = torch.multinomial(draft, 1, generator=generator)[:, 0]
+    uniforms = torch.rand(len(tree), generator=generator)
+    greedy = torch.compile(tree_greedy_outcome, fullgraph=True, backend="eager")
+    sampled = torch.compile(tree_rejection_outcome, fullgraph=True, backend="eager")
+    for compiled, eager, args in (
+        (greedy, tree_greedy_outcome, (scores, tokens, layout)),
+        (sampled, tree_rejection_outcome, (torch.softmax(scores, -1), draft, tokens, uniforms, layout)),
+    ):
+        for got, expected in zip(compiled(*args), eager(*args)):
+            assert torch.equal(got, expected)
