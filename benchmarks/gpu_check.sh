@@ -8,7 +8,8 @@
 #                   the tests so that its build time does not eat theirs
 #   tests.log       the GPU tests: tree-attention kernels (Triton and the CUDA backend) against the
 #                   reference, every engine on CUDA (greedy exact, sampling with a generator on either
-#                   device, the Saguaro worker's placements, a tree through each attention backend)
+#                   device, the Saguaro worker's placements, a tree through each attention backend),
+#                   tree verification on the device against the walk
 #   step_costs.*    random-weight step costs of Llama-3.1-8B / Llama-3.2-1B shaped models, bf16
 #                   (target verify vs tokens, drafter batched steps, Triton and CUDA tree kernels vs SDPA)
 #                   and the speeds projected from the CPU run's acceptance, labelled "projected"
@@ -32,7 +33,7 @@ from saguaro.kernels.build import load_cuda_extension
 print("built:", load_cuda_extension(verbose=True).__file__)' > "$OUT/cuda_extension.log" 2>&1
 echo "CUDA extension: exit $? ($(tail -n 1 "$OUT/cuda_extension.log"))"
 
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_csrc_compile.py tests/test_cuda.py \
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_csrc_compile.py tests/test_cuda.py tests/test_verify_tree.py \
   > "$OUT/tests.log" 2>&1
 echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
 

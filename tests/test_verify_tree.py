@@ -15,6 +15,8 @@ from saguaro.verify import (
 from saguaro.verify_reference import verify_tree_greedy_reference, verify_tree_sampled_reference
 
 VOCAB = 5  # small, so that drafts often match and siblings repeat tokens
+REQUIRES_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=REQUIRES_CUDA)]
 
 
 def random_tree(size: int, generator: torch.Generator) -> TokenTree:
@@ -30,7 +32,8 @@ def trees(generator: torch.Generator):
             yield static_tree(shape)
 
 
-def test_tree_greedy_matches_the_walk():
+@pytest.mark.parametrize("device", DEVICES)
+def test_tree_greedy_matches_the_walk(device):
     generator = torch.Generator().manual_seed(0)
     depths = []
     for tree in trees(generator):
@@ -40,6 +43,7 @@ def test_tree_greedy_matches_the_walk():
         tokens = torch.tensor([int(choice[p + 1]) for p in tree.parents])
         noise = torch.randint(0, VOCAB, (len(tree),), generator=generator)
         tokens = torch.where(torch.rand(len(tree), generator=generator) < 0.6, tokens, noise)
+        scores, tokens = scores.to(device), tokens.to(device)
         expected = verify_tree_greedy_reference(scores, tokens, tree)
         assert verify_tree_greedy(scores, tokens, tree) == expected
         depths.append(len(expected[0]))
@@ -47,8 +51,9 @@ def test_tree_greedy_matches_the_walk():
     assert min(depths) == 0 and max(depths) >= 4
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["sampled_q", "one_hot_q"])
-def test_tree_sampled_matches_the_walk(deterministic):
+def test_tree_sampled_matches_the_walk(deterministic, device):
     generator = torch.Generator().manual_seed(1)
     depths = []
     for seed, tree in enumerate(trees(generator)):
@@ -62,8 +67,9 @@ def test_tree_sampled_matches_the_walk(deterministic):
             draft = torch.nn.functional.one_hot(tokens, VOCAB).float()
         results = []
         for verify in (verify_tree_sampled_reference, verify_tree_sampled):
-            sampler = TokenSampler(SamplingConfig(do_sample=True), torch.Generator().manual_seed(seed))
-            results.append(verify(target, draft, tokens, tree, sampler))
+            generator = torch.Generator(device).manual_seed(seed)
+            sampler = TokenSampler(SamplingConfig(do_sample=True), generator)
+            results.append(verify(target.to(device), draft.to(device), tokens.to(device), tree, sampler))
         assert results[1] == results[0], tree
         depths.append(len(results[0][0]))
     assert min(depths) == 0 and max(depths) >= 3
