@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, for a session that is lent a GPU machine (the device tool), run from the repository
-# root in one call: `OUT=$OUT bash benchmarks/gpu_check.sh` (about 5 minutes on one H200).
+# root in one call: `OUT=$OUT bash benchmarks/gpu_check.sh` (about 5 minutes on one H200, plus the CUDA extension's first build).
 # It uses that machine's own python3 (torch with CUDA, transformers, triton and pytest are in its
 # image; nothing can be installed there) with this checkout on PYTHONPATH, and writes under $OUT:
 #   gpu.txt         the card, driver and package versions
