@@ -27,7 +27,7 @@ PY=${PYTHON:-python3}
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout 300 "$PY" -c 'import logging
+timeout 150 "$PY" -c 'import logging
 logging.basicConfig(level=logging.INFO)
 from saguaro.kernels.build import load_cuda_extension
 print("built:", load_cuda_extension(verbose=True).__file__)' > "$OUT/cuda_extension.log" 2>&1
