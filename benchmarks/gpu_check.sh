@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check, for a session that is lent a GPU machine (the device tool), run from the repository
-# root in one call: `OUT=$OUT bash benchmarks/gpu_check.sh` (about 5 minutes on one H200).
+# root in one call: `OUT=$OUT bash benchmarks/gpu_check.sh` (about 5 minutes on one H200, plus the CUDA extension's first build).
 # It uses that machine's own python3 (torch with CUDA, transformers, triton and pytest are in its
 # image; nothing can be installed there) with this checkout on PYTHONPATH, and writes under $OUT:
 #   gpu.txt         the card, driver and package versions
-#   tests.log       the GPU tests: tree-attention kernels against the reference, the CUDA extension
-#                   built from csrc/, every engine on CUDA (greedy exact, sampling with a generator
-#                   on either device, the Saguaro worker's placements)
+#   cuda_extension.log  csrc/'s tree attention built just in time (saguaro.kernels.build), before
+#                   the tests so that its build time does not eat theirs
+#   tests.log       the GPU tests: tree-attention kernels (Triton and the CUDA backend) against the
+#                   reference, every engine on CUDA (greedy exact, sampling with a generator on either
+#                   device, the Saguaro worker's placements, a tree through each attention backend),
+#                   tree verification on the device against the walk
 #   step_costs.*    random-weight step costs of Llama-3.1-8B / Llama-3.2-1B shaped models, bf16
-#                   (target verify vs tokens, drafter batched steps, tree kernel vs SDPA) and the
-#                   speeds projected from the CPU run's acceptance, labelled "projected"
+#                   (target verify vs tokens, drafter batched steps, Triton and CUDA tree kernels vs SDPA)
+#                   and the speeds projected from the CPU run's acceptance, labelled "projected"
 #   tp_check.*      with 3+ GPUs: a tensor-parallel target (2 or 4 GPUs, NCCL) + drafter GPU, per method
 # Each part runs under its own timeout and the script goes on after a failure, so one broken part
 # does not cost the others. Commit what it measured with the card named (docs/RESULTS.md, GPU).
@@ -24,7 +27,13 @@ PY=${PYTHON:-python3}
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_csrc_compile.py tests/test_cuda.py \
+timeout 150 "$PY" -c 'import logging
+logging.basicConfig(level=logging.INFO)
+from saguaro.kernels.build import load_cuda_extension
+print("built:", load_cuda_extension(verbose=True).__file__)' > "$OUT/cuda_extension.log" 2>&1
+echo "CUDA extension: exit $? ($(tail -n 1 "$OUT/cuda_extension.log"))"
+
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_csrc_compile.py tests/test_cuda.py tests/test_verify_tree.py \
   > "$OUT/tests.log" 2>&1
 echo "tests: exit $? ($(tail -n 1 "$OUT/tests.log"))"
 

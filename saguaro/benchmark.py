@@ -30,6 +30,8 @@ import torch
 from tqdm import tqdm
 
 from . import cost_model, demo_models, distributed, launch, report, step_costs
+from .faults import logger
+from .kernels import TreeBackendUnavailable, choose_tree_backend
 from .placement import ThreadSplit
 from .prefix_benchmark import shared_prefix_benchmark
 from .stats import add_counts
@@ -604,6 +606,14 @@ def random_weights_benchmark(args) -> dict:
 
         kernel_target = step_costs.random_weights_model(args.target, dtype, args.device, "saguaro_tree")
         attention["saguaro_tree"] = step_costs.tree_verify_costs(kernel_target, trees, args.step_repeats)
+        try:  # csrc/'s kernel, built just in time where nvcc is found (setup.py may have built it)
+            choose_tree_backend("cuda", torch.device(args.device))
+        except TreeBackendUnavailable as error:
+            logger.warning("tree verify costs without the CUDA kernel: %s", error)
+        else:
+            kernel_target.set_attn_implementation("saguaro_tree_cuda")
+            costs = step_costs.tree_verify_costs(kernel_target, trees, args.step_repeats)
+            attention["saguaro_tree_cuda"] = costs
     measured = json.loads(Path(args.acceptance_from).read_text()) if args.acceptance_from else None
     acceptance = measured["projection"]["acceptance_per_position"] if measured else [0.7] * 8
     hit_rate = measured["projection"]["hit_rate"] if measured else 0.8

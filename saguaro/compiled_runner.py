@@ -198,12 +198,13 @@ class CompiledRunner(ModelRunner):
         compilable = cached_nodes == 0 and self.cache.layers[0].is_initialized
         bucket = next((b for b in self.buckets if b >= count), None) if compilable else None
         rows = bucket or count
-        ids = torch.zeros(1, rows, dtype=torch.long)
+        # Built on the model's device: tokens drafted there (a tensor) are padded without a host read.
+        ids = torch.zeros(1, rows, dtype=torch.long, device=self.device)
         ids[0, :count] = tokens.masked_fill(tokens >= self._embedding_rows, 0)
         depths, ancestors = tree_layout(tuple(tree.parents), cached_nodes, rows, self.device)
         self._tree_start.fill_(self.length - cached_nodes)
         self.cache.begin_write(self.length, rows)
-        inputs = (self.model, self.cache, ids.to(self.device), depths, ancestors, self._tree_start)
+        inputs = (self.model, self.cache, ids, depths, ancestors, self._tree_start)
         if bucket is not None:
             logits = self._step(*inputs, 0)
             logits = logits[count - 1 : count] if last_only else logits[:count]

@@ -119,6 +119,9 @@ class ModelDrafter(Drafter):
                 self._last = Proposal(torch.tensor(tokens), None, TokenTree.chain(len(tokens)))
                 return self._last
         level_logits = self.runner.feed(pending)[0][None, : self.vocab_size]
+        if self.shape is None:
+            self._last = self._chain(level_logits, len(levels))
+            return self._last
         tree, tokens, probs, frontier, scores = TokenTree(()), [], [], [-1], [1.0]
         for depth, (offered, kept) in enumerate(levels):
             offers = [self._children(logits, offered) for logits in level_logits]
@@ -140,6 +143,23 @@ class ModelDrafter(Drafter):
                 self._fed_nodes = len(tree)
         self._last = Proposal(torch.tensor(tokens), None if self.sampler.greedy else torch.stack(probs), tree)
         return self._last
+
+    def _chain(self, logits: torch.Tensor, length: int) -> Proposal:
+        """A chain of `length` drafts after the committed sequence, whose last logits are [1, V]: each
+        token is chosen on the device and fed back as a tensor, and the host reads the chain once at
+        the end, so a GPU drafts without waiting per token. The same tokens and draws as drafting
+        it as a tree of width 1 (`_children`): top-1 when greedy, one draw from q when sampling."""
+        tokens, probs = [], []
+        for depth in range(length):
+            q = self.sampler.probs(logits)
+            tokens.append(q.topk(1).indices[:, 0] if self.sampler.greedy else self.sampler.draw(q))
+            probs.append(q[0])
+            if depth + 1 < length:  # the last draft is fed next round, once we know what survived
+                # The newest draft sees the committed context and the drafts before it: a plain step.
+                logits = self.runner.forward(tokens[-1])[:, : self.vocab_size]
+                self._fed_nodes = depth + 1
+        chain = torch.cat(tokens).cpu()  # the round's one host read
+        return Proposal(chain, None if self.sampler.greedy else torch.stack(probs), TokenTree.chain(length))
 
     def _children(self, logits: torch.Tensor, width: int) -> list[tuple[int, torch.Tensor | None, float]]:
         """Up to `width` distinct children in draw order: (token, distribution it was drawn from

@@ -30,6 +30,7 @@ from .verify import (
     verify_tree_greedy,
     verify_tree_sampled,
 )
+from .verify_reference import verify_tree_sampled_reference
 from .workers import WorkerFailed
 
 
@@ -186,6 +187,11 @@ def verify_proposal(
     p, q = pad_vocab(p, width), pad_vocab(q.to(p.device), width)
     if chain:
         return verify_chain_sampled(p, q, proposal.tokens, sampler)
+    if p.device.type == "cpu":
+        # The tensor version computes a residual for every parent and sibling rank, the walk only
+        # along its path; where a host read costs nothing that wins (a 44-node tree over 152k ids:
+        # 3 ms against 57 ms on one core). Both give identical results (tests/test_verify_tree.py).
+        return verify_tree_sampled_reference(p, q, proposal.tokens, proposal.tree, sampler)
     return verify_tree_sampled(p, q, proposal.tokens, proposal.tree, sampler)
 
 

@@ -15,8 +15,8 @@ import inspect
 import torch
 
 from .cache import SpeculativeCache
-from .kernels import pack_tree_mask
-from .kernels.hf_attention import TREE_ATTENTION
+from .kernels import choose_tree_backend, pack_tree_mask
+from .kernels.hf_attention import TREE_ATTENTION_NAMES
 from .prefix_cache import PrefixCache, weights_version
 from .tree import TokenTree
 
@@ -54,7 +54,12 @@ class ModelRunner:
         self._layer_types = sorted(set(layer_types))
         # Models loaded with attn_implementation="saguaro_tree" verify trees with our kernel,
         # which does not implement sliding windows: those keep the dense mask.
-        self._tree_kernel = model.config._attn_implementation == TREE_ATTENTION and not self._sliding_window
+        # The backend is checked here, so that one this machine lacks ("cuda" on a CPU) fails at once
+        # with what to do, not at the first tree.
+        backend = TREE_ATTENTION_NAMES.get(model.config._attn_implementation)
+        if backend is not None:
+            choose_tree_backend(backend, model.device)
+        self._tree_kernel = backend is not None and not self._sliding_window
         # A draft whose embedding table is a little smaller than the target's (same tokenizer, padded
         # differently) is still fed every committed token, some of which it lacks. Any id it has
         # stands in for them: what the draft proposes after them is only a guess that verification

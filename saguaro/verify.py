@@ -20,13 +20,19 @@ level, row 1 + i judges the children of node i. Verification walks down from the
     accept with p_i(x_i), else remove x_i from p_i. Verifying them by "argmax match" while
     sampling would not be exact.
 
-A chain (one child per node) is verified by `verify_chain_greedy` / `verify_chain_sampled` as
-whole-tensor operations on the logits' device, as gpt-fast and vLLM's rejection sampler do: every
-position is judged at once, the accepted length is the first failure, and the host reads the
-accepted length and the next token together, once per round (a GPU waits once, not per node).
+Both rules run as whole-tensor operations on the logits' device, as gpt-fast and vLLM's
+rejection sampler do for chains: every node is judged at once, the path is the deepest node whose
+whole root path was accepted, and the host reads that node and the next token together, once per
+round (a GPU waits once, not per node). A chain takes the shortcut `verify_chain_greedy` /
+`verify_chain_sampled` (the accepted length is the first failure); a tree, `verify_tree_greedy` /
+`verify_tree_sampled`, whose node-by-node walks stay in `verify_reference.py` as the definition
+the tests hold them to.
 """
 
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -35,18 +41,28 @@ from .tree import TokenTree
 
 
 def verify_tree_greedy(
-    target_logits: torch.Tensor, tokens: torch.Tensor, tree: TokenTree
+    target_scores: torch.Tensor, tokens: torch.Tensor, tree: TokenTree
 ) -> tuple[list[int], int]:
-    """target_logits [1 + T, V], tokens [T] -> (accepted node path, token that follows it)."""
-    choice = target_logits.argmax(-1).tolist()
-    tokens = tokens.tolist()
-    path, node = [], -1
-    while True:
-        want = choice[node + 1]
-        node = next((c for c in tree.children(node) if tokens[c] == want), None)
-        if node is None:
-            return path, want
-        path.append(node)
+    """target_scores [1 + T, V], tokens [T] -> (accepted node path, token that follows it).
+
+    The walk of `verify_reference.verify_tree_greedy_reference`, every node judged at once: a node
+    matches when its token is the argmax of its parent's row, and is taken when it is the first
+    matching child of its parent (the walk's choice among equal siblings); the path ends at the
+    deepest node whose every ancestor was taken, and the argmax after it is the next token.
+    """
+    layout = tree_layout(tree, target_scores.device)
+    return _read_tree(*tree_greedy_outcome(target_scores, tokens.to(target_scores.device), layout), tree)
+
+
+def tree_greedy_outcome(
+    target_scores: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device side of `verify_tree_greedy`: (the path's last node or -1, the next token), 0-d."""
+    choice = target_scores.argmax(-1)
+    matches = tokens == choice.index_select(0, layout.parent_rows)
+    taken = matches & ~(layout.earlier_siblings & matches[None, :]).any(1)
+    end = _deepest_reached(taken, layout)
+    return end, choice.index_select(0, end + 1)[0]
 
 
 def verify_tree_sampled(
@@ -56,21 +72,97 @@ def verify_tree_sampled(
     tree: TokenTree,
     sampler: TokenSampler,
 ) -> tuple[list[int], int]:
-    """target_probs [1 + T, V]; draft_probs [T, V], row i = the q_i node i was drawn from."""
-    tokens = tokens.tolist()
-    path, node = [], -1
-    while True:
-        p = target_probs[node + 1]
-        for child in tree.children(node):
-            x, q = tokens[child], draft_probs[child]
-            # u < p/q written as u*q < p: no division by a zero q.
-            if sampler.uniform() * q[x] < p[x]:
-                path.append(child)
-                node = child
-                break
-            p = residual(p, q)
-        else:
-            return path, int(sampler.draw(p))
+    """target_probs [1 + T, V]; draft_probs [T, V], row i = the q_i node i was drawn from.
+
+    The recursive rejection sampling of `verify_reference.verify_tree_sampled_reference`, run for
+    every parent at once: a parent's children are tried in order, so the k-th children of all
+    parents are judged together, each against its parent's running residual (k = 0, 1, ... up to
+    the widest node: a loop over the tree's shape, not its outcome). Every parent thus knows which
+    child it accepts (at most one) or, if none, the residual to draw from; the walk's path is the
+    chain of accepted children from the root, and the next token is drawn from where it ends.
+    Node c is judged with uniform u[c], as in the reference: results are identical.
+    """
+    device = target_probs.device
+    uniforms = sampler.uniforms(len(tree)).to(device)
+    layout = tree_layout(tree, device)
+    end, rest = tree_rejection_outcome(target_probs, draft_probs, tokens.to(device), uniforms, layout)
+    return _read_tree(end, sampler.draw(rest)[0], tree)
+
+
+def tree_rejection_outcome(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor,
+    tokens: torch.Tensor,
+    uniforms: torch.Tensor,
+    layout: TreeLayout,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device side of `verify_tree_sampled`: (the path's last node or -1, 0-d; the distribution
+    the next token is drawn from, [1, V])."""
+    running = target_probs.clone()  # row r: the distribution parent row r draws from next
+    open_rows = torch.ones(len(running), dtype=torch.bool, device=running.device)  # none accepted yet
+    accepted = torch.zeros(len(tokens), dtype=torch.bool, device=running.device)
+    for nodes, rows in layout.sibling_ranks:
+        p, q = running.index_select(0, rows), draft_probs.index_select(0, nodes)
+        x = tokens.index_select(0, nodes)[:, None]
+        p_x, q_x = p.gather(1, x)[:, 0], q.gather(1, x)[:, 0]
+        was_open = open_rows.index_select(0, rows)
+        accept = was_open & (uniforms.index_select(0, nodes) * q_x < p_x)  # u < p/q, no division
+        rejected = was_open & ~accept
+        accepted[nodes] = accept
+        running[rows] = torch.where(rejected[:, None], residual(p, q), p)
+        open_rows[rows] = rejected
+    end = _deepest_reached(accepted, layout)
+    return end, running.index_select(0, end + 1)
+
+
+@dataclass(frozen=True)
+class TreeLayout:
+    """A tree's shape as tensors on one device, for judging every node at once."""
+
+    parent_rows: torch.Tensor  # [T] long: the row of [1 + T, V] scores that judges node i (parent + 1)
+    depths: torch.Tensor  # [T] long
+    ancestors: torch.Tensor  # [T, T] bool: i itself and its ancestors
+    earlier_siblings: torch.Tensor  # [T, T] bool: j < i with i's parent
+    # Per sibling rank k: (the k-th children of all parents, [n] long; their parents' rows, [n] long).
+    sibling_ranks: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def tree_layout(tree: TokenTree, device: torch.device) -> TreeLayout:
+    """Made once per tree shape and device, so a round sends no tree structure to the device."""
+    parents = torch.tensor(tree.parents, dtype=torch.long).reshape(-1)
+    index = torch.arange(len(tree))
+    same_parent = parents[:, None] == parents[None, :]
+    ranks: dict[int, list[tuple[int, int]]] = {}
+    for node, parent in enumerate(tree.parents):
+        rank = sum(1 for earlier in tree.parents[:node] if earlier == parent)
+        ranks.setdefault(rank, []).append((node, parent + 1))
+    sibling_ranks = tuple(
+        tuple(torch.tensor(column, dtype=torch.long, device=device) for column in zip(*ranks[rank]))
+        for rank in sorted(ranks)
+    )
+    return TreeLayout(
+        parent_rows=(parents + 1).to(device),
+        depths=torch.tensor(tree.depths(), dtype=torch.long).reshape(-1).to(device),
+        ancestors=tree.ancestor_mask().to(device),
+        earlier_siblings=(same_parent & (index[None, :] < index[:, None])).to(device),
+        sibling_ranks=sibling_ranks,
+    )
+
+
+def _deepest_reached(taken: torch.Tensor, layout: TreeLayout) -> torch.Tensor:
+    """The deepest node whose whole path from the root was taken, or -1 (a 0-d tensor). There is
+    at most one per depth: a parent takes at most one child."""
+    reached = ~(layout.ancestors & ~taken[None, :]).any(1)
+    # Index 0 stands for "no node" (depth key 0); argmax picks the only node of the deepest level.
+    key = torch.cat([reached.new_zeros(1, dtype=torch.long), reached * (layout.depths + 1)])
+    return key.argmax() - 1
+
+
+def _read_tree(end: torch.Tensor, next_token: torch.Tensor, tree: TokenTree) -> tuple[list[int], int]:
+    """The round's one host read: the path's last node and the next token together."""
+    node, token = torch.stack([end, next_token.long()]).tolist()
+    return tree.path_to(node), token
 
 
 def verify_chain_greedy(target_scores: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], int]:

@@ -7,6 +7,8 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
+from saguaro.kernels import TreeBackendUnavailable, choose_tree_backend
+from saguaro.kernels.hf_attention import TREE_ATTENTION_NAMES
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -19,9 +21,16 @@ def hf_greedy(target, ids):
     return target.generate(ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
-def cuda_pair():
+def cuda_pair(attention: str | None = None):
     target = tiny_model("llama", seed=0).to("cuda")
-    return target, perturbed_copy(target, 0.005)
+    draft = perturbed_copy(target, 0.005)
+    if attention is not None:  # trees go through this backend; HF's own steps (no tree) through SDPA
+        try:  # a machine without nvcc skips the CUDA backend; a failing build fails
+            choose_tree_backend(TREE_ATTENTION_NAMES[attention], target.device)
+        except TreeBackendUnavailable as error:
+            pytest.skip(str(error))
+        target.set_attn_implementation(attention)
+    return target, draft
 
 
 @pytest.mark.parametrize(
@@ -39,10 +48,13 @@ def cuda_pair():
         ("autoregressive", {"compile": True}),
         ("speculative", {"compile": True}),
         ("tree", {"compile": True}),
+        # The tree verified through each tree-attention backend (csrc/'s built just in time).
+        *[("tree", {"attention": f"saguaro_tree{backend}"}) for backend in ("", "_cuda", "_sdpa")],
     ],
 )
 def test_greedy_on_cuda_equals_hf_greedy(method, options):
-    target, draft = cuda_pair()
+    options = dict(options)
+    target, draft = cuda_pair(options.pop("attention", None))
     ids = torch.tensor([PROMPT], device="cuda")
     expected = hf_greedy(target, ids)
     out = saguaro.generate(

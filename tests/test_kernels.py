@@ -7,6 +7,7 @@ import copy
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,13 +331,93 @@ def test_register_hf_attention_is_idempotent():
     assert kernels.register_hf_attention() == kernels.register_hf_attention() == "saguaro_tree"
     assert AttentionInterface()["saguaro_tree"] is hf_attention.saguaro_tree_attention_forward
     assert AttentionMaskInterface()["saguaro_tree"] is sdpa_mask
+    assert kernels.register_hf_attention("cuda") == "saguaro_tree_cuda"
+    assert AttentionInterface()["saguaro_tree_cuda"] is hf_attention.attention_forward("cuda")
+    with pytest.raises(ValueError, match="one of"):
+        kernels.register_hf_attention("flash")
 
 
-def check_hf_tree_step_matches_sdpa(chain: bool) -> None:
+# ---- backend choice ----
+
+
+@pytest.mark.skipif(INTERPRETED_SESSION, reason="this session runs Triton on CPU")
+def test_auto_backend_is_sdpa_on_cpu_and_explicit_choices_are_checked():
+    cpu = torch.device("cpu")
+    assert kernels.choose_tree_backend("auto", cpu) == "sdpa"
+    assert kernels.choose_tree_backend("sdpa", cpu) == "sdpa"
+    with pytest.raises(kernels.TreeBackendUnavailable, match="'sdpa'"):
+        kernels.choose_tree_backend("triton", cpu)
+    with pytest.raises(kernels.TreeBackendUnavailable, match="runs on CUDA devices.*'sdpa'"):
+        kernels.choose_tree_backend("cuda", cpu)
+    with pytest.raises(ValueError, match="one of"):
+        kernels.choose_tree_backend("flash", cpu)
+
+
+@pytest.mark.skipif(kernels.HAS_TRITON is False, reason="triton is not installed")
+def test_auto_backend_is_triton_on_cuda():
+    # Only the device's type is looked at: no GPU is needed to ask.
+    assert kernels.choose_tree_backend("auto", torch.device("cuda")) == "triton"
+
+
+@pytest.fixture
+def fresh_extension_load():
+    from saguaro.kernels import build
+
+    build._load_once.cache_clear()
+    yield build
+    build._load_once.cache_clear()
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks what a CPU build of torch says")
+def test_cuda_backend_without_cuda_torch_says_what_to_do(fresh_extension_load):
+    with pytest.raises(kernels.TreeBackendUnavailable, match="CUDA build of torch.*'triton' or 'sdpa'"):
+        kernels.choose_tree_backend("cuda", torch.device("cuda"))
+
+
+def test_cuda_backend_without_nvcc_says_what_to_do(fresh_extension_load, monkeypatch):
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", None)
+    monkeypatch.setitem(sys.modules, "saguaro._C", None)  # as if setup.py built nothing
+    with pytest.raises(fresh_extension_load.CudaExtensionUnavailable, match="nvcc.*CUDA_HOME"):
+        fresh_extension_load.load_cuda_extension()
+    # The failure is remembered: the attention of every layer asks, and must not retry a build.
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    with pytest.raises(fresh_extension_load.CudaExtensionUnavailable):
+        fresh_extension_load.load_cuda_extension()
+
+
+def test_cuda_extension_builds_from_the_checkout_sources(fresh_extension_load, monkeypatch):
+    """Where CUDA torch and nvcc exist, torch.utils.cpp_extension.load gets csrc/'s two files."""
+    import torch.utils.cpp_extension
+
+    calls, built = [], types.SimpleNamespace(__file__="saguaro_tree_attention.so")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kwargs: calls.append(kwargs) or built)
+    monkeypatch.setitem(sys.modules, "saguaro._C", None)
+    assert fresh_extension_load.load_cuda_extension() is built
+    assert fresh_extension_load.load_cuda_extension() is built and len(calls) == 1  # built once
+    sources = [Path(source) for source in calls[0]["sources"]]
+    assert [source.name for source in sources] == ["tree_attention.cpp", "tree_attention.cu"]
+    assert all(source.is_file() for source in sources)
+
+
+def test_runner_rejects_the_cuda_backend_on_cpu():
+    from saguaro.runner import ModelRunner
+
+    model = tiny_llama(kernels.register_hf_attention("cuda"))
+    with pytest.raises(kernels.TreeBackendUnavailable, match="saguaro_tree_sdpa"):
+        ModelRunner(model, 32)
+    assert ModelRunner(tiny_llama(kernels.register_hf_attention("sdpa")), 32)._tree_kernel
+
+
+def check_hf_tree_step_matches_sdpa(chain: bool, backend: str = "auto") -> None:
     """A left-padded prompt, then one tree step: logits equal sdpa's given the same mask densely."""
     from transformers import DynamicCache
 
-    tree_model = tiny_llama(kernels.register_hf_attention())
+    tree_model = tiny_llama(kernels.register_hf_attention(backend))
     sdpa_model = tiny_llama("sdpa", tree_model.state_dict())
 
     generator = torch.Generator().manual_seed(1)
@@ -379,9 +460,8 @@ def check_hf_tree_step_matches_sdpa(chain: bool) -> None:
 
 
 @pytest.mark.parametrize("chain", [True, False], ids=["chain", "tree"])
-def test_hf_tree_step_matches_sdpa_without_triton(monkeypatch, chain):
-    monkeypatch.setattr(hf_attention, "uses_triton", lambda tensor: False)
-    check_hf_tree_step_matches_sdpa(chain)
+def test_hf_tree_step_matches_sdpa_with_the_sdpa_backend(chain):
+    check_hf_tree_step_matches_sdpa(chain, "sdpa")
 
 
 @interpreted_only

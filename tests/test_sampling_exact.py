@@ -16,14 +16,19 @@ from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig, TokenSampler
 from saguaro.tree import TokenTree
 from saguaro.verify import verify_chain_sampled, verify_tree_sampled
+from saguaro.verify_reference import verify_tree_sampled_reference
 
 PASS_P = 1e-3  # a correct sampler fails this once in a thousand seeds; our seeds are fixed
 FAIL_P = 1e-6
 
 
+TREE_VERIFIERS = {"tree_walk": verify_tree_sampled_reference, "tree_tensor": verify_tree_sampled}
 VERIFIERS = {
-    # The per-node walk over a tree that is a chain, and the whole-chain tensor version.
-    "tree_walk": lambda p, q, drafts, sampler: verify_tree_sampled(p, q, drafts, TokenTree.chain(3), sampler),
+    # The per-node walk and the tree tensor version over a tree that is a chain, and the chain's own.
+    **{
+        name: lambda p, q, drafts, sampler, verify=verify: verify(p, q, drafts, TokenTree.chain(3), sampler)
+        for name, verify in TREE_VERIFIERS.items()
+    },
     "chain_tensor": verify_chain_sampled,
 }
 
@@ -155,7 +160,7 @@ def test_end_to_end_test_catches_draft_not_drawn_from_q(pair, monkeypatch, optio
     assert chi_square_pvalue(counts, exact_joint(target, 3)) < FAIL_P
 
 
-def synthetic_tree_round(keep_original_q: bool, trials: int, seed: int = 0):
+def synthetic_tree_round(keep_original_q: bool, trials: int, verifier: str, seed: int = 0):
     """Three root siblings drawn without replacement, each with one child; the target's distribution
     after token t is P2[t]. Returns p0, P2, counts of the first token, counts of (first, second)."""
     gen = torch.Generator().manual_seed(seed)
@@ -180,7 +185,7 @@ def synthetic_tree_round(keep_original_q: bool, trials: int, seed: int = 0):
         tokens = torch.tensor(siblings + children)
         draft_probs = torch.stack(sibling_q + [Q2[x] for x in siblings])
         target_probs = torch.stack([p0] + [P2[t] for t in tokens.tolist()])
-        path, token = verify_tree_sampled(target_probs, draft_probs, tokens, tree, sampler)
+        path, token = TREE_VERIFIERS[verifier](target_probs, draft_probs, tokens, tree, sampler)
         emitted = tokens[path].tolist() + [token]
         first[emitted[0]] += 1
         if len(emitted) > 1:
@@ -188,15 +193,17 @@ def synthetic_tree_round(keep_original_q: bool, trials: int, seed: int = 0):
     return p0, P2, first, pairs
 
 
-def test_tree_verification_is_exact():
-    p0, P2, first, pairs = synthetic_tree_round(keep_original_q=False, trials=20000)
+@pytest.mark.parametrize("verifier", TREE_VERIFIERS)
+def test_tree_verification_is_exact(verifier):
+    p0, P2, first, pairs = synthetic_tree_round(keep_original_q=False, trials=20000, verifier=verifier)
     assert chi_square_pvalue(first, p0) > PASS_P
     for t in range(3):  # after an accepted first token t, the next is distributed as P2[t]
         assert chi_square_pvalue(pairs[t], P2[t]) > PASS_P
 
 
-def test_tree_verification_test_catches_unrenormalised_sibling_q():
-    p0, _, first, _ = synthetic_tree_round(keep_original_q=True, trials=20000)
+@pytest.mark.parametrize("verifier", TREE_VERIFIERS)
+def test_tree_verification_test_catches_unrenormalised_sibling_q(verifier):
+    p0, _, first, _ = synthetic_tree_round(keep_original_q=True, trials=20000, verifier=verifier)
     assert chi_square_pvalue(first, p0) < FAIL_P
 
 
