@@ -15,7 +15,8 @@
 #                   and the speeds projected from the CPU run's acceptance, labelled "projected"
 #   tp_check.*      with 3+ GPUs: a tensor-parallel target (2 or 4 GPUs, NCCL) + drafter GPU, per method
 # Each part runs under its own timeout and the script goes on after a failure, so one broken part
-# does not cost the others; the timeouts add up to 540 s, so the whole fits one 600 s device call. Commit what it measured with the card named (docs/RESULTS.md, GPU).
+# does not cost the others; the timeouts add up to 540 s, so one
+# GPU's check fits a 600 s device call. Commit what it measured with the card named (docs/RESULTS.md, GPU).
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT/configs"
