@@ -5,8 +5,9 @@ T to every row. A row that needs fewer (a shorter draft, a row with nothing pend
 rest as padding, and a round that keeps only part of what it fed (rejected drafts) turns the rest
 into holes. Holes never move: a per-row mask hides them from every later query, and explicit
 position ids give each row its true positions, so a hole shifts no rotary or learned position.
-Left padding of the prompts is holes as well. HF's attention code thus runs ragged rows unchanged,
-with a 4D additive mask [B, 1, T, slots].
+HF's attention code thus runs ragged rows unchanged, with a 4D additive mask [B, 1, T, slots].
+The prompts are prefilled packed into one sequence (no padding to compute), then laid out
+right-aligned, holes before the shorter ones.
 
 The cache is HF's `DynamicCache` without a config (plain layers, no sliding-window truncation:
 the mask does the windowing, as slots are not positions), which also gives `batch_select_indices`
@@ -59,8 +60,11 @@ class BatchedRunner:
         """Start afresh with `prompts`; return each one's last logits [B, V] and how many of its
         tokens were loaded from the prefix cache instead of computed (never the last one).
 
-        Each row loads the longest stored prefix of its own prompt, right-aligned in a block as
-        wide as the longest load (holes before a shorter one), then the rest is fed left-padded.
+        Each row loads the longest stored prefix of its own prompt. The rest of every row is fed
+        packed, the rows one after another in a single sequence (`_prefill_packed`), not
+        left-padded to the longest: the padding of a batch of prompts of different lengths would
+        cost as much as real tokens. The rows' entries are then laid out right-aligned in the
+        batch's cache, holes before the shorter ones.
         """
         self.start(len(prompts))
         reused, stored = [0] * len(prompts), [[] for _ in prompts]
@@ -68,24 +72,78 @@ class BatchedRunner:
             self.prefix_cache.bind(weights_version(self.model))
             for row, prompt in enumerate(prompts):
                 reused[row], stored[row] = self.prefix_cache.lookup(prompt[:-1])
-        if any(reused):
-            self._load(stored, reused)
-        rest = [prompt[n:] for prompt, n in zip(prompts, reused)]
-        return self.forward(rest, align_right=True, last_only=True)[:, -1], reused
+        logits, entries = [], []
+        for group in _packing_groups([len(prompt) - n for prompt, n in zip(prompts, reused)]):
+            group_logits, group_entries = self._prefill_packed(
+                [stored[row] for row in group], [prompts[row][reused[row] :] for row in group]
+            )
+            logits.append(group_logits)
+            entries += group_entries
+        self._lay_out(entries)
+        return torch.cat(logits), reused
 
-    def _load(self, stored: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]) -> None:
-        width = max(lengths)
-        reference = next(kv for kv in stored if kv)
-        for layer, (ref_keys, ref_values) in enumerate(reference):
-            keys = ref_keys.new_zeros(self.rows, ref_keys.shape[1], width, ref_keys.shape[3])
-            values = ref_values.new_zeros(self.rows, ref_values.shape[1], width, ref_values.shape[3])
-            for row, kv in enumerate(stored):
-                if kv:
-                    row_keys, row_values = kv[layer]
-                    keys[row, :, width - row_keys.shape[2] :] = row_keys[0]
-                    values[row, :, width - row_values.shape[2] :] = row_values[0]
+    @torch.no_grad()
+    def _prefill_packed(
+        self, stored: list[list[tuple[torch.Tensor, torch.Tensor]]], rests: list[list[int]]
+    ) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+        """One forward over the rows' `rests` packed into one sequence, each on top of its stored
+        entries (packed the same way, before them); a token sees only its own row's entries and
+        tokens. Returns each row's last logits [rows, V] and its entries per layer, keys and
+        values [heads, n, dim] (stored ones first)."""
+        loaded = torch.tensor([kv[0][0].shape[2] if kv else 0 for kv in stored], device=self.device)
+        fed = torch.tensor([len(rest) for rest in rests], device=self.device)
+        rows = torch.arange(len(rests), device=self.device)
+        past, new = int(loaded.sum()), int(fed.sum())
+        cache = DynamicCache()
+        if past:
+            for layer, pieces in enumerate(zip(*(kv for kv in stored if kv))):
+                keys, values = zip(*pieces)
+                cache.update(torch.cat(keys, 2), torch.cat(values, 2), layer)
+        owner = torch.cat([rows.repeat_interleave(loaded), rows.repeat_interleave(fed)])
+        first_slot = loaded.cumsum(0) - loaded  # of each row's stored entries, then of its tokens
+        first_new = past + fed.cumsum(0) - fed
+        slot = torch.arange(past + new, device=self.device)
+        # A slot's position in its row: stored entries count from 0, fed tokens go on from there.
+        key_positions = torch.where(
+            slot < past, slot - first_slot[owner], loaded[owner] + slot - first_new[owner]
+        )
+        positions = key_positions[past:]
+        # Within a row, slots are in order (stored, then fed): causal in the packed order.
+        visible = (owner[past:, None] == owner[None]) & (slot[None] <= slot[past:, None])
+        tokens = torch.tensor([token for rest in rests for token in rest], device=self.device)
+        tokens = tokens.masked_fill(tokens >= self._embedding_rows, 0)  # as in forward
+        out = self.model(
+            input_ids=tokens[None],
+            position_ids=positions[None],
+            attention_mask=self._mask(visible[None], positions[None], key_positions[None]),
+            use_cache=True,
+            logits_to_keep=first_new - past + fed - 1,  # each row's last token
+            **{self._cache_keyword: cache},
+        )
+        entries = []
+        for row in range(len(rests)):
+            mine = torch.cat(
+                [
+                    torch.arange(int(first_slot[row]), int(first_slot[row] + loaded[row])),
+                    torch.arange(int(first_new[row]), int(first_new[row] + fed[row])),
+                ]
+            ).to(self.device)
+            entries.append([(layer.keys[0][:, mine], layer.values[0][:, mine]) for layer in cache.layers])
+        return out.logits[0], entries
+
+    def _lay_out(self, entries: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """The batch's cache from each row's entries (per layer, [heads, n, dim]), right-aligned."""
+        lengths = torch.tensor([kv[0][0].shape[1] for kv in entries], device=self.device)
+        width = int(lengths.max())
+        for layer in range(len(entries[0])):
+            ref_keys, ref_values = entries[0][layer]
+            keys = ref_keys.new_zeros(self.rows, ref_keys.shape[0], width, ref_keys.shape[2])
+            values = ref_values.new_zeros(self.rows, ref_values.shape[0], width, ref_values.shape[2])
+            for row, kv in enumerate(entries):
+                row_keys, row_values = kv[layer]
+                keys[row, :, width - row_keys.shape[1] :] = row_keys
+                values[row, :, width - row_values.shape[1] :] = row_values
             self.cache.update(keys, values, layer)
-        lengths = torch.tensor(lengths, device=self.device)
         offset = torch.arange(width, device=self.device)[None] - (width - lengths)[:, None]
         self.visible = offset >= 0
         self.slot_positions = offset.clamp_min(0)
@@ -181,3 +239,21 @@ class BatchedRunner:
             windowed = visible & (positions[:, :, None] - key_positions[:, None, :] < self._sliding_window)
             windowed = windowed[:, None]
         return additive_masks(visible[:, None], self.dtype, windowed, self._layer_types)
+
+
+# Tokens per packed prefill forward, at most (a single longer prompt goes alone): a packed
+# sequence's mask and attention grow with the square of its length, and from about this many tokens
+# a forward is long past streaming the weights once, so more of them in one forward saves nothing.
+PACKED_PREFILL_TOKENS = 1024
+
+
+def _packing_groups(lengths: list[int]) -> list[list[int]]:
+    """The rows, in order, in groups of at most PACKED_PREFILL_TOKENS tokens (or one longer row)."""
+    groups, total = [], 0
+    for row, length in enumerate(lengths):
+        if not groups or total + length > PACKED_PREFILL_TOKENS:
+            groups.append([])
+            total = 0
+        groups[-1].append(row)
+        total += length
+    return groups

@@ -284,16 +284,22 @@ def _fastest_of(call, repeats: int) -> float:
 
 
 def measure_dense_crossover(
-    linear: _WeightOnlyLinear, rows=(2, 4, 8, 16, 32, 64, 128), repeats: int = 3
+    linears: list[_WeightOnlyLinear], rows=(2, 4, 8, 16, 32, 64, 128), repeats: int = 3
 ) -> float:
-    """The fewest rows from which `linear`'s float weight multiplies at least as fast as its
-    quantized kernel, at every larger size measured too (one noisy size does not decide); inf if
-    the kernel wins at the largest size."""
+    """The fewest rows from which the float weights multiply at least as fast as the quantized
+    kernels, at every larger size measured too (one noisy size does not decide); inf if the kernels
+    win at the largest size. Timed over all of `linears` in turn, as a forward runs them: the float
+    weights then stream from memory as they do in a model, where one layer timed alone stays in the
+    CPU's cache and makes them look faster than they are (measured: a crossover of 8 rows where the
+    draft's forward at 8 rows ran twice as long through the float weights as through the kernels)."""
     crossover = math.inf
     for n in reversed(rows):
-        x = torch.randn(n, linear.in_features, dtype=linear.scale_dtype)
-        quantized = _fastest_of(lambda x=x: linear._matmul(x), repeats)
-        dense = _fastest_of(lambda x=x: nn.functional.linear(x, linear.dense_weight), repeats)
+        inputs = {m.in_features: torch.randn(n, m.in_features, dtype=m.scale_dtype) for m in linears}
+        quantized = _fastest_of(lambda x=inputs: [m._matmul(x[m.in_features]) for m in linears], repeats)
+        dense = _fastest_of(
+            lambda x=inputs: [nn.functional.linear(x[m.in_features], m.dense_weight) for m in linears],
+            repeats,
+        )
         if dense > quantized:
             break
         crossover = n
@@ -336,11 +342,10 @@ def quantize_draft(
             _set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo))
         quantized = [m for m in clone.modules() if isinstance(m, _WeightOnlyLinear)]
         if quantized:
-            # Timed on the largest layer other than the LM head, which a prefill runs for one row.
+            # Timed on the layers other than the LM head, which a prefill runs for one row.
             head = clone.get_output_embeddings() if hasattr(clone, "get_output_embeddings") else None
             head = getattr(head, "linear", head)
-            body = [m for m in quantized if m is not head] or quantized
-            crossover = measure_dense_crossover(max(body, key=lambda m: m.in_features * m.out_features))
+            crossover = measure_dense_crossover([m for m in quantized if m is not head] or quantized)
             for module in quantized:
                 module.dense_from_rows = crossover
     elif device.type == "cuda":

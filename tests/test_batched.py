@@ -8,6 +8,7 @@ from stats_helpers import argmax_with_sampled_q, chi_square_pvalue
 from test_sampling_exact import exact_joint
 
 import saguaro
+from saguaro import batched_runner
 from saguaro.batched import BatchedModelDrafter
 from saguaro.stats import GenerationStats
 
@@ -56,14 +57,18 @@ def speculative_batch(target, draft, max_new_tokens, **options):
     return ids, out
 
 
-def target_forward_batches(model):
-    """The batch size of every forward of `model` (a hook; remove it with .remove())."""
-    sizes = []
+def target_forward_shapes(model):
+    """(rows, tokens) of every forward of `model` (a hook; remove it with .remove())."""
+    shapes = []
 
     def hook(module, args, kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
+        shapes.append(tuple(kwargs["input_ids"].shape))
 
-    return sizes, model.register_forward_pre_hook(hook, with_kwargs=True)
+    return shapes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+# The prefill: every prompt packed into one sequence, no padding.
+PACKED_PREFILL = (1, sum(len(prompt) for prompt in PROMPTS))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral"])
@@ -71,7 +76,7 @@ def test_each_row_equals_its_prompt_alone_with_ragged_acceptance(arch):
     # gpt2: learned absolute positions; mistral: a sliding window the 48 tokens cross.
     target = tiny_model(arch, seed=0)
     draft = perturbed_copy(target, 0.003)
-    sizes, hook = target_forward_batches(target)
+    shapes, hook = target_forward_shapes(target)
     ids, out = speculative_batch(target, draft, 48, speculation_schedule="constant")
     hook.remove()
     for row, prompt in enumerate(PROMPTS):
@@ -83,8 +88,22 @@ def test_each_row_equals_its_prompt_alone_with_ragged_acceptance(arch):
         "no round where rows accepted different counts"
     )
     # One target forward per round for all live rows (plus the prefill), all 4 rows at once.
-    assert len(sizes) == 1 + max(len(log) for log in logs)
-    assert sizes[0] == len(PROMPTS)
+    assert len(shapes) == 1 + max(len(log) for log in logs)
+    assert shapes[0] == PACKED_PREFILL and shapes[1][0] == len(PROMPTS)
+
+
+def test_a_prefill_over_the_packing_budget_runs_in_groups_and_stays_exact(monkeypatch):
+    # Prompts of 9, 3, 6 and 7 tokens under a 9-token budget: [9], [3 + 6], [7].
+    monkeypatch.setattr(batched_runner, "PACKED_PREFILL_TOKENS", 9)
+    target = tiny_model("mistral", seed=1)  # a sliding window, masked per packed row too
+    draft = perturbed_copy(target, 0.003)
+    shapes, hook = target_forward_shapes(target)
+    ids, out = speculative_batch(target, draft, 20, speculation_schedule="constant")
+    hook.remove()
+    assert shapes[:4] == [(1, 9), (1, 9), (1, 7), (len(PROMPTS), 5)]
+    assert out.stats.drafted > out.stats.accepted > 0
+    for row, prompt in enumerate(PROMPTS):
+        assert out.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 20, eos_token_id=[]), row
 
 
 def test_rows_finish_at_different_times_and_drop_out():
@@ -93,7 +112,7 @@ def test_rows_finish_at_different_times_and_drop_out():
     free = [alone(target, prompt, 40, eos_token_id=[]) for prompt in PROMPTS]
     # An EOS that row 0 emits early and row 1 never does: rows end at EOS and at max_new_tokens.
     eos = next(t for t in free[0][2:12] if t not in free[1])
-    sizes, hook = target_forward_batches(target)
+    shapes, hook = target_forward_shapes(target)
     ids, out = speculative_batch(target, draft, 40, eos_token_id=eos, pad_token_id=0)
     hook.remove()
     lengths = []
@@ -104,7 +123,7 @@ def test_rows_finish_at_different_times_and_drop_out():
         lengths.append(len(expected))
         assert out.row_stats[row].new_tokens == len(expected)
     assert lengths[0] < 12 and lengths[1] == 40
-    assert sizes[-1] < len(PROMPTS)  # finished rows left the batch
+    assert shapes[-1][0] < len(PROMPTS)  # finished rows left the batch
     # The merged stats of a batch count every row, but its time once (the rows ran side by side).
     assert out.stats.new_tokens == sum(lengths)
     assert out.stats.total_seconds == max(row.total_seconds for row in out.row_stats)
@@ -116,7 +135,7 @@ def test_every_batched_method_equals_each_prompt_alone(method):
     target = tiny_model("qwen2", seed=3)
     draft = perturbed_copy(target, 0.01)
     ids, mask = left_padded(PROMPTS)
-    sizes, hook = target_forward_batches(target)
+    shapes, hook = target_forward_shapes(target)
     with saguaro.SpeculativeGenerator(target, draft, method=method, placement="inline") as generator:
         out = generator.generate(
             ids, max_new_tokens=30, attention_mask=mask, eos_token_id=[], return_dict_in_generate=True
@@ -126,7 +145,7 @@ def test_every_batched_method_equals_each_prompt_alone(method):
         assert out.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 30, eos_token_id=[]), row
     if method != "auto":  # auto may choose a tree, whose batch runs row after row
         # One forward per round for all rows: a prefill and at most 29 steps, not 4 x 30 forwards.
-        assert sizes[0] == len(PROMPTS) and len(sizes) <= 30
+        assert shapes[0] == PACKED_PREFILL and shapes[1][0] == len(PROMPTS) and len(shapes) <= 30
     if method == "saguaro":  # served by the batched speculative loop
         assert out.stats.method == "speculative" and out.stats.drafted > 0
 

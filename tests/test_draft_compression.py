@@ -353,9 +353,9 @@ def test_dense_crossover_needs_the_float_weight_to_win_from_there_on(monkeypatch
     rows = (2, 4, 8, 16, 32)
     # Measured from the largest size down, (kernel, dense) per size.
     costs = iter([(32, 16), (16, 16), (8, 16), (4, 3)][i // 2][i % 2] for i in range(8))
-    assert draft_compression.measure_dense_crossover(linear, rows) == 16
+    assert draft_compression.measure_dense_crossover([linear], rows) == 16
     costs = iter([(32, 40)][i // 2][i % 2] for i in range(2))  # the kernel wins even at 32 rows
-    assert draft_compression.measure_dense_crossover(linear, rows) == float("inf")
+    assert draft_compression.measure_dense_crossover([linear], rows) == float("inf")
 
 
 def test_quantize_draft_times_its_crossover_and_a_prefill_stays_exact():
