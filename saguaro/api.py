@@ -145,17 +145,15 @@ def _check_pair(target, draft_model, draft_device) -> None:
             )
 
 
-def _check_saguaro_options(target, draft_model, num_speculative_tokens, saguaro_budget, worker_timeout):
+def _check_saguaro_options(target, draft_model, saguaro_budget, worker_timeout):
     """Clear errors for options the Saguaro worker would otherwise trip over mid-generation."""
     if saguaro_budget is not None:
-        # geometric_fanout gives each of the K + 1 verification outcomes at least one guess.
-        floor = num_speculative_tokens + 1
         if not isinstance(saguaro_budget, numbers.Integral) or isinstance(saguaro_budget, bool):
             raise ValueError(f"saguaro_budget must be an int (or None to adapt it), got {saguaro_budget!r}")
-        if saguaro_budget < floor:
+        if saguaro_budget < 1:
             raise ValueError(
-                f"saguaro_budget={saguaro_budget} cannot give each of the {floor} verification outcomes "
-                f"a guess: use at least num_speculative_tokens + 1 = {floor}, or None to adapt it"
+                f"saguaro_budget={saguaro_budget} pre-speculates no branch: use at least 1 "
+                "(or None to adapt it)"
             )
         # An outcome's guesses are the top-F_k tokens of the draft's distribution (F_k <= budget).
         vocab = min(m.config.vocab_size for m in (target, draft_model) if m is not None)
@@ -270,7 +268,7 @@ class SpeculativeGenerator:
                 "saguaro_reshape (the factor C on the draft's top tokens) must be in (0, 1], "
                 f"got {saguaro_reshape}"
             )
-        _check_saguaro_options(target, draft_model, num_speculative_tokens, saguaro_budget, worker_timeout)
+        _check_saguaro_options(target, draft_model, saguaro_budget, worker_timeout)
         if not isinstance(prefix_cache, bool):
             raise ValueError(f"prefix_cache must be True or False, got {prefix_cache!r}")
         check_max_bytes(prefix_cache_bytes)
@@ -675,10 +673,11 @@ class SpeculativeGenerator:
             )
         elif self.method == "saguaro":
             self._seed_saguaro_lookahead()
-            with self.threads:
+            worker = self._draft_worker()
+            with self.threads, self.threads.hand_back_when_idle(self.target, worker.prespeculating):
                 new = saguaro(
                     runner,
-                    self._draft_worker(),
+                    worker,
                     prompt,
                     sampler,
                     stop,

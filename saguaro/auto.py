@@ -131,7 +131,7 @@ def predict(
                 c.draft_beside,
                 rates,
                 hit_rate=hit_rate,
-                branches=max(k + 1, fits),
+                branches=max(1, fits),
             )
 
         predicted["saguaro"] = max(saguaro_at(k) for k in ks)

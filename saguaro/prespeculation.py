@@ -154,10 +154,13 @@ class PreSpeculator:
         if verify_seconds:
             self.verify_seconds = verify_seconds
             # Keep pre-speculation within one verification: that is what makes a hit free. An
-            # outcome that cut it short says the branches were too many to reach full depth.
+            # outcome that cut it short says the branches were too many to reach full depth; a
+            # quarter fewer then, so an overloaded drafter (two shared cores) finds its size in a
+            # few rounds. Below K + 1 branches only the likeliest outcomes get one (fanout.py), and
+            # a drafter done early gives the target its core back (placement.hand_back_when_idle).
             if self.adaptive_budget and self.prespeculation_seconds:
                 if not self.prespeculation_finished or self.prespeculation_seconds > verify_seconds:
-                    self.budget = max(self.lookahead + 1, self.budget - 1)
+                    self.budget = max(1, self.budget - max(1, self.budget // 4))
                 elif self.prespeculation_seconds < 0.8 * verify_seconds:
                     self.budget = min(8 * (self.lookahead + 1), self.budget + 1)
 

@@ -59,11 +59,13 @@ class WorkerError:
         return f"{self.type_name}: {self.message}"
 
 
-def _serve(conn: Connection, make_speculator, before_reply=lambda: None) -> None:
+def _serve(conn: Connection, make_speculator, before_reply=lambda: None, prespeculating=None) -> None:
     """Worker loop: answer reset/resolve/catch_up requests, pre-speculate while the target verifies.
 
     A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError). `before_reply` runs
     before each reply (a drafter on its own CUDA stream: let the reader see finished tensors).
+    `prespeculating` (a shared flag, or None) is up from before a reply until pre-speculation
+    ends: raised before the reply, so a target that has the draft never sees it down too early.
     """
     inbox: deque = deque()
     failure: WorkerError | None = None
@@ -93,6 +95,8 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None) -> None
             try:
                 draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
                 before_reply()
+                if prespeculating is not None:
+                    prespeculating.value = 1
                 conn.send((seq, draft))
                 answered = True
                 speculator.prespeculate(request_waiting)
@@ -103,13 +107,16 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None) -> None
                 if not answered:
                     conn.send((seq, failure))
                     return
+            finally:
+                if prespeculating is not None:
+                    prespeculating.value = 0
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the generator is gone
     finally:
         conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
 
 
-def _process_main(conn, threads, model, speculator_kwargs) -> None:
+def _process_main(conn, threads, model, speculator_kwargs, prespeculating) -> None:
     torch.set_num_threads(threads)
     if isinstance(model, tuple):  # spawned: rebuild the module around the shared-memory weights
         from transformers import AutoModelForCausalLM
@@ -120,7 +127,7 @@ def _process_main(conn, threads, model, speculator_kwargs) -> None:
         model.load_state_dict(state_dict, assign=True, strict=False)
         model.tie_weights()
         model.eval()
-    _serve(conn, lambda: PreSpeculator(model, **speculator_kwargs))
+    _serve(conn, lambda: PreSpeculator(model, **speculator_kwargs), prespeculating=prespeculating)
 
 
 def _drafter_rank_usable() -> bool:
@@ -153,6 +160,8 @@ class DraftWorker:
         self._speculator_kwargs = speculator_kwargs
         self._inline: PreSpeculator | None = None
         self._conn = self._process = self._thread = None
+        # A worker process's flag, up while it pre-speculates (placement.hand_back_when_idle).
+        self.prespeculating = None
         self._seq = 0
         self.failures = self.restarts = 0
         self._calls_until_restart = 0
@@ -178,9 +187,10 @@ class DraftWorker:
             self._conn, child = ctx.Pipe()
             model = self.model
             payload = model if method == "fork" else (model.config, model.state_dict(), model.dtype)
+            self.prespeculating = ctx.Value("b", 0, lock=False)
             self._process = ctx.Process(
                 target=_process_main,
-                args=(child, self.threads, payload, kwargs),
+                args=(child, self.threads, payload, kwargs, self.prespeculating),
                 daemon=True,
                 name="saguaro-drafter",
             )
@@ -306,7 +316,7 @@ class DraftWorker:
             self._thread.join(timeout=grace)
         if self._conn is not None:
             self._conn.close()
-        self._conn = self._process = self._thread = None
+        self._conn = self._process = self._thread = self.prespeculating = None
 
     def detach(self) -> None:
         """Let go of the concurrent drafter (another generator takes the drafter rank) and draft

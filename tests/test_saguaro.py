@@ -230,7 +230,16 @@ def test_geometric_fanout_follows_acceptance():
     assert low[0] == max(low) and low[0] > high[0]  # rejections come early: guess there
     assert high[-1] > low[-1]
     with pytest.raises(ValueError, match="budget"):
-        geometric_fanout(3, 4, 0.5)
+        geometric_fanout(0, 4, 0.5)
+
+
+@pytest.mark.parametrize("acceptance", [0.2, 0.9])
+def test_a_budget_below_one_per_outcome_guesses_for_the_likeliest(acceptance):
+    # Outcome k has chance a^k (1 - a), and all K accepted a^K: low acceptance, early rejections.
+    one, three = geometric_fanout(1, 4, acceptance), geometric_fanout(3, 4, acceptance)
+    assert sum(one) == 1 and sum(three) == 3 and max(three) == 1
+    assert one == ([1, 0, 0, 0, 0] if acceptance < 0.5 else [0, 0, 0, 0, 1])
+    assert three == ([1, 1, 1, 0, 0] if acceptance < 0.5 else [1, 1, 0, 0, 1])
 
 
 def test_misses_fall_back_to_prompt_lookup_when_it_pays():

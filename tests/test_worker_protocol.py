@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -219,3 +220,57 @@ def test_thread_split_gives_the_target_every_core_while_the_drafter_idles():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(os.cpu_count() or 1)
+
+
+def test_the_target_takes_the_drafters_core_back_between_layers_once_it_idles():
+    model = tiny_model("llama", seed=0)
+    flag = multiprocessing.Value("b", 1, lock=False)  # up: the worker pre-speculates
+    layers = model.model.layers
+    seen = []
+
+    def record(index):
+        def hook(module, args):
+            seen.append(torch.get_num_threads())
+            if index == 0:
+                flag.value = 0  # pre-speculation ends while the target is inside its first layer
+
+        return hook
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadSplit(total=2, drafter=1) as split:
+            with split.hand_back_when_idle(model, flag):
+                handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(layers)]
+                split.beside_drafter()
+                model(torch.tensor([[1, 2, 3]]))
+                assert seen[0] == 1 and set(seen[1:]) == {2}  # from the next layer on: every core
+                seen.clear()
+                flag.value, _ = 1, split.beside_drafter()
+                model(torch.tensor([[1, 2, 3]]))
+                assert seen[0] == 1  # raised again: the target keeps to its share until it drops
+            split.beside_drafter()
+            flag.value = 0
+            seen.clear()
+            model(torch.tensor([[1, 2, 3]]))
+            assert set(seen) == {1}  # outside the context nothing watches the flag
+            for handle in handles:
+                handle.remove()
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def test_a_worker_process_flags_its_prespeculation(monkeypatch):
+    # The flag is up from before the reply to the end of pre-speculation, and down when idle.
+    target = tiny_model("llama", seed=0)
+    draft = perturbed_copy(target, 0.05, seed=1)
+    worker = saguaro.workers.DraftWorker(draft, "process", lookahead=3)
+    try:
+        assert worker.prespeculating is not None
+        worker.reset([1, 5, 9, 2, 7, 3], SamplingConfig(), 0)
+        deadline = time.monotonic() + 30
+        while worker.prespeculating.value and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.prespeculating.value == 0  # pre-speculation over, nothing else to do
+    finally:
+        worker.close()
+    assert worker.prespeculating is None
