@@ -20,8 +20,9 @@ from .compiled_runner import GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, chec
 from .consensus import Consensus
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
-from .drafters import ModelDrafter, PromptLookupDrafter
-from .engines import StopRule, autoregressive, saguaro, speculative
+from .draft_stream import DraftStream
+from .drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
+from .engines import StopRule, autoregressive, speculative
 from .faults import logger, warn
 from .placement import NoSplit, ThreadSplit
 from .prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
@@ -668,51 +669,58 @@ class SpeculativeGenerator:
         start = time.perf_counter()
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
-        elif self.method == "prompt_lookup":
-            new = speculative(
-                runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead
-            )
-        elif self.method == "saguaro":
-            self._seed_saguaro_lookahead()
+        else:
+            drafts = self._draft_stream(sampler, capacity, max_depth, runners)
             with self.threads:
-                new = saguaro(
+                new = speculative(
                     runner,
-                    self._draft_worker(),
+                    drafts,
                     prompt,
                     sampler,
                     stop,
                     stats,
-                    self._inline_worker,
+                    max_depth,
                     self.lookahead,
                     self.threads,
+                    self._inline_worker,
                 )
-        else:
-            # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
-            draft_runner = None
-            if self.tree_shape is None:
-                # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
-                # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
-                chains = () if sampler.config.do_sample else tuple(range(1, max_depth + 1))
-                draft_runner = self._runner(
-                    "draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains
-                )
-            drafter = ModelDrafter(
-                self._draft,
-                sampler.drafting(),
-                self.target.config.vocab_size,
-                capacity,
-                self.tree_shape,
-                self._draft_prefixes,
-                draft_runner,
-            )
-            runners.append(drafter.runner)
-            new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
         # Each cache holds a prefix of prompt + the untrimmed generation, and so of prompt + new.
         for owner in runners:
             owner.remember(prompt + new)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
         return new, stats
+
+    def _draft_stream(
+        self, sampler: TokenSampler, capacity: int, max_depth: int, runners: list[ModelRunner]
+    ) -> DraftStream:
+        """Where this call's drafts come from: the Saguaro worker, or a drafter drafting inline
+        (whose runner joins `runners`, the caches stored for later calls)."""
+        if self.method == "saguaro":
+            self._seed_saguaro_lookahead()
+            worker = self._draft_worker()
+            worker.sample_as(sampler)
+            return worker
+        if self.method == "prompt_lookup":
+            return InlineDrafts(PromptLookupDrafter())
+        # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
+        draft_runner = None
+        if self.tree_shape is None:
+            # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
+            # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
+            chains = () if sampler.config.do_sample else tuple(range(1, max_depth + 1))
+            draft_runner = self._runner("draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains)
+        drafter = ModelDrafter(
+            self._draft,
+            sampler.drafting(),
+            self.target.config.vocab_size,
+            capacity,
+            self.tree_shape,
+            self._draft_prefixes,
+            draft_runner,
+        )
+        runners.append(drafter.runner)
+        return InlineDrafts(drafter)
 
     def _runner(self, role: str, model, capacity: int, prefixes, buckets, chains=()) -> ModelRunner:
         """A fresh eager runner, or with compile=True this role's compiled runner: reused while its
