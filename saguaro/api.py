@@ -661,7 +661,7 @@ class SpeculativeGenerator:
         runner = self._target_runner(prompt, stop, blocks)
         if consensus is not None:
             runner = consensus.lead(runner)
-        runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
+        owners = [runner]  # whose KV is stored for later calls (the worker stores its own)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
         if self.method not in MODEL_FREE:
             self._prepared_draft(prompt)
@@ -670,7 +670,7 @@ class SpeculativeGenerator:
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
         else:
-            drafts = self._draft_stream(sampler, capacity, max_depth, runners)
+            drafts = self._draft_stream(sampler, capacity, max_depth, owners)
             with self.threads:
                 new = speculative(
                     runner,
@@ -685,17 +685,17 @@ class SpeculativeGenerator:
                     self._inline_worker,
                 )
         # Each cache holds a prefix of prompt + the untrimmed generation, and so of prompt + new.
-        for owner in runners:
+        for owner in owners:
             owner.remember(prompt + new)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
         return new, stats
 
     def _draft_stream(
-        self, sampler: TokenSampler, capacity: int, max_depth: int, runners: list[ModelRunner]
+        self, sampler: TokenSampler, capacity: int, max_depth: int, owners: list
     ) -> DraftStream:
         """Where this call's drafts come from: the Saguaro worker, or a drafter drafting inline
-        (whose runner joins `runners`, the caches stored for later calls)."""
+        (a model drafter joins `owners`, whose KV is stored for later calls)."""
         if self.method == "saguaro":
             self._seed_saguaro_lookahead()
             worker = self._draft_worker()
@@ -719,7 +719,7 @@ class SpeculativeGenerator:
             self._draft_prefixes,
             draft_runner,
         )
-        runners.append(drafter.runner)
+        owners.append(drafter)
         return InlineDrafts(drafter)
 
     def _runner(self, role: str, model, capacity: int, prefixes, buckets, chains=()) -> ModelRunner:

@@ -83,7 +83,8 @@ class DraftStream(ABC):
     """Hands over drafts for the committed sequence (the calls: see the module docstring).
 
     A stream implements the asynchronous halves: `begin(kind, *args)` starts call `kind` ("reset",
-    "resolve" or "catch_up") and returns a ticket, `end(ticket)` returns that call's draft.
+    "resolve" or "catch_up", with every argument of that call, defaults included) and returns a
+    ticket, `end(ticket)` returns that call's draft.
     """
 
     concurrent = False  # True while a drafter works beside the target (the target's threads split)

@@ -136,6 +136,12 @@ class ModelDrafter(Drafter):
             remaining = remaining / remaining.sum() if remaining.sum() > 0 else remaining
         return children
 
+    def remember(self, sequence: list[int]) -> None:
+        """Store the KV of `sequence` (which extends the committed tokens) as far as the cache holds
+        it: committed tokens only, as the entries after them may be nodes of a draft whose outcome
+        the drafter was never told (the last round of a call)."""
+        self.runner.remember(sequence[: len(self.committed)])
+
     def commit(self, path: list[int], next_token: int) -> None:
         if len(self._last.tree):  # propose() fed the committed tokens, then self._fed_nodes nodes
             self.runner.commit_path(len(self.committed), [n for n in path if n < self._fed_nodes])

@@ -230,7 +230,7 @@ def speculative(
         elif synced:
             ticket = request("catch_up", prompt + generated, depth)
         else:  # the first draft of this call
-            ticket, synced = request("reset", prompt + generated, depth), True
+            ticket, synced = request("reset", prompt + generated, depth, True), True
         waited = time.perf_counter() - tick
         stop.stream(generated)  # the caller's streamer runs while the drafter answers
         tick = time.perf_counter()

@@ -132,15 +132,17 @@ def test_rounds_with_speculation_off_idle_the_stream_then_catch_it_up(pair, monk
     streams, verified, _ = record(monkeypatch, target)
     with generator_for(method, pair) as generator:
         depth = generator._tree_extent()[0]
-        generator.lookahead = ScriptedDepths(depth, off={3, 4, 7})
+        generator.lookahead = ScriptedDepths(depth, off={1, 4, 5, 8})
         out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
     assert out.sequences[0, PROMPT.shape[1] :].tolist() == hf_greedy(target, 30)
     sources = [round_["source"] for round_ in out.stats.round_log]
-    assert sources[2:4] == [DraftSource.OFF] * 2 and sources[6] == DraftSource.OFF
+    assert [sources[i] for i in (0, 3, 4, 7)] == [DraftSource.OFF] * 4
     (stream,) = streams
-    # One call per drafted round: none while speculation is off, a catch-up after each off spell.
-    assert stream.calls.count("catch_up") == 1 + 2  # the first draft after the prefill, then two
-    assert len(stream.drafts) == 1 + sum(source != DraftSource.OFF for source in sources)
+    # One call per drafted round, none while speculation is off: the stream first hears of the
+    # sequence when the first round that drafts comes, and catches up after each off spell.
+    assert stream.calls[0] == "reset" and stream.calls.count("reset") == 1
+    assert stream.calls.count("catch_up") == 2
+    assert len(stream.drafts) == len(stream.calls) == sum(source != DraftSource.OFF for source in sources)
     assert 0 < out.stats.accepted < out.stats.drafted
 
 
