@@ -52,7 +52,7 @@ class Draft:
     tokens: list[int]
     probs: torch.Tensor | None = None  # [len(tokens), V]
     source: DraftSource = DraftSource.MODEL
-    tree: TokenTree = None  # None at construction: the chain tokens[0] -> tokens[1] -> ...
+    tree: TokenTree | None = None  # None at construction: the chain tokens[0] -> tokens[1] -> ...
     busy_seconds: float = 0.0  # drafter compute since the previous draft was handed over
     prepared_branches: int = 0  # outcomes pre-speculated while the previous draft was verified
 
