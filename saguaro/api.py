@@ -20,8 +20,9 @@ from .compiled_runner import CHAIN_FEED, GREEDY_BLOCK, STATIC_CAPACITY, Compiled
 from .consensus import Consensus
 from .cost_model import LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
-from .drafters import ModelDrafter, PromptLookupDrafter
-from .engines import StopRule, autoregressive, saguaro, speculative
+from .draft_stream import DraftStream
+from .drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
+from .engines import StopRule, autoregressive, speculative
 from .faults import logger, warn
 from .placement import NoSplit, ThreadSplit
 from .prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
@@ -659,7 +660,7 @@ class SpeculativeGenerator:
         runner = self._target_runner(prompt, stop, blocks)
         if consensus is not None:
             runner = consensus.lead(runner)
-        runners = [runner]  # whose KV is stored for later calls (the worker stores its own)
+        owners = [runner]  # whose KV is stored for later calls (the worker stores its own)
         stats = GenerationStats(method=self.method, prompt_tokens=len(prompt))
         if self.method not in MODEL_FREE:
             self._prepared_draft(prompt)
@@ -667,53 +668,61 @@ class SpeculativeGenerator:
         start = time.perf_counter()
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
-        elif self.method == "prompt_lookup":
-            new = speculative(
-                runner, PromptLookupDrafter(), prompt, sampler, stop, stats, max_depth, self.lookahead
-            )
-        elif self.method == "saguaro":
-            self._seed_saguaro_lookahead()
-            worker = self._draft_worker()
-            with self.threads, self.threads.hand_back_when_idle(self.target, worker.prespeculating):
-                new = saguaro(
+        else:
+            drafts = self._draft_stream(sampler, capacity, max_depth, owners)
+            # A Saguaro worker process flags its pre-speculation: once it drops, the target takes
+            # the worker's core back for the rest of its forward.
+            with self.threads, self.threads.hand_back_when_idle(self.target, drafts.prespeculating):
+                new = speculative(
                     runner,
-                    worker,
+                    drafts,
                     prompt,
                     sampler,
                     stop,
                     stats,
-                    self._inline_worker,
+                    max_depth,
                     self.lookahead,
                     self.threads,
+                    self._inline_worker,
                 )
-        else:
-            # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
-            draft_runner = None
-            if self.tree_shape is None:
-                # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
-                # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
-                lengths = () if sampler.config.do_sample else range(1, max_depth + 1)
-                chains = tuple((k, CHAIN_FEED) for k in lengths)
-                draft_runner = self._runner(
-                    "draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains
-                )
-            drafter = ModelDrafter(
-                self._draft,
-                sampler.drafting(),
-                self.target.config.vocab_size,
-                capacity,
-                self.tree_shape,
-                self._draft_prefixes,
-                draft_runner,
-            )
-            runners.append(drafter.runner)
-            new = speculative(runner, drafter, prompt, sampler, stop, stats, max_depth, self.lookahead)
         # Each cache holds a prefix of prompt + the untrimmed generation, and so of prompt + new.
-        for owner in runners:
+        for owner in owners:
             owner.remember(prompt + new)
         stats.total_seconds = time.perf_counter() - start
         stats.new_tokens = len(new)
         return new, stats
+
+    def _draft_stream(
+        self, sampler: TokenSampler, capacity: int, max_depth: int, owners: list
+    ) -> DraftStream:
+        """Where this call's drafts come from: the Saguaro worker, or a drafter drafting inline
+        (a model drafter joins `owners`, whose KV is stored for later calls)."""
+        if self.method == "saguaro":
+            self._seed_saguaro_lookahead()
+            worker = self._draft_worker()
+            worker.sample_as(sampler)
+            return worker
+        if self.method == "prompt_lookup":
+            return InlineDrafts(PromptLookupDrafter())
+        # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
+        draft_runner = None
+        if self.tree_shape is None:
+            # A round feeds the draft the 1 or 2 committed tokens it lacks, then 1 per draft;
+            # greedy, one compiled call drafts the whole chain, of any length up to max_depth.
+            lengths = () if sampler.config.do_sample else range(1, max_depth + 1)
+            chains = tuple((k, CHAIN_FEED) for k in lengths)
+            draft_runner = self._runner("draft", self._draft, capacity, self._draft_prefixes, (1, 2), chains)
+        drafter = ModelDrafter(
+            self._draft,
+            sampler.drafting(),
+            self.target.config.vocab_size,
+            capacity,
+            self.tree_shape,
+            self._draft_prefixes,
+            draft_runner,
+        )
+        owners.append(drafter)
+        return InlineDrafts(drafter)
 
     def _runner(self, role: str, model, capacity: int, prefixes, buckets, chains=()) -> ModelRunner:
         """A fresh eager runner, or with compile=True this role's compiled runner: reused while its

@@ -20,12 +20,12 @@ import torch
 
 from .batched_runner import BatchedRunner
 from .cost_model import LookaheadController
-from .drafters import Drafter, Proposal
+from .draft_stream import Draft
+from .drafters import Drafter
 from .engines import StopRule, verify_proposal
 from .prefix_cache import PrefixCache
 from .sampling import TokenSampler
 from .stats import GenerationStats
-from .tree import TokenTree
 
 
 class BatchedModelDrafter:
@@ -60,7 +60,7 @@ class BatchedModelDrafter:
         self.fed = [0] * len(rows)
         self._mark, self._drafted_fed = None, 0
 
-    def propose(self, depths: list[int]) -> list[Proposal]:
+    def propose(self, depths: list[int]) -> list[Draft]:
         pending = [row[fed:] for row, fed in zip(self.committed, self.fed)]
         # Left-padded, so every row's last token is in the last column, the only one whose logits
         # are needed: the prompt at first, then one or two tokens per row (more after plain steps).
@@ -95,13 +95,13 @@ class BatchedModelDrafter:
         else:
             self.round_seconds = None
         self._drafted_fed = max(max(depths) - 1, 0)
-        tokens = torch.stack(tokens, 1)  # [B, levels]
+        tokens = torch.stack(tokens, 1).tolist()  # [B][levels], one host read
         probs = None if self.sampler.greedy else torch.stack(probs, 1)  # [B, levels, V]
-        proposals = []
+        drafts = []
         for row, depth in enumerate(depths):
             row_probs = None if probs is None else probs[row, :depth]
-            proposals.append(Proposal(tokens[row, :depth], row_probs, TokenTree.chain(depth)))
-        return proposals
+            drafts.append(Draft(tokens[row][:depth], row_probs))
+        return drafts
 
     def catch_up_tokens(self) -> int:
         """What the next propose() feeds before it drafts (rows x the widest row's pending tokens)."""
@@ -145,7 +145,7 @@ class PerRowDrafters:
         for drafter, row in zip(self.drafters, rows):
             drafter.reset(row)
 
-    def propose(self, depths: list[int]) -> list[Proposal]:
+    def propose(self, depths: list[int]) -> list[Draft]:
         return [drafter.propose(depth) for drafter, depth in zip(self.drafters, depths)]
 
     def commit(self, accepted: list[list[int]]) -> None:
@@ -215,10 +215,10 @@ def batched_speculative(
                 depth = 0
         depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(live)
         tick = time.perf_counter()
-        proposals = drafter.propose(depths) if max(depths) else [Proposal.empty()] * len(live)
+        proposals = drafter.propose(depths) if max(depths) else [Draft.off()] * len(live)
         tock = time.perf_counter()
         mark = target.mark()
-        fed = [[generated[row][-1], *proposal.tokens.tolist()] for row, proposal in zip(live, proposals)]
+        fed = [[generated[row][-1], *proposal.tokens] for row, proposal in zip(live, proposals)]
         logits = target.forward(fed)
         emitted = []
         for i, (row, proposal) in enumerate(zip(live, proposals)):
@@ -226,7 +226,7 @@ def batched_speculative(
             path, next_token = verify_proposal(
                 logits[i, :width], proposal, samplers[row], prompts[row] + generated[row]
             )
-            emitted.append(proposal.tokens[path].tolist() + [next_token])
+            emitted.append([proposal.tokens[node] for node in path] + [next_token])
         target.keep(mark, [len(tokens) for tokens in emitted])
         if drafter is not None:  # after a plain step it catches up on its next propose
             drafter.commit(emitted)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
-from .drafters import DraftSource
+from .draft_stream import DraftSource
 
 
 def expected_tokens(acceptance: Sequence[float], k: int) -> float:

@@ -1,50 +1,27 @@
-"""Drafters: whatever proposes the tokens the target then verifies.
+"""Drafters: whatever proposes the tokens the target then verifies, and `InlineDrafts`, which
+serves a drafter to the decoding loop through the one draft protocol (draft_stream.py).
 
 A drafter follows the committed sequence through three calls:
   reset(tokens)          - a new sequence, all of `tokens` committed;
-  propose(k)             - k draft tokens continuing the committed sequence, with the distribution
-                           each was drawn from (None for a deterministic proposal);
-  commit(accepted, next) - the first `accepted` drafts were kept, then `next` was emitted.
-The engines never look inside; later drafters (prompt lookup, the Saguaro pool) plug in here.
+  propose(k)             - a `Draft` of at most k levels continuing the committed sequence (a chain
+                           or a tree), with the distribution each token was drawn from (None for a
+                           deterministic proposal);
+  commit(path, next)     - the draft's nodes `path` (root to leaf) were kept, then `next` was emitted.
 """
 
 from __future__ import annotations
 
 import heapq
+import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
+from .draft_stream import Draft, DraftSource, DraftStream
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 from .sampling import TokenSampler
 from .tree import DynamicTree, TokenTree
-
-
-class DraftSource(str, Enum):
-    """Where a round's draft came from. A str, so stats and JSON read it as plain text."""
-
-    MODEL = "model"  # drafted by the draft model for this round
-    LOOKUP = "lookup"  # copied from the sequence itself (prompt lookup)
-    CACHE = "cache"  # a Saguaro branch pre-speculated while the previous round was verified
-    OFF = "off"  # no draft: speculation was off, the round was a plain target step
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass
-class Proposal:
-    tokens: torch.Tensor  # [T] token ids, the nodes of `tree`
-    probs: torch.Tensor | None  # [T, V]: what tokens[i] was drawn from; None = deterministic
-    tree: TokenTree  # a chain for plain speculative decoding
-    source: DraftSource = DraftSource.MODEL
-
-    @classmethod
-    def empty(cls) -> Proposal:
-        return cls(torch.empty(0, dtype=torch.long), None, TokenTree(()))
 
 
 class Drafter(ABC):
@@ -52,7 +29,7 @@ class Drafter(ABC):
     def reset(self, tokens: list[int]) -> None: ...
 
     @abstractmethod
-    def propose(self, max_depth: int) -> Proposal: ...
+    def propose(self, max_depth: int) -> Draft: ...
 
     @abstractmethod
     def commit(self, path: list[int], next_token: int) -> None:
@@ -89,13 +66,13 @@ class ModelDrafter(Drafter):
         self.vocab_size = vocab_size
         self.shape = shape
         self.committed: list[int] = []
-        self._last = Proposal.empty()
+        self._last = Draft([])
         self._fed_nodes = 0
 
     def reset(self, tokens: list[int]) -> None:
         self.runner.reset()
         self.committed = list(tokens)
-        self._last, self._fed_nodes = Proposal.empty(), 0
+        self._last, self._fed_nodes = Draft([]), 0
 
     def _levels(self, max_depth: int) -> list[tuple[int, int | None]]:
         """Per level: (children offered per node, most nodes kept; None = all offered)."""
@@ -103,11 +80,11 @@ class ModelDrafter(Drafter):
             return [(self.shape.top_k, self.shape.top_k)] * min(max_depth, self.shape.depth)
         return [(width, None) for width in (self.shape or [1] * max_depth)[:max_depth]]
 
-    def propose(self, max_depth: int) -> Proposal:
+    def propose(self, max_depth: int) -> Draft:
         levels = self._levels(max_depth)
         self._fed_nodes = 0
         if not levels:
-            self._last = Proposal.empty()
+            self._last = Draft([])
             return self._last
         budget = self.shape.budget if isinstance(self.shape, DynamicTree) else None
         pending = self.committed[self.runner.length :]  # all of it after reset: a prefill
@@ -116,7 +93,7 @@ class ModelDrafter(Drafter):
             tokens = self.runner.greedy_chain(pending, len(levels), self.vocab_size)
             if tokens is not None:
                 self._fed_nodes = len(tokens) - 1  # the last draft is fed next round, as below
-                self._last = Proposal(torch.tensor(tokens), None, TokenTree.chain(len(tokens)))
+                self._last = Draft(tokens)
                 return self._last
         level_logits = self.runner.feed(pending)[0][None, : self.vocab_size]
         if self.shape is None:
@@ -141,10 +118,10 @@ class ModelDrafter(Drafter):
                 level_logits = self.runner.forward(tokens[-len(chosen) :], tree, cached_nodes=self._fed_nodes)
                 level_logits = level_logits[:, : self.vocab_size]
                 self._fed_nodes = len(tree)
-        self._last = Proposal(torch.tensor(tokens), None if self.sampler.greedy else torch.stack(probs), tree)
+        self._last = Draft(tokens, None if self.sampler.greedy else torch.stack(probs), tree=tree)
         return self._last
 
-    def _chain(self, logits: torch.Tensor, length: int) -> Proposal:
+    def _chain(self, logits: torch.Tensor, length: int) -> Draft:
         """A chain of `length` drafts after the committed sequence, whose last logits are [1, V]: each
         token is chosen on the device and fed back as a tensor, and the host reads the chain once at
         the end, so a GPU drafts without waiting per token. The same tokens and draws as drafting
@@ -158,8 +135,8 @@ class ModelDrafter(Drafter):
                 # The newest draft sees the committed context and the drafts before it: a plain step.
                 logits = self.runner.forward(tokens[-1])[:, : self.vocab_size]
                 self._fed_nodes = depth + 1
-        chain = torch.cat(tokens).cpu()  # the round's one host read
-        return Proposal(chain, None if self.sampler.greedy else torch.stack(probs), TokenTree.chain(length))
+        chain = torch.cat(tokens).tolist()  # the round's one host read
+        return Draft(chain, None if self.sampler.greedy else torch.stack(probs))
 
     def _children(self, logits: torch.Tensor, width: int) -> list[tuple[int, torch.Tensor | None, float]]:
         """Up to `width` distinct children in draw order: (token, distribution it was drawn from
@@ -179,11 +156,17 @@ class ModelDrafter(Drafter):
             remaining = remaining / remaining.sum() if remaining.sum() > 0 else remaining
         return children
 
+    def remember(self, sequence: list[int]) -> None:
+        """Store the KV of `sequence` (which extends the committed tokens) as far as the cache holds
+        it: committed tokens only, as the entries after them may be nodes of a draft whose outcome
+        the drafter was never told (the last round of a call)."""
+        self.runner.remember(sequence[: len(self.committed)])
+
     def commit(self, path: list[int], next_token: int) -> None:
         if len(self._last.tree):  # propose() fed the committed tokens, then self._fed_nodes nodes
             self.runner.commit_path(len(self.committed), [n for n in path if n < self._fed_nodes])
-        self.committed += self._last.tokens[path].tolist() + [next_token]
-        self._last, self._fed_nodes = Proposal.empty(), 0
+        self.committed += [self._last.tokens[node] for node in path] + [next_token]
+        self._last, self._fed_nodes = Draft([]), 0
 
 
 def best_prefixes(
@@ -232,14 +215,45 @@ class PromptLookupDrafter(Drafter):
     def reset(self, tokens: list[int]) -> None:
         self.committed, self._last = list(tokens), []
 
-    def propose(self, max_depth: int) -> Proposal:
+    def propose(self, max_depth: int) -> Draft:
         self._last = lookup_continuation(self.committed, max_depth, self.max_ngram)
-        return Proposal(
-            torch.tensor(self._last, dtype=torch.long),
-            None,
-            TokenTree.chain(len(self._last)),
-            DraftSource.LOOKUP,
-        )
+        return Draft(self._last, None, DraftSource.LOOKUP)
 
     def commit(self, path: list[int], next_token: int) -> None:
         self.committed += [self._last[i] for i in path] + [next_token]
+
+
+class InlineDrafts(DraftStream):
+    """A `Drafter` behind the draft protocol: it drafts when asked, in this thread, so the target
+    waits for every draft (resolve = commit the outcome, then propose the next draft). `begin`
+    drafts at once; its ticket is the draft."""
+
+    def __init__(self, drafter: Drafter):
+        self.drafter = drafter
+        self.known = 0  # committed tokens the drafter has been told of
+
+    def begin(self, kind: str, *args) -> Draft:
+        start = time.perf_counter()
+        if kind == "reset":
+            committed, depth, draft = args
+            self.drafter.reset(committed)
+            self.known = len(committed)
+            if not draft:
+                return Draft.off()
+        elif kind == "resolve":
+            path, next_token, _, depth = args
+            self.drafter.commit(path, next_token)
+            self.known += len(path) + 1
+        else:  # catch_up
+            committed, depth = args
+            # The last draft's outcome was never resolved: none of its nodes is kept (the tokens it
+            # got right arrive as committed tokens, which the drafter feeds at its next proposal).
+            for token in committed[self.known :]:
+                self.drafter.commit([], token)
+            self.known = len(committed)
+        draft = self.drafter.propose(depth)
+        draft.busy_seconds = time.perf_counter() - start
+        return draft
+
+    def end(self, ticket: Draft) -> Draft:
+        return ticket

@@ -1,12 +1,15 @@
 """Decoding loops. Each takes a prompt and returns the new token ids, exactly as the target alone
 would produce them (greedy) or distributed as the target alone would sample them.
 
-Round structure of `speculative` (positions are explicit: the target cache holds the committed
-sequence minus its last token `token`, which every round feeds first, as the root of the tree):
-    draft      = drafter.propose(k)                    # a tree (or chain) of depth <= k
+`autoregressive` is the baseline; `speculative` serves every drafting method (speculative, tree,
+prompt_lookup, saguaro) through the one draft protocol (draft_stream.py). Round structure
+(positions are explicit: the target cache holds the committed sequence minus its last token
+`token`, which every round feeds first, as the root of the tree):
     logits     = target.forward([token, *draft])        # the root and every node, one forward
     path, next = verify(...)                            # accepted nodes, then the target's `next`
     target keeps token + the path's entries; `next` becomes the new `token`
+    k          = lookahead.choose(...)                  # the next round's depth (0: a plain step)
+    draft      = drafts.resolve(path, next, ..., k)     # a tree (or chain) of depth <= k
 """
 
 from __future__ import annotations
@@ -16,13 +19,11 @@ import time
 import torch
 
 from .cost_model import LookaheadController
-from .drafters import Drafter, DraftSource, Proposal
+from .draft_stream import Draft, DraftSource, DraftStream
 from .placement import NoSplit, ThreadSplit
-from .prespeculation import Draft
 from .runner import ModelRunner
 from .sampling import TokenSampler, pad_vocab
 from .stats import GenerationStats
-from .tree import TokenTree
 from .verify import (
     one_hot_probs,
     verify_chain_greedy,
@@ -119,179 +120,157 @@ def autoregressive(
 
 def speculative(
     target: ModelRunner,
-    drafter: Drafter,
+    drafts: DraftStream,
     prompt: list[int],
     sampler: TokenSampler,
     stop: StopRule,
     stats: GenerationStats,
     max_depth: int,
     lookahead: LookaheadController | None = None,
-) -> list[int]:
-    """Speculative decoding: the drafter proposes a chain or tree, the target checks it in one forward.
-
-    With a `lookahead` controller each round's depth is chosen from measured costs and acceptance
-    (0: this round is a plain target step); without one every round drafts max_depth.
-    """
-    start = time.perf_counter()
-    logits, stats.reused_prompt_tokens = target.feed(prompt)
-    stats.prefill_seconds = time.perf_counter() - start
-    generated = [sampler.choose(logits, prompt)]
-    stop.stream(generated)
-    drafter.reset(prompt + generated)
-    while not stop.finished(generated):
-        # Never draft past max_new_tokens: a round emits at most depth + 1 tokens.
-        depth = min(max_depth, stop.remaining(generated) - 1)
-        depth = lookahead.choose(depth) if lookahead else depth
-        tick = time.perf_counter()
-        proposal = drafter.propose(depth) if depth else Proposal.empty()
-        tock = time.perf_counter()
-        base = target.length
-        logits = target.forward([generated[-1], *proposal.tokens.tolist()], proposal.tree.under_root())
-        path, next_token = verify_proposal(logits, proposal, sampler, prompt + generated)
-        target.commit_path(base, [0] + [1 + node for node in path])
-        drafter.commit(path, next_token)
-        generated += proposal.tokens[path].tolist() + [next_token]
-        stop.stream(generated)
-        verify_seconds = time.perf_counter() - tock
-        stats.record_round(len(proposal.tokens), len(path), proposal.source, tock - tick, verify_seconds)
-        if lookahead:
-            lookahead.observe(len(proposal.tokens), len(path), verify_seconds, tock - tick)
-    return stop.trim(generated)
-
-
-def verify_proposal(
-    target_logits: torch.Tensor, proposal: Proposal, sampler: TokenSampler, history: list[int]
-) -> tuple[list[int], int]:
-    """Greedy or sampled verification of a proposal against target logits [1 + T, V].
-
-    `history` is the committed sequence (its last token is the root); logits processors that look
-    at earlier tokens score each node with history + the draft tokens down to it.
-    """
-    histories = None
-    if sampler.uses_history:
-        tokens = proposal.tokens.tolist()
-        histories = [history] + [
-            history + [tokens[n] for n in proposal.tree.path_to(node)] for node in range(len(tokens))
-        ]
-    chain = proposal.tree.is_chain
-    if sampler.greedy:
-        scores = sampler.scores(target_logits, histories) if sampler.uses_history else target_logits
-        if chain:
-            return verify_chain_greedy(scores, proposal.tokens)
-        return verify_tree_greedy(scores, proposal.tokens, proposal.tree)
-    p = sampler.probs(target_logits, histories)
-    q = proposal.probs
-    if q is None:
-        q = one_hot_probs(proposal.tokens, max([p.shape[-1], *(proposal.tokens + 1).tolist()]))
-    width = max(p.shape[-1], q.shape[-1])
-    p, q = pad_vocab(p, width), pad_vocab(q.to(p.device), width)
-    if chain:
-        return verify_chain_sampled(p, q, proposal.tokens, sampler)
-    if p.device.type == "cpu":
-        # The tensor version computes a residual for every parent and sibling rank, the walk only
-        # along its path; where a host read costs nothing that wins (a 44-node tree over 152k ids:
-        # 3 ms against 57 ms on one core). Both give identical results (tests/test_verify_tree.py).
-        return verify_tree_sampled_reference(p, q, proposal.tokens, proposal.tree, sampler)
-    return verify_tree_sampled(p, q, proposal.tokens, proposal.tree, sampler)
-
-
-def saguaro(
-    target: ModelRunner,
-    worker,
-    prompt: list[int],
-    sampler: TokenSampler,
-    stop: StopRule,
-    stats: GenerationStats,
-    fallback,
-    lookahead: LookaheadController | None = None,
     threads: ThreadSplit | None = None,
+    fallback=None,
 ) -> list[int]:
-    """Speculative speculative decoding: the next draft was prepared while the target verified.
+    """Speculative decoding, whoever drafts: `drafts` hands over a chain or a tree, the target checks
+    it in one forward, and the outcome goes back to `drafts`, which hands over the next draft.
 
-    `worker` (a workers.DraftWorker) hands over a draft for the committed sequence and, after each
-    verification, the next one: from its speculation cache on a hit, drafted afresh on a miss.
-    If it fails, `fallback(error)` returns the worker to use from then on (drafting inline), and
-    generation goes on with no token lost: the target's state never depends on the worker.
-    `threads` gives the target every core while the drafter idles and the rest while it works.
-    A `lookahead` controller may verify only a prefix of each draft, or none (speculation off: the
-    worker idles, and catches up with the sequence when drafting pays again).
+    `drafts` is a DraftStream: a drafter drafting inline when asked (speculative, tree,
+    prompt_lookup) or the Saguaro worker, whose next draft was prepared while the target verified.
+    With a `lookahead` controller each round's depth is chosen from measured costs and acceptance
+    before the draft is asked for (0: a plain target step; the stream idles, and catches up with the
+    sequence when drafting pays again); without one every round drafts max_depth. While a
+    concurrent stream drafts, `threads` gives the target the cores the drafter leaves (all of
+    them while it idles). If the worker fails, `fallback(error)` returns the stream to use from
+    then on (drafting inline), and generation goes on with no token lost: the target's state never
+    depends on the drafter.
     """
     threads = threads or NoSplit()
     threads.alone()
-    seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))  # the drafter's own RNG
-    # Where speculation does not pay (as measured so far), the call starts with plain steps: the
-    # target prefills on every core, and the worker first hears of this sequence if a probe drafts.
-    speculating = lookahead is None or lookahead.choose(stop.max_new_tokens - 1) > 0
-    synced = speculating  # whether the worker follows this call's sequence
-    prefill = None
-    if speculating and worker.concurrent:  # the drafter prefills the prompt on its own core meanwhile
+
+    def replace(error: WorkerFailed) -> None:
+        nonlocal drafts
+        if fallback is None:
+            raise error
+        stats.worker_failures += 1
+        drafts = fallback(error)
+
+    def request(kind: str, *args):
+        """Send a call to the stream: its ticket, or None if the worker failed."""
         try:
-            prefill = worker.begin("reset", prompt, sampler.config, seed, False)
-            threads.beside_drafter()
+            return drafts.begin(kind, *args)
         except WorkerFailed as error:
-            stats.worker_failures += 1
-            worker = fallback(error)
+            replace(error)
+            return None
+
+    def collect(ticket, depth: int) -> Draft:
+        """The draft of call `ticket`; after a failure, the fallback's draft for the committed sequence."""
+        if ticket is not None:
+            try:
+                draft = drafts.end(ticket)
+            except WorkerFailed as error:
+                replace(error)
+                ticket = None
+        if ticket is None:
+            draft = drafts.reset(prompt + generated, depth)
+        stats.drafter_busy_seconds += draft.busy_seconds
+        return draft
+
+    # Never draft past max_new_tokens: a round emits at most depth + 1 tokens.
+    limit = max(0, min(max_depth, stop.max_new_tokens - 2))
+    depth = lookahead.choose(limit) if lookahead else limit
+    # Where speculation does not pay (as measured so far), the call starts with plain steps: the
+    # stream first hears of this sequence if a probe drafts.
+    synced = depth > 0  # whether the stream follows this call's sequence
+    waited = 0.0  # the target waiting for the next draft
+    if synced:  # the drafter prefills the prompt meanwhile (a worker, on its own cores)
+        tick = time.perf_counter()
+        prefill = request("reset", prompt, depth, False)
+        waited = time.perf_counter() - tick
+        if drafts.concurrent:
+            threads.beside_drafter()
     start = time.perf_counter()
     logits, stats.reused_prompt_tokens = target.feed(prompt)
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
-
-    def ask(call, *args):
-        nonlocal worker, waited
+    draft = Draft.off()
+    if synced:
         tick = time.perf_counter()
-        try:
-            draft = call(worker)(*args)
-        except WorkerFailed as error:
-            stats.worker_failures += 1
-            worker = fallback(error)
-            draft = worker.reset(prompt + generated, sampler.config, seed)
-        waited = time.perf_counter() - tick  # the target waiting for a draft
-        stats.drafter_busy_seconds += draft.busy_seconds
-        return draft
-
-    waited = 0.0
-    if not speculating:
-        draft = Draft([], None, DraftSource.OFF)
-    elif prefill is not None:
-        draft = ask(lambda w: w.end, prefill)  # an empty draft, unless the worker failed meanwhile
+        draft = collect(prefill, depth)  # no draft, unless the worker failed meanwhile
         if draft.source == DraftSource.OFF:
-            prefill_wait = waited  # the drafter's prefill outlasting the target's counts as waiting too
-            draft = ask(lambda w: w.catch_up, prompt + generated)
-            waited += prefill_wait
-    else:
-        draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
+            draft = collect(request("catch_up", prompt + generated, depth), depth)
+        waited += time.perf_counter() - tick  # a drafter prefill outlasting the target's is waited for
     while not stop.finished(generated):
-        depth = min(len(draft.tokens), stop.remaining(generated) - 1)
-        tree = TokenTree.chain(depth)
-        probs = None if draft.probs is None else draft.probs[:depth]
-        proposal = Proposal(torch.tensor(draft.tokens[:depth], dtype=torch.long), probs, tree)
-        if worker.concurrent and draft.source != DraftSource.OFF:
+        if drafts.concurrent and draft.source != DraftSource.OFF:
             threads.beside_drafter()  # the worker pre-speculates during this verification
         else:
             threads.alone()
         tick = time.perf_counter()
         base = target.length
-        logits = target.forward([generated[-1], *draft.tokens[:depth]], tree.under_root())
-        path, next_token = verify_proposal(logits, proposal, sampler, prompt + generated)
-        target.rollback(base + 1 + len(path))
+        logits = target.forward([generated[-1], *draft.tokens], draft.tree.under_root())
+        path, next_token = verify_proposal(logits, draft, sampler, prompt + generated)
+        target.commit_path(base, [0] + [1 + node for node in path])
         verify_seconds = time.perf_counter() - tick
-        stats.record_round(depth, len(path), draft.source, waited, verify_seconds, draft.prepared_branches)
+        stats.record_round(
+            len(draft.tokens), len(path), draft.source, waited, verify_seconds, draft.prepared_branches
+        )
         if lookahead:
-            lookahead.observe(depth, len(path), verify_seconds, waited)
-        generated += draft.tokens[: len(path)] + [next_token]
-        stop.stream(generated)
+            lookahead.observe(len(draft.tokens), len(path), verify_seconds, waited)
+        generated += [draft.tokens[node] for node in path] + [next_token]
+        # The next round's depth is chosen now, so that a worker prepares drafts of that depth.
+        depth = 0
         if not stop.finished(generated):
-            # The next round's depth is chosen now, so the worker pre-speculates for that depth.
-            limit = stop.remaining(generated) - 1
+            limit = min(max_depth, stop.remaining(generated) - 1)
             depth = lookahead.choose(limit) if lookahead else limit
-            if depth == 0:  # speculation loses here: a plain target step; the worker idles
-                draft, waited = Draft([], None, DraftSource.OFF), 0.0
-            elif draft.source == DraftSource.OFF and synced:
-                draft = ask(lambda w: w.catch_up, prompt + generated, depth)
-            elif draft.source == DraftSource.OFF:  # the first draft of this call
-                draft = ask(lambda w: w.reset, prompt + generated, sampler.config, seed)
-                synced = True
-            else:
-                draft = ask(lambda w: w.resolve, len(path), next_token, verify_seconds, depth)
+        if depth == 0:  # the end, or speculation loses here: a plain target step, the stream idles
+            stop.stream(generated)
+            draft, waited = Draft.off(), 0.0
+            continue
+        tick = time.perf_counter()
+        if draft.source != DraftSource.OFF:
+            ticket = request("resolve", path, next_token, verify_seconds, depth)
+        elif synced:
+            ticket = request("catch_up", prompt + generated, depth)
+        else:  # the first draft of this call
+            ticket, synced = request("reset", prompt + generated, depth, True), True
+        waited = time.perf_counter() - tick
+        stop.stream(generated)  # the caller's streamer runs while the drafter answers
+        tick = time.perf_counter()
+        draft = collect(ticket, depth)
+        waited += time.perf_counter() - tick
     return stop.trim(generated)
+
+
+def verify_proposal(
+    target_logits: torch.Tensor, draft: Draft, sampler: TokenSampler, history: list[int]
+) -> tuple[list[int], int]:
+    """Greedy or sampled verification of a draft (chain or tree) against target logits [1 + T, V].
+
+    `history` is the committed sequence (its last token is the root); logits processors that look
+    at earlier tokens score each node with history + the draft tokens down to it.
+    """
+    tokens, tree = torch.tensor(draft.tokens, dtype=torch.long), draft.tree
+    histories = None
+    if sampler.uses_history:
+        histories = [history] + [
+            history + [draft.tokens[n] for n in tree.path_to(node)] for node in range(len(tree))
+        ]
+    chain = tree.is_chain
+    if sampler.greedy:
+        scores = sampler.scores(target_logits, histories) if sampler.uses_history else target_logits
+        if chain:
+            return verify_chain_greedy(scores, tokens)
+        return verify_tree_greedy(scores, tokens, tree)
+    p = sampler.probs(target_logits, histories)
+    q = draft.probs
+    if q is None:
+        q = one_hot_probs(tokens, max([p.shape[-1], *(tokens + 1).tolist()]))
+    width = max(p.shape[-1], q.shape[-1])
+    p, q = pad_vocab(p, width), pad_vocab(q.to(p.device), width)
+    if chain:
+        return verify_chain_sampled(p, q, tokens, sampler)
+    if p.device.type == "cpu":
+        # The tensor version computes a residual for every parent and sibling rank, the walk only
+        # along its path; where a host read costs nothing that wins (a 44-node tree over 152k ids:
+        # 3 ms against 57 ms on one core). Both give identical results (tests/test_verify_tree.py).
+        return verify_tree_sampled_reference(p, q, tokens, tree, sampler)
+    return verify_tree_sampled(p, q, tokens, tree, sampler)

@@ -25,26 +25,17 @@ and prefills the new one from the longest stored prefix.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from .drafters import DraftSource, lookup_continuation
+from .draft_stream import Draft, DraftSource
+from .drafters import lookup_continuation
 from .fanout import geometric_fanout
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .ssd import SpeculationCache, predict_outcomes, saguaro_reshape
 from .tree import TokenTree
-
-
-@dataclass
-class Draft:
-    tokens: list[int]
-    probs: torch.Tensor | None  # [len, V]: what tokens[i] was drawn from; None when greedy or copied
-    source: DraftSource = DraftSource.MODEL  # CACHE (a pre-speculated branch), or a backup
-    busy_seconds: float = 0.0  # drafter compute since the previous draft was handed over
-    prepared_branches: int = 0  # outcomes pre-speculated while the previous draft was verified
 
 
 class PreSpeculator:
@@ -81,8 +72,16 @@ class PreSpeculator:
         self.prespeculation_finished = True  # False when the outcome arrived before every step ran
 
     # -- sequence control -------------------------------------------------------------------
-    def reset(self, committed: list[int], sampling: SamplingConfig, seed: int, draft: bool = True) -> Draft:
-        """A new sequence: `committed` tokens, drafts shaped by `sampling`, drawn with an RNG from `seed`.
+    def reset(
+        self,
+        committed: list[int],
+        sampling: SamplingConfig,
+        seed: int,
+        draft: bool = True,
+        depth: int | None = None,
+    ) -> Draft:
+        """A new sequence: `committed` tokens, drafts shaped by `sampling`, drawn with an RNG from
+        `seed`; the first draft cut to `depth`.
 
         With draft=False the drafter only feeds `committed` (its prefill, overlapping the target's)
         and answers with no draft; `catch_up` then drafts once the target's first token is known.
@@ -98,8 +97,8 @@ class PreSpeculator:
         self._cache = SpeculationCache()
         if not draft:
             self.runner.feed(self.committed)
-            return self._hand_over(Draft([], None, DraftSource.OFF), start)
-        return self._hand_over(self._model_draft(), start)
+            return self._hand_over(Draft.off(), start)
+        return self._hand_over(self._model_draft(), start, depth)
 
     def resolve(
         self, accepted: int, next_token: int, verify_seconds: float | None = None, depth: int | None = None
@@ -136,9 +135,8 @@ class PreSpeculator:
         return self._hand_over(self._model_draft(), start, depth)
 
     def _hand_over(self, draft: Draft, start: float, depth: int | None = None) -> Draft:
-        if depth is not None and depth < len(draft.tokens):
-            draft.tokens = draft.tokens[:depth]
-            draft.probs = None if draft.probs is None else draft.probs[:depth]
+        if depth is not None:
+            draft.cut(depth)
         draft.busy_seconds = self._busy + time.perf_counter() - start
         self._busy = 0.0
         self.draft = draft

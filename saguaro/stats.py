@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .drafters import DraftSource
+from .draft_stream import DraftSource
 
 
 def add_counts(histogram: list[int], counts: list[int]) -> None:

@@ -32,8 +32,9 @@ from multiprocessing.connection import Connection
 
 import torch
 
-from .prespeculation import Draft, PreSpeculator
-from .sampling import SamplingConfig
+from .draft_stream import Draft, DraftStream
+from .prespeculation import PreSpeculator
+from .sampling import SamplingConfig, TokenSampler
 
 PLACEMENTS = ("process", "thread", "rank", "inline")
 MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
@@ -137,11 +138,13 @@ def _drafter_rank_usable() -> bool:
     return found is not None and found.drafter_channel() is not None
 
 
-class DraftWorker:
-    """The main-process handle: reset(), resolve() and catch_up() return the next draft.
+class DraftWorker(DraftStream):
+    """The main-process handle, a `DraftStream`: reset(), resolve() and catch_up() return the next
+    draft, `begin` sends a call and `end` collects its answer, meanwhile the worker drafts.
 
     A failure raises WorkerFailed once (the caller warns and re-sends its sequence with reset());
     from then on this handle drafts inline until `heal()` restarts the worker at a later call.
+    Each call of the generator first says how to sample (`sample_as`).
     """
 
     def __init__(
@@ -160,11 +163,11 @@ class DraftWorker:
         self._speculator_kwargs = speculator_kwargs
         self._inline: PreSpeculator | None = None
         self._conn = self._process = self._thread = None
-        # A worker process's flag, up while it pre-speculates (placement.hand_back_when_idle).
-        self.prespeculating = None
+        self.prespeculating = None  # a worker process's flag (DraftStream.prespeculating)
         self._seq = 0
         self.failures = self.restarts = 0
         self._calls_until_restart = 0
+        self._sampling, self._seed = SamplingConfig(), 0
         if placement == "inline":
             self._inline = PreSpeculator(model, **speculator_kwargs)
         else:
@@ -239,25 +242,24 @@ class DraftWorker:
         self.restarts += 1
         return True
 
-    def reset(self, committed: list[int], sampling: SamplingConfig, seed: int) -> Draft:
-        return self._call("reset", committed, sampling, seed)
+    def sample_as(self, sampler: TokenSampler) -> None:
+        """The drafts of the coming call are shaped by `sampler`'s rules and drawn with an RNG of
+        their own, seeded from `sampler`'s (the worker cannot share a generator across processes)."""
+        self._sampling = sampler.config
+        self._seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))
 
-    def resolve(
-        self, accepted: int, next_token: int, verify_seconds: float, depth: int | None = None
-    ) -> Draft:
-        return self._call("resolve", accepted, next_token, verify_seconds, depth)
-
-    def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
-        return self._call("catch_up", committed, depth)
-
-    def _call(self, kind: str, *args) -> Draft:
+    def begin(self, kind: str, *args) -> int | Draft:
+        """Send a call without waiting for its answer; `end` collects it. Lets the caller work
+        meanwhile (the target's prefill while the drafter prefills). Drafting inline, the call
+        runs now and the ticket is its draft."""
+        if kind == "reset":  # the PreSpeculator's own arguments
+            committed, depth, draft = args
+            args = (committed, self._sampling, self._seed, draft, depth)
+        elif kind == "resolve":  # its drafts are chains: the accepted path is a length
+            path, next_token, verify_seconds, depth = args
+            args = (len(path), next_token, verify_seconds, depth)
         if self._inline is not None:
             return getattr(self._inline, kind)(*args)
-        return self._ask(kind, *args)
-
-    def begin(self, kind: str, *args) -> int:
-        """Send a request without waiting for its answer; `end` collects it. Lets the caller work
-        meanwhile (the target's prefill while the drafter prefills)."""
         self._seq += 1
         try:
             self._conn.send((self._seq, kind, *args))
@@ -265,8 +267,10 @@ class DraftWorker:
             raise self._fail(f"is gone ({error!r})") from error
         return self._seq
 
-    def end(self, seq: int) -> Draft:
-        """The answer to request `seq`; answers to earlier, abandoned requests are dropped."""
+    def end(self, ticket: int | Draft) -> Draft:
+        """The answer to request `ticket`; answers to earlier, abandoned requests are dropped."""
+        if isinstance(ticket, Draft):
+            return ticket
         if self._conn is None:
             raise WorkerFailed("the drafter worker stopped before answering")
         deadline = time.monotonic() + self.timeout
@@ -275,7 +279,7 @@ class DraftWorker:
                 if not self._conn.poll(max(0.0, deadline - time.monotonic())):
                     raise self._fail(f"gave no answer within {self.timeout:g}s (stalled); it was killed")
                 reply_seq, payload = self._conn.recv()
-                if reply_seq != seq:
+                if reply_seq != ticket:
                     continue  # the answer to a request whose caller stopped waiting (Ctrl-C)
                 if isinstance(payload, WorkerError):
                     failed = self._fail(f"raised {payload}")
@@ -286,9 +290,6 @@ class DraftWorker:
             raise
         except Exception as error:  # EOF, a broken pipe, a garbled message: the worker is unusable
             raise self._fail(f"is gone ({error!r})") from error
-
-    def _ask(self, kind: str, *args) -> Draft:
-        return self.end(self.begin(kind, *args))
 
     def _fail(self, what: str) -> WorkerFailed:
         """Stop the worker now (kill, never wait), switch to inline drafting, schedule a restart."""

@@ -1,5 +1,7 @@
 """Chi-square goodness of fit, for the distribution-exactness tests."""
 
+import dataclasses
+
 import torch
 
 
@@ -43,11 +45,9 @@ def reference_probs(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=Non
     return probs
 
 
-def argmax_with_sampled_q(proposal):
+def argmax_with_sampled_q(draft):
     """The planted sampling bug (HF #47932): report the q the drafts should be drawn from, but
     propose its argmax. A chi-square test that cannot see this is not testing exactness."""
-    from saguaro.drafters import Proposal
-
-    if proposal.probs is None or not len(proposal.tokens):
-        return proposal
-    return Proposal(proposal.probs.argmax(-1), proposal.probs, proposal.tree)
+    if draft.probs is None or not len(draft.tokens):
+        return draft
+    return dataclasses.replace(draft, tokens=draft.probs.argmax(-1).tolist())

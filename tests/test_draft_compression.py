@@ -1,5 +1,7 @@
 """Cheap drafts (saguaro.draft_compression): quantized and reduced-vocabulary drafts stay exact."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
@@ -20,7 +22,7 @@ from saguaro.draft_compression import (
     quantize_draft,
     restrict_draft_vocabulary,
 )
-from saguaro.drafters import ModelDrafter, Proposal
+from saguaro.drafters import ModelDrafter
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 LINEARS = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear}
@@ -186,10 +188,10 @@ def plant_uncompressed_q(monkeypatch, plain_draft):
         proposal = real_propose(self, depth)
         if proposal.probs is None or not len(proposal.tokens):
             return proposal
-        sequence = torch.tensor([self.committed + proposal.tokens.tolist()])
+        sequence = torch.tensor([self.committed + proposal.tokens])
         with torch.no_grad():
             logits = plain_draft(sequence).logits[0, len(self.committed) - 1 : -1, : proposal.probs.shape[-1]]
-        return Proposal(proposal.tokens, self.sampler.probs(logits), proposal.tree)
+        return dataclasses.replace(proposal, probs=self.sampler.probs(logits))
 
     monkeypatch.setattr(ModelDrafter, "propose", propose)
 

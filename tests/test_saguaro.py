@@ -11,6 +11,7 @@ from conftest import perturbed_copy, slow_verification, tiny_model
 
 import saguaro
 from saguaro import engines
+from saguaro.draft_stream import DraftSource
 from saguaro.fanout import geometric_fanout
 from saguaro.workers import WorkerFailed
 
@@ -187,7 +188,7 @@ def test_saguaro_stats_are_reported(monkeypatch):
     assert out.sequences.tolist() == hf_greedy(target, 30)
     stats, log = out.stats.as_dict(), out.stats.round_log
     # The totals are the per-round log's, and the rates follow from them.
-    assert stats["hits"] == sum(r["source"] == "cache" for r in log) > 0
+    assert stats["hits"] == sum(r["source"] == DraftSource.CACHE for r in log) > 0
     assert stats["hit_rate"] == pytest.approx(stats["hits"] / (stats["rounds"] - 1))
     assert (
         stats["drafted"]

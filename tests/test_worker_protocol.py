@@ -14,7 +14,7 @@ from test_saguaro import PROMPT, hf_greedy, saguaro_generator, worker_process
 
 import saguaro
 from saguaro import prespeculation
-from saguaro.drafters import DraftSource
+from saguaro.draft_stream import DraftSource
 from saguaro.placement import ThreadSplit
 from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig
