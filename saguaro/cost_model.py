@@ -107,6 +107,9 @@ class LookaheadController:
     turns predictable (copying code, say); each probe that leaves speculation off doubles the
     interval to the next (up to 256 rounds), so a machine where it never pays stops paying for probes;
     where not even drafts that are all accepted would pay, probes wait the full 256 rounds at once.
+    While speculating below the limit, every `probe_every`-th round drafts one token deeper than the
+    best K: acceptance there is only measured by drafting there, and an estimate left from a few
+    early rounds (another prompt, say) would otherwise hold K below what the text now allows.
     """
 
     def __init__(self, max_k: int, draft_cost: str = "per_token", probe_every: int = 16):
@@ -118,7 +121,7 @@ class LookaheadController:
         self.acceptance = AcceptanceCounter(max_k)
         self.draft_seconds_per_unit = 0.0  # per token or per round, by draft_cost
         self.catch_up_seconds_per_token = 0.0  # a drafter feeding many tokens at once (batched.py)
-        self._rounds_off = 0
+        self._rounds_off = self._rounds_on = 0
         self._probe_interval = probe_every
 
     def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
@@ -187,7 +190,9 @@ class LookaheadController:
         best = max(range(top + 1), key=self.tokens_per_second)
         if best > 0:
             self._rounds_off, self._probe_interval = 0, self.probe_every
-            return best
+            self._rounds_on += 1
+            deeper = best < top and self._rounds_on % self.probe_every == 0
+            return best + 1 if deeper else best
         self._rounds_off += 1
         if self._rounds_off < self._probe_interval:
             return 0

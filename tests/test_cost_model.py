@@ -151,3 +151,20 @@ def test_saguaro_starts_with_plain_steps_where_timed_verification_costs_k_steps(
         ).tolist()
     )
     assert out.stats.drafted == 0 and out.stats.rounds == 11
+
+
+def test_the_controller_probes_one_deeper_so_stale_acceptance_cannot_hold_k_down():
+    controller = LookaheadController(4, "per_token")
+    for _ in range(6):  # early text: only the first draft is ever accepted
+        controller.observe(4, 1, 0.15 + 0.03 * 4, 0.04)
+    for _ in range(6):
+        controller.observe(1, 1, 0.18, 0.01)
+        controller.observe(0, 0, 0.15, 0.0)
+    assert controller.choose(4) == 1
+    chosen = []
+    for _ in range(96):  # the text turns predictable: every draft is accepted from now on
+        k = controller.choose(4)
+        chosen.append(k)
+        controller.observe(k, k, 0.15 + 0.03 * k, 0.01 * k)
+    assert 2 in chosen[: controller.probe_every]  # the first probe comes within probe_every rounds
+    assert chosen[-1] >= 3  # acceptance measured deeper, so K grew to where it pays
