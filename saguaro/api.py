@@ -670,9 +670,9 @@ class SpeculativeGenerator:
             new = autoregressive(runner, prompt, sampler, stop, stats)
         else:
             drafts = self._draft_stream(sampler, capacity, max_depth, owners)
-            # A Saguaro worker process flags its pre-speculation: once it drops, the target takes
-            # the worker's core back for the rest of its forward.
-            with self.threads, self.threads.hand_back_when_idle(self.target, drafts.prespeculating):
+            # A Saguaro worker process flags its work: once it idles, the target takes the worker's
+            # core back for the rest of its forward.
+            with self.threads, self.threads.hand_back_when_idle(self.target, drafts.working):
                 new = speculative(
                     runner,
                     drafts,

@@ -88,8 +88,8 @@ class DraftStream(ABC):
     """
 
     concurrent = False  # True while a drafter works beside the target (the target's threads split)
-    # A worker process's shared flag, up while it pre-speculates (placement.hand_back_when_idle).
-    prespeculating = None
+    # A worker process's shared flag, up while it works (placement.hand_back_when_idle).
+    working = None
 
     @abstractmethod
     def begin(self, kind: str, *args): ...

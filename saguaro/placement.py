@@ -7,9 +7,10 @@ beside the target the target runs on the cores the drafter does not use; while t
 torch thread setting is restored when the call ends.
 
 Pre-speculation usually ends before the verification it overlaps (its branches are sized to fit,
-and it stops once the outcome arrives). From then on the drafter's core would idle, so the worker
-raises a shared flag while it pre-speculates, and the target, checking it before each of its
-layers, takes every core back for the rest of its forward (`hand_back_when_idle`).
+and it stops once the outcome arrives). From then on the drafter's core would idle, so a shared
+flag is up while the worker works (a request, then its pre-speculation), and the target, checking
+it before each of its layers, takes every core back for the rest of its forward
+(`hand_back_when_idle`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class ThreadSplit:
     def __init__(self, total: int, drafter: int):
         self.total, self.drafter = total, drafter
         self._saved: int | None = None
-        self._beside = False  # the target keeps to its share while the drafter may be working
 
     @classmethod
     def for_cpu(cls, cores: int | None = None) -> ThreadSplit:
@@ -66,28 +66,27 @@ class ThreadSplit:
 
     def alone(self) -> None:
         """The drafter idles: the target takes every core."""
-        self._beside = False
         if torch.get_num_threads() != self.total:
             torch.set_num_threads(self.total)
 
     def beside_drafter(self) -> None:
         """The drafter works concurrently: the target keeps to the other cores."""
-        self._beside = True
         if torch.get_num_threads() != self.target:
             torch.set_num_threads(self.target)
 
     @contextlib.contextmanager
-    def hand_back_when_idle(self, model, prespeculating):
-        """While inside: before each of `model`'s layers, a target running beside the drafter takes
-        every core once `prespeculating` (a shared flag: `.value`, 0 when the worker is done) drops.
-        Changing the thread count between layers is safe: each layer's kernels start afresh."""
+    def hand_back_when_idle(self, model, working):
+        """While inside: before each of `model`'s layers, the target takes every core if `working`
+        (a shared flag: `.value`, 0 while the worker idles) is down; `alone` does nothing when it
+        has them already. Changing the thread count between layers is safe: each layer's kernels
+        start afresh."""
         layers = _decoder_layers(model)
-        if prespeculating is None or self.drafter == 0 or layers is None:
+        if working is None or self.drafter == 0 or layers is None:
             yield
             return
 
         def take_back(module, args):
-            if self._beside and not prespeculating.value:
+            if not working.value:
                 self.alone()
 
         handles = [layer.register_forward_pre_hook(take_back) for layer in layers]

@@ -60,13 +60,14 @@ class WorkerError:
         return f"{self.type_name}: {self.message}"
 
 
-def _serve(conn: Connection, make_speculator, before_reply=lambda: None, prespeculating=None) -> None:
+def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working=None) -> None:
     """Worker loop: answer reset/resolve/catch_up requests, pre-speculate while the target verifies.
 
     A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError). `before_reply` runs
     before each reply (a drafter on its own CUDA stream: let the reader see finished tensors).
-    `prespeculating` (a shared flag, or None) is up from before a reply until pre-speculation
-    ends: raised before the reply, so a target that has the draft never sees it down too early.
+    `working` (a shared flag, or None) is raised by the sender with each request
+    (`DraftWorker.begin`) and again before each reply, and lowered once the request and the
+    pre-speculation after it are done: a target that finds it down knows the worker idles.
     """
     inbox: deque = deque()
     failure: WorkerError | None = None
@@ -96,8 +97,8 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, prespec
             try:
                 draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
                 before_reply()
-                if prespeculating is not None:
-                    prespeculating.value = 1
+                if working is not None:
+                    working.value = 1
                 conn.send((seq, draft))
                 answered = True
                 speculator.prespeculate(request_waiting)
@@ -109,15 +110,15 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, prespec
                     conn.send((seq, failure))
                     return
             finally:
-                if prespeculating is not None:
-                    prespeculating.value = 0
+                if working is not None:
+                    working.value = 0
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         return  # the generator is gone
     finally:
         conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
 
 
-def _process_main(conn, threads, model, speculator_kwargs, prespeculating) -> None:
+def _process_main(conn, threads, model, speculator_kwargs, working) -> None:
     torch.set_num_threads(threads)
     if isinstance(model, tuple):  # spawned: rebuild the module around the shared-memory weights
         from transformers import AutoModelForCausalLM
@@ -128,7 +129,7 @@ def _process_main(conn, threads, model, speculator_kwargs, prespeculating) -> No
         model.load_state_dict(state_dict, assign=True, strict=False)
         model.tie_weights()
         model.eval()
-    _serve(conn, lambda: PreSpeculator(model, **speculator_kwargs), prespeculating=prespeculating)
+    _serve(conn, lambda: PreSpeculator(model, **speculator_kwargs), working=working)
 
 
 def _drafter_rank_usable() -> bool:
@@ -163,7 +164,7 @@ class DraftWorker(DraftStream):
         self._speculator_kwargs = speculator_kwargs
         self._inline: PreSpeculator | None = None
         self._conn = self._process = self._thread = None
-        self.prespeculating = None  # a worker process's flag (DraftStream.prespeculating)
+        self.working = None  # a worker process's flag (DraftStream.working)
         self._seq = 0
         self.failures = self.restarts = 0
         self._calls_until_restart = 0
@@ -190,10 +191,10 @@ class DraftWorker(DraftStream):
             self._conn, child = ctx.Pipe()
             model = self.model
             payload = model if method == "fork" else (model.config, model.state_dict(), model.dtype)
-            self.prespeculating = ctx.Value("b", 0, lock=False)
+            self.working = ctx.Value("b", 0, lock=False)
             self._process = ctx.Process(
                 target=_process_main,
-                args=(child, self.threads, payload, kwargs, self.prespeculating),
+                args=(child, self.threads, payload, kwargs, self.working),
                 daemon=True,
                 name="saguaro-drafter",
             )
@@ -260,6 +261,8 @@ class DraftWorker(DraftStream):
             args = (len(path), next_token, verify_seconds, depth)
         if self._inline is not None:
             return getattr(self._inline, kind)(*args)
+        if self.working is not None:  # up before the worker starts, so no target reads it down early
+            self.working.value = 1
         self._seq += 1
         try:
             self._conn.send((self._seq, kind, *args))
@@ -317,7 +320,7 @@ class DraftWorker(DraftStream):
             self._thread.join(timeout=grace)
         if self._conn is not None:
             self._conn.close()
-        self._conn = self._process = self._thread = self.prespeculating = None
+        self._conn = self._process = self._thread = self.working = None
 
     def detach(self) -> None:
         """Let go of the concurrent drafter (another generator takes the drafter rank) and draft

@@ -224,7 +224,7 @@ def test_thread_split_gives_the_target_every_core_while_the_drafter_idles():
 
 def test_the_target_takes_the_drafters_core_back_between_layers_once_it_idles():
     model = tiny_model("llama", seed=0)
-    flag = multiprocessing.Value("b", 1, lock=False)  # up: the worker pre-speculates
+    flag = multiprocessing.Value("b", 1, lock=False)  # up: the worker works
     layers = model.model.layers
     seen = []
 
@@ -232,7 +232,7 @@ def test_the_target_takes_the_drafters_core_back_between_layers_once_it_idles():
         def hook(module, args):
             seen.append(torch.get_num_threads())
             if index == 0:
-                flag.value = 0  # pre-speculation ends while the target is inside its first layer
+                flag.value = 0  # the worker idles from inside the target's first layer on
 
         return hook
 
@@ -259,18 +259,22 @@ def test_the_target_takes_the_drafters_core_back_between_layers_once_it_idles():
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-def test_a_worker_process_flags_its_prespeculation(monkeypatch):
-    # The flag is up from before the reply to the end of pre-speculation, and down when idle.
+def test_a_worker_process_flags_its_work(monkeypatch):
+    # The flag goes up with a request as it is sent (the worker's prefill overlaps the target's),
+    # and down once the request and the pre-speculation after it are done.
     target = tiny_model("llama", seed=0)
     draft = perturbed_copy(target, 0.05, seed=1)
     worker = saguaro.workers.DraftWorker(draft, "process", lookahead=3)
     try:
-        assert worker.prespeculating is not None
-        worker.reset([1, 5, 9, 2, 7, 3], SamplingConfig(), 0)
+        os.kill(worker._process.pid, signal.SIGSTOP)  # the worker cannot start before we look
+        ticket = worker.begin("reset", [1, 5, 9, 2, 7, 3], 3, True)
+        assert worker.working.value == 1  # raised by the sender, before the worker starts
+        os.kill(worker._process.pid, signal.SIGCONT)
+        worker.end(ticket)
         deadline = time.monotonic() + 30
-        while worker.prespeculating.value and time.monotonic() < deadline:
+        while worker.working.value and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert worker.prespeculating.value == 0  # pre-speculation over, nothing else to do
+        assert worker.working.value == 0  # pre-speculation over, nothing else to do
     finally:
         worker.close()
-    assert worker.prespeculating is None
+    assert worker.working is None
