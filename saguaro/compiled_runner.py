@@ -221,10 +221,11 @@ class CompiledRunner(ModelRunner):
         cache; padded to `width`), in one compiled call; the cache then holds `tokens` and all the
         new ones but the last. None where no graph applies (the first forward, more tokens, no
         room): the caller steps instead."""
-        end = self.length + width + steps
-        if not self.cache.layers[0].is_initialized or not 0 < len(tokens) <= width:
-            return None
-        if end > self.cache.capacity:
+        if (
+            not self.cache.layers[0].is_initialized
+            or not 0 < len(tokens) <= width
+            or self.length + width + steps > self.cache.capacity
+        ):
             return None
         ids = torch.zeros(1, width, dtype=torch.long)
         ids[0, : len(tokens)] = torch.tensor([t if t < self._embedding_rows else 0 for t in tokens])
