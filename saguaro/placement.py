@@ -86,7 +86,9 @@ class ThreadSplit:
             return
 
         def take_back(module, args):
-            if not working.value:
+            # A compiled step (compile=True) is one graph over every layer: there is no boundary
+            # between layers to change threads at, so the hook traces to nothing.
+            if not torch.compiler.is_compiling() and not working.value:
                 self.alone()
 
         handles = [layer.register_forward_pre_hook(take_back) for layer in layers]
