@@ -374,7 +374,10 @@ class SpeculativeGenerator:
         """Keep method="auto"'s acceptance and hit-rate estimates current."""
         drafted_rounds = [r for r in stats.round_log if r["drafted"]]
         self._auto_counts[0] += sum(r["accepted"] for r in drafted_rounds)
-        self._auto_counts[1] += sum(r["accepted"] < r["drafted"] for r in drafted_rounds)
+        # A draft was refused where the accepted path stops short of its depth: a tree's path is
+        # never as long as its node count, so counting against that would call every tree round a
+        # rejection. (A tree level's acceptance, with its siblings, is what a tree round measures.)
+        self._auto_counts[1] += sum(r["accepted"] < r["depth"] for r in drafted_rounds)
         if self.method == "saguaro":
             self._auto_counts[2] += stats.hits
             self._auto_counts[3] += max(0, len(drafted_rounds) - 1)

@@ -22,6 +22,7 @@ import torch
 from . import cost_model
 from .placement import ThreadSplit
 from .step_costs import forward_costs
+from .tree import static_tree
 
 logger = logging.getLogger("saguaro")
 CANDIDATES = ("autoregressive", "speculative", "tree", "saguaro")
@@ -61,8 +62,12 @@ def _timed(model, tokens: list[int], threads: int) -> cost_model.CostCurve:
         torch.set_num_threads(saved)
 
 
-def calibrate(target, draft, lookahead: int, split: ThreadSplit) -> Calibration:
-    """Time the target and the draft (cached per model pair and thread split)."""
+def calibrate(target, draft, lookahead: int, split: ThreadSplit, tree_nodes: int = 0) -> Calibration:
+    """Time the target and the draft (cached per model pair and thread split). With `tree_nodes`,
+    the target also verifies a tree that size: a forward's cost is not linear in its tokens (a
+    matrix product's blocking steps up at some widths), so the tree's is measured, not
+    extrapolated from a chain's (measured on the demo pair: 186 ms at 15 tokens where the line
+    through 1 and 5 tokens said 154 ms, enough to choose `tree` over a faster `speculative`)."""
     key = (id(draft), split.total, split.drafter, lookahead)
     per_target = _calibrations.setdefault(target, {})
     if key not in per_target:
@@ -76,7 +81,10 @@ def calibrate(target, draft, lookahead: int, split: ThreadSplit) -> Calibration:
             draft_beside=_timed(draft, [1, 2, branches], max(1, split.drafter)),
         )
         logger.info("saguaro auto: step costs measured %s", per_target[key])
-    return per_target[key]
+    calibration = per_target[key]
+    if tree_nodes and tree_nodes + 1 not in calibration.target_alone.points:
+        calibration.target_alone.points.update(_timed(target, [tree_nodes + 1], split.total).points)
+    return calibration
 
 
 def level_acceptance(acceptance: float, width: int) -> float:
@@ -148,7 +156,8 @@ def choose(
     acceptance: float,
     hit_rate: float,
 ) -> Choice:
-    calibration = calibrate(target, draft, lookahead, split)
+    tree_nodes = len(static_tree(list(tree_branching))) if tree_branching else 0
+    calibration = calibrate(target, draft, lookahead, split, tree_nodes)
     predicted = predict(calibration, lookahead, tree_branching, acceptance, hit_rate, concurrent)
     method = max(predicted, key=predicted.get)
     logger.info("saguaro auto: chose %s (predicted tokens/s %s)", method, predicted)

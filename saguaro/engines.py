@@ -211,7 +211,13 @@ def speculative(
         target.commit_path(base, [0] + [1 + node for node in path])
         verify_seconds = time.perf_counter() - tick
         stats.record_round(
-            len(draft.tokens), len(path), draft.source, waited, verify_seconds, draft.prepared_branches
+            len(draft.tokens),
+            len(path),
+            draft.source,
+            waited,
+            verify_seconds,
+            draft.prepared_branches,
+            depth=max(draft.tree.depths(), default=-1) + 1,
         )
         if lookahead:
             lookahead.observe(len(draft.tokens), len(path), verify_seconds, waited)

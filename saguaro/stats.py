@@ -38,7 +38,8 @@ class GenerationStats:
     drafter_busy_seconds: float = 0.0  # drafter compute, overlapped or not (method "saguaro")
     verify_seconds: float = 0.0
     total_seconds: float = 0.0
-    # One entry per round: drafted, accepted, source, draft_seconds (the target waiting for the
+    # One entry per round: drafted (draft tokens, a tree's nodes), accepted, depth (the deepest
+    # draft: a chain's length, a tree's levels), source, draft_seconds (the target waiting for the
     # draft), verify_seconds (the target forward and acceptance) and, for saguaro, branches (the
     # outcomes pre-speculated while the previous round was verified).
     round_log: list[dict] = field(default_factory=list)
@@ -51,11 +52,13 @@ class GenerationStats:
         draft_seconds: float = 0.0,
         verify_seconds: float = 0.0,
         branches: int = 0,
+        depth: int | None = None,
     ) -> None:
         self.round_log.append(
             {
                 "drafted": drafted,
                 "accepted": accepted,
+                "depth": drafted if depth is None else depth,
                 "source": str(source),
                 "branches": branches,
                 "draft_seconds": draft_seconds,

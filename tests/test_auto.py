@@ -62,3 +62,40 @@ def test_calibration_is_measured_once_per_model_pair():
     first = auto.calibrate(target, draft, 4, split)
     assert auto.calibrate(target, draft, 4, split) is first
     assert first.target_alone(1) > 0 and first.draft_beside(15) > 0
+
+
+def test_a_trees_verification_is_timed_at_its_size(monkeypatch):
+    # A machine whose verify cost steps up past the chain's width: 100 ms up to 5 tokens, 160 ms at
+    # 15 (the tree [2, 2, 1, 1] and its root). Extrapolated from 1 and 5 tokens the tree looks as
+    # cheap as the chain and wins; timed at its size, speculative does.
+    def timed(model, tokens, threads):
+        steps = {1: 0.1, 2: 0.1, 5: 0.1, 15: 0.16} if model is target else {1: 0.01, 2: 0.0105, 4: 0.011}
+        return CostCurve({t: steps.get(t, 0.012) for t in tokens})
+
+    monkeypatch.setattr(auto, "_timed", timed)
+    target, draft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    choice = auto.choose(target, draft, 4, [2, 2, 1, 1], ThreadSplit(2, 0), False, 0.8, 0.8)
+    calibration = auto.calibrate(target, draft, 4, ThreadSplit(2, 0))
+    assert sorted(calibration.target_alone.points) == [1, 5, 15]
+    assert choice.method == "speculative"
+    del calibration.target_alone.points[15]
+    extrapolated = auto.predict(calibration, 4, [2, 2, 1, 1], 0.8, 0.8, concurrent=False)
+    assert max(extrapolated, key=extrapolated.get) == "tree"
+
+
+def test_tree_rounds_count_a_rejection_only_where_the_path_stops_short(monkeypatch):
+    # auto learns acceptance from every round; a tree round's accepted path can never be as long as
+    # its node count, so the refusals counted are the rounds that stopped above the tree's depth.
+    tree_wins = calibration(0.0, 0.01)
+    tree_wins.target_alone.points[15] = 0.1
+    monkeypatch.setattr(auto, "calibrate", lambda *args: tree_wins)
+    target = tiny_model("llama", seed=0)
+    draft = perturbed_copy(target, 0.005)
+    constant = {"speculation_schedule": "constant"}  # every round drafts the whole tree
+    with saguaro.SpeculativeGenerator(target, draft, method="auto", **constant) as generator:
+        out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
+        assert generator.method == "tree"
+    drafted = [r for r in out.stats.round_log if r["drafted"]]
+    assert all(r["depth"] == 4 < r["drafted"] for r in drafted[:-1])  # the last may be cut short
+    assert any(r["accepted"] == r["depth"] for r in drafted)  # full depth accepted: no refusal
+    assert generator._auto_counts[1] == sum(r["accepted"] < r["depth"] for r in drafted) < len(drafted)
