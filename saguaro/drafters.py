@@ -99,33 +99,48 @@ class ModelDrafter(Drafter):
         if self.shape is None:
             self._last = self._chain(level_logits, len(levels))
             return self._last
-        tree, tokens, probs, frontier, scores = TokenTree(()), [], [], [-1], [1.0]
+        # Each level stays on the device: its children are chosen for every frontier node at once,
+        # and the host reads a level only where its shape depends on it (a budgeted tree keeps the
+        # likeliest offers; a sampled node may run out of mass), so a fixed greedy tree is read once.
+        fixed = budget is None and self.sampler.greedy
+        tree, frontier, scores = TokenTree(()), [-1], torch.ones(1, device=level_logits.device)
+        tokens, probs = [], []  # per level: chosen children [n], the q each was drawn from [n, V]
         for depth, (offered, kept) in enumerate(levels):
-            offers = [self._children(logits, offered) for logits in level_logits]
-            if kept is not None:
-                kept = min(kept, budget - len(tree))
-            chosen = best_prefixes(offers, scores, kept)
+            children, drawn_from, chances = self._offers(level_logits, offered)
+            cumulative = scores[:, None] * chances
+            if fixed:
+                chosen = [(i, j) for i in range(len(frontier)) for j in range(children.shape[1])]
+            else:
+                if kept is not None:
+                    kept = min(kept, budget - len(tree))
+                # Siblings with mass form a prefix of each node's draw order.
+                offers = [[(None, None, c) for c in row if c > 0] for row in cumulative.tolist()]
+                chosen = best_prefixes(offers, [1.0] * len(offers), kept)
             if not chosen:
                 break
-            parents = [frontier[i] for i, _ in chosen]
-            tokens += [offers[i][j][0] for i, j in chosen]
-            probs += [offers[i][j][1] for i, j in chosen]
-            scores = [scores[i] * offers[i][j][2] for i, j in chosen]
-            frontier = list(range(len(tree), len(tree) + len(chosen)))
-            tree = tree.extend(parents)
+            rows = torch.tensor([i for i, _ in chosen], device=children.device)
+            cols = torch.tensor([j for _, j in chosen], device=children.device)
+            tokens.append(children[rows, cols])
+            if drawn_from is not None:
+                probs.append(drawn_from[rows, cols])
+            scores = cumulative[rows, cols]
+            first_new = len(tree)
+            tree = tree.extend([frontier[i] for i, _ in chosen])
+            frontier = list(range(first_new, len(tree)))
             # The last level is fed next round, once we know what survived.
             if depth + 1 < len(levels) and (budget is None or len(tree) < budget):
-                level_logits = self.runner.forward(tokens[-len(chosen) :], tree, cached_nodes=self._fed_nodes)
+                level_logits = self.runner.forward(tokens[-1], tree, cached_nodes=self._fed_nodes)
                 level_logits = level_logits[:, : self.vocab_size]
                 self._fed_nodes = len(tree)
-        self._last = Draft(tokens, None if self.sampler.greedy else torch.stack(probs), tree=tree)
+        drafted = torch.cat(tokens).tolist() if tokens else []  # the round's one read of its tokens
+        self._last = Draft(drafted, torch.cat(probs) if probs else None, tree=tree)
         return self._last
 
     def _chain(self, logits: torch.Tensor, length: int) -> Draft:
         """A chain of `length` drafts after the committed sequence, whose last logits are [1, V]: each
         token is chosen on the device and fed back as a tensor, and the host reads the chain once at
         the end, so a GPU drafts without waiting per token. The same tokens and draws as drafting
-        it as a tree of width 1 (`_children`): top-1 when greedy, one draw from q when sampling."""
+        it as a tree of width 1 (`_offers`): top-1 when greedy, one draw from q when sampling."""
         tokens, probs = [], []
         for depth in range(length):
             q = self.sampler.probs(logits)
@@ -138,23 +153,32 @@ class ModelDrafter(Drafter):
         chain = torch.cat(tokens).tolist()  # the round's one host read
         return Draft(chain, None if self.sampler.greedy else torch.stack(probs))
 
-    def _children(self, logits: torch.Tensor, width: int) -> list[tuple[int, torch.Tensor | None, float]]:
-        """Up to `width` distinct children in draw order: (token, distribution it was drawn from
-        (None when greedy), its draft probability)."""
+    def _offers(
+        self, logits: torch.Tensor, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Up to `width` distinct children of every node whose logits are the rows of [N, V], in
+        draw order: tokens [N, width], the distribution each was drawn from ([N, width, V]; None
+        when greedy) and its draft probability [N, width]. Greedy offers the top tokens; sampling
+        draws siblings one after another without replacement. A sibling drawn after its node ran
+        out of mass (fewer tokens with mass than siblings asked for) gets probability 0."""
         q = self.sampler.probs(logits)
         if self.sampler.greedy:
-            top = q.topk(width)
-            return [(int(t), None, float(p)) for t, p in zip(top.indices, top.values)]
-        children, remaining = [], q
+            top = q.topk(min(width, q.shape[-1]), dim=-1)
+            return top.indices, None, top.values
+        tokens, drawn_from, chances = [], [], []
+        remaining = q
         for _ in range(width):
-            if remaining.sum() <= 0:  # fewer tokens with mass than siblings asked for
-                break
-            token = int(self.sampler.draw(remaining))
-            children.append((token, remaining, float(q[token])))
-            remaining = remaining.clone()
-            remaining[token] = 0
-            remaining = remaining / remaining.sum() if remaining.sum() > 0 else remaining
-        return children
+            mass = remaining.sum(-1, keepdim=True)
+            # A row with no mass left draws from a stand-in (multinomial refuses an empty row); its
+            # sibling is then marked impossible and never offered.
+            token = self.sampler.draw(torch.where(mass > 0, remaining, torch.ones_like(remaining)))
+            chance = q.gather(-1, token[:, None])[:, 0] * (mass[:, 0] > 0)
+            tokens.append(token)
+            drawn_from.append(remaining)
+            chances.append(chance)
+            remaining = remaining.scatter(-1, token[:, None], 0.0)
+            remaining = remaining / remaining.sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+        return torch.stack(tokens, 1), torch.stack(drawn_from, 1), torch.stack(chances, 1)
 
     def remember(self, sequence: list[int]) -> None:
         """Store the KV of `sequence` (which extends the committed tokens) as far as the cache holds

@@ -17,7 +17,7 @@ import saguaro
 from saguaro.drafters import ModelDrafter
 from saguaro.prespeculation import PreSpeculator
 from saguaro.sampling import SamplingConfig, TokenSampler
-from saguaro.tree import static_tree
+from saguaro.tree import DynamicTree, static_tree
 from saguaro.verify import verify_tree_greedy, verify_tree_sampled
 
 PACKAGE = str(Path(saguaro.__file__).parent)
@@ -79,3 +79,23 @@ def test_a_tree_is_verified_with_one_read(host_reads):
     host_reads.clear()
     verify_tree_sampled(torch.softmax(scores, -1), draft, tokens, tree, sampler)
     assert sum(host_reads.values()) == 1, host_reads
+
+
+@pytest.mark.parametrize(
+    "shape, do_sample, reads",
+    [([2, 2, 1], False, 1), ([2, 2, 1], True, 4), (DynamicTree(top_k=2, depth=3, budget=12), False, 4)],
+    ids=["greedy", "sampled", "budgeted"],
+)
+def test_a_drafted_tree_is_read_once_or_once_per_level(host_reads, shape, do_sample, reads):
+    # A fixed greedy tree's shape is known before drafting: its tokens are read once. A sampled
+    # node may run out of mass and a budgeted tree keeps its likeliest offers, so their shape is
+    # read once per level (3 here), then the tokens once: not once per node (6 or 10 here).
+    sampler = TokenSampler(SamplingConfig(do_sample=do_sample), torch.Generator().manual_seed(0))
+    drafter = ModelDrafter(tiny_model(), sampler, shape=shape)
+    drafter.reset([1, 2, 3, 4])
+    drafter.propose(3)
+    drafter.commit([0], 7)
+    host_reads.clear()
+    proposal = drafter.propose(3)
+    assert len(proposal.tree) >= 6 and (proposal.probs is None) != do_sample
+    assert sum(host_reads.values()) == reads, host_reads
