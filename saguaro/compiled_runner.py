@@ -27,9 +27,10 @@ from .runner import ModelRunner, _num_layers
 from .static_cache import StaticKVCache
 from .tree import TokenTree
 
-# Graphs per kind of model: every bucket and greedy chain length (about 10), near torch's default
-# limit of 8.
-RECOMPILE_LIMIT = 64
+# Graphs per kind of model: every bucket and greedy chain length of one configuration (about 10,
+# near torch's default limit of 8), times each capacity and draft length a process uses. A process
+# comparing configurations (a benchmark, the test suite under --compile) passed 64.
+RECOMPILE_LIMIT = 256
 # Static caches hold at least this many entries and grow by doubling: a call that fits the current
 # capacity reuses its graphs (a capacity is part of a graph's shape).
 STATIC_CAPACITY = 256
