@@ -7,6 +7,7 @@ from conftest import perturbed_copy, slow_verification, tiny_model
 
 import saguaro
 from saguaro import api, engines
+from saguaro.compiled_runner import CompiledRunner
 from saguaro.cost_model import TreeDepthController
 from saguaro.draft_stream import Draft, DraftSource, DraftStream
 from saguaro.runner import ModelRunner
@@ -67,7 +68,7 @@ def record(monkeypatch, target):
     """Wrap the stream of every engine call; note each draft the target verifies and each tree the
     target's verification forward is given."""
     streams, verified, forwards = [], [], []
-    real_engine, real_verify, real_forward = api.speculative, engines.verify_proposal, ModelRunner.forward
+    real_engine, real_verify = api.speculative, engines.verify_proposal
 
     def engine(runner, drafts, *args):
         streams.append(RecordingStream(drafts))
@@ -77,14 +78,18 @@ def record(monkeypatch, target):
         verified.append(draft)
         return real_verify(logits, draft, *args)
 
-    def forward(self, tokens, tree=None, *args, **kwargs):
-        if self.model is target and tree is not None:
-            forwards.append((list(tokens), tree))
-        return real_forward(self, tokens, tree, *args, **kwargs)
+    def recording(real_forward):
+        def forward(self, tokens, tree=None, *args, **kwargs):
+            if self.model is target and tree is not None:
+                forwards.append((list(tokens), tree))
+            return real_forward(self, tokens, tree, *args, **kwargs)
+
+        return forward
 
     monkeypatch.setattr(api, "speculative", engine)
     monkeypatch.setattr(engines, "verify_proposal", verify)
-    monkeypatch.setattr(ModelRunner, "forward", forward)
+    for runner in (ModelRunner, CompiledRunner):  # CompiledRunner: pytest --compile
+        monkeypatch.setattr(runner, "forward", recording(runner.forward))
     return streams, verified, forwards
 
 

@@ -149,6 +149,15 @@ def run(generator, ids):
     return generator.generate(ids, max_new_tokens=NEW, eos_token_id=[], return_dict_in_generate=True)
 
 
+def held(generator, sequence: torch.Tensor) -> set[int]:
+    """How much of a finished sequence the target's cache held: all but its last token, which was
+    never fed; compiled autoregressive decoding (`pytest --compile`) feeds 8 tokens a call, so its
+    last block may have fed that token too (with its true KV)."""
+    length = sequence.shape[1]
+    blocks = generator.compile and generator.method == "autoregressive"
+    return {length - 1, length} if blocks else {length - 1}
+
+
 def accepted_per_round(out):
     return [(r["drafted"], r["accepted"]) for r in out.stats.round_log]
 
@@ -183,7 +192,7 @@ def test_second_chat_turn_reuses_the_first_and_is_exact(method, feeds):
     assert turn1.sequences.tolist() == hf_greedy(target, turn1_prompt)
     assert turn2.sequences.tolist() == cold.sequences.tolist() == hf_greedy(target, turn2_prompt)
     # The target's cache held turn 1's sequence but its last token, which was never fed.
-    assert turn2.stats.reused_prompt_tokens == turn1.sequences.shape[1] - 1
+    assert turn2.stats.reused_prompt_tokens in held(generator, turn1.sequences)
     assert cold.stats.reused_prompt_tokens == 0
     if method in ("speculative", "tree"):
         # The in-process drafter reused its own stored prefix, and drafted exactly as a cold one:
@@ -244,7 +253,7 @@ def test_lru_eviction_under_a_tiny_budget_keeps_the_output_exact():
         again_a = run(generator, torch.cat([first_a.sequences, torch.tensor([[5]])], dim=1))
         assert generator._target_prefixes.nbytes <= budget
     assert [out.stats.reused_prompt_tokens for out in (first_a, first_b)] == [0, 0]
-    assert again_b.stats.reused_prompt_tokens == first_b.sequences.shape[1] - 1
+    assert again_b.stats.reused_prompt_tokens in held(generator, first_b.sequences)
     assert again_a.stats.reused_prompt_tokens == 0
     for out in (first_a, first_b, again_b, again_a):
         prompt = out.sequences[:, :-NEW]
@@ -273,7 +282,7 @@ def test_enabled_models_reuse_and_copies_start_empty():
         generator = handle.generator
         pickled_empty = len(pickle.dumps(generator))
         out = target.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-        assert len(generator._target_prefixes) == out.shape[1] - 1  # all it fed: prompt + answer
+        assert len(generator._target_prefixes) in held(generator, out)  # all it fed: prompt + answer
         # A copy carries none of the stored KV.
         assert len(pickle.dumps(generator)) - pickled_empty < generator._target_prefixes.nbytes / 2
         clone = copy.deepcopy(generator)
