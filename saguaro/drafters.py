@@ -113,8 +113,10 @@ class ModelDrafter(Drafter):
             else:
                 if kept is not None:
                     kept = min(kept, budget - len(tree))
-                # Siblings with mass form a prefix of each node's draw order.
-                offers = [[(None, None, c) for c in row if c > 0] for row in cumulative.tolist()]
+                # Siblings with mass form a prefix of each node's draw order (judged by the child's
+                # own chance: a deep path's product may underflow to 0 and still be drafted).
+                ranked, alive = torch.stack([cumulative, chances]).tolist()
+                offers = [[(None, None, c) for c, a in zip(*row) if a > 0] for row in zip(ranked, alive)]
                 chosen = best_prefixes(offers, [1.0] * len(offers), kept)
             if not chosen:
                 break
