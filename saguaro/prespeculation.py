@@ -9,8 +9,10 @@ together, one batched forward per step, each attending to the shared prefix up t
 its own tokens (a tree mask over the drafter's cache). When the outcome arrives:
   * hit  - the branch's K tokens are the next draft, ready now; its KV entries are kept;
   * miss - the drafter rolls back to prefix + d_1..d_k + t* and a backup proposes the next draft:
-    prompt lookup (copying from the sequence, free) or the model drafting K tokens afresh,
-    whichever has given more tokens per second so far.
+    prompt lookup (copying from the sequence, free) or the model drafting afresh, whichever
+    promises more tokens per second. A model backup is drafted serially while the target waits,
+    so its length is chosen the same way: as many tokens as pay for their drafting steps at the
+    acceptance seen so far (few where drafts are often rejected).
 Each draft carries the distributions its tokens were drawn from, which sampled verification needs.
 
 Saguaro sampling (do_sample=True): drafts are drawn from q' = q with its top-F tokens scaled by C
@@ -28,6 +30,7 @@ import time
 
 import torch
 
+from .cost_model import expected_tokens
 from .draft_stream import Draft, DraftSource
 from .drafters import lookup_continuation
 from .fanout import geometric_fanout
@@ -36,6 +39,9 @@ from .runner import ModelRunner
 from .sampling import SamplingConfig, TokenSampler
 from .ssd import SpeculationCache, predict_outcomes, saguaro_reshape
 from .tree import TokenTree
+
+# Model backups: lengths whose promised tokens per second are this close to the best count as tied.
+BACKUP_RATE_TOLERANCE = 0.02
 
 
 class PreSpeculator:
@@ -60,9 +66,9 @@ class PreSpeculator:
         self.vocab_size = vocab_size
         self.reshape_c, self.reshape_top = reshape_c, reshape_top
         self.accepted_total, self.rejected_total = 1, 1  # a weak prior: acceptance 0.5
-        # Per backup kind: [rounds, accepted drafts], with one optimistic pseudo-round each.
-        self.backup_record = {DraftSource.LOOKUP: [1, 1.0], DraftSource.MODEL: [1, 1.0]}
-        self.verify_seconds = self.model_draft_seconds = 0.0
+        # Copied backups: [rounds, accepted drafts], with one optimistic pseudo-round.
+        self.lookup_record = [1, 1.0]
+        self.verify_seconds = self.model_step_seconds = 0.0
         self.committed: list[int] = []
         self.draft: Draft | None = None
         self._position_probs: list[torch.Tensor] = []  # shaped q at the draft positions the drafter made
@@ -113,7 +119,7 @@ class PreSpeculator:
         self.committed += self.draft.tokens[:accepted] + [next_token]
         if branch is None:
             self.runner.rollback(base + accepted)
-            draft = self._backup()
+            draft = self._backup(depth or self.lookahead)
         else:
             # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{steps-1}.
             self.runner.commit_path(base, list(range(accepted)) + cache.fed_nodes(branch))
@@ -145,10 +151,9 @@ class PreSpeculator:
     def _learn(self, accepted: int, verify_seconds: float | None) -> None:
         self.accepted_total += accepted
         self.rejected_total += accepted < len(self.draft.tokens)
-        if self.draft.source in self.backup_record:
-            record = self.backup_record[self.draft.source]
-            record[0] += 1
-            record[1] += accepted
+        if self.draft.source == DraftSource.LOOKUP:
+            self.lookup_record[0] += 1
+            self.lookup_record[1] += accepted
         if verify_seconds:
             self.verify_seconds = verify_seconds
             # Keep pre-speculation within one verification: that is what makes a hit free. An
@@ -177,36 +182,48 @@ class PreSpeculator:
         probs = saguaro_reshape(probs, self.reshape_top, self.reshape_c)
         return self.sampler.draw(probs), probs
 
-    def _backup(self) -> Draft:
-        """After a miss: copy from the sequence (free) or draft with the model (K drafter steps),
-        whichever has given more tokens per second: (accepted per round + 1) / round time."""
+    def _backup(self, depth: int) -> Draft:
+        """After a miss: copy from the sequence (free) or draft with the model, whichever promises
+        more tokens per second, (accepted per round + 1) / round time. The target waits for a
+        model backup step by step, so it drafts the length (at most `depth`) that maximises that
+        rate at the acceptance seen so far."""
         copied = lookup_continuation(self.committed, self.lookahead)
-
-        def rate(kind: str, cost: float) -> float:
-            rounds, accepted = self.backup_record[kind]
-            return (accepted / rounds + 1) / (self.verify_seconds + cost + 1e-9)
-
-        if copied and rate(DraftSource.LOOKUP, 0.0) >= rate(DraftSource.MODEL, self.model_draft_seconds):
+        a = self.acceptance
+        lengths = range(1, max(1, min(depth, self.lookahead)) + 1)
+        rates = [
+            expected_tokens([a] * d, d) / (self.verify_seconds + d * self.model_step_seconds + 1e-9)
+            for d in lengths
+        ]
+        rate = max(rates)
+        # The longest draft within BACKUP_RATE_TOLERANCE of the best: where lengths tie within the
+        # step cost's timing noise, the length must not flicker from round to round.
+        steps = max(d for d, r in zip(lengths, rates) if r >= (1 - BACKUP_RATE_TOLERANCE) * rate)
+        rounds, accepted = self.lookup_record
+        if copied and (accepted / rounds + 1) / (self.verify_seconds + 1e-9) >= rate:
             self._position_probs = []
             return Draft(copied, None, DraftSource.LOOKUP)
-        return self._model_draft()
+        return self._model_draft(steps)
 
-    def _model_draft(self) -> Draft:
-        """K tokens, one drafter forward each, continuing the committed sequence. Each token is fed
-        back as a tensor on the drafter's device, and the host reads the K tokens once at the end."""
+    def _model_draft(self, steps: int | None = None) -> Draft:
+        """`steps` tokens (default K), one drafter forward each, continuing the committed sequence.
+        Each token is fed back as a tensor on the drafter's device, and the host reads them once at
+        the end."""
         start = time.perf_counter()
-        logits = self.runner.feed(self.committed[self.runner.length :])[0]
+        steps = steps or self.lookahead
         tokens, probs, self._position_probs = [], [], []
-        for i in range(self.lookahead):
+        pending = self.committed[self.runner.length :]
+        logits = self.runner.feed(pending)[0]
+        for i in range(steps):
             shaped = self._shaped(logits)
             token, drawn_from = self._draw(shaped)
             tokens.append(token.reshape(1))
             probs.append(drawn_from)
             self._position_probs.append(shaped)
-            if i + 1 < self.lookahead:
+            if i + 1 < steps:
                 logits = self.runner.forward(tokens[-1])[-1]
         drafted = torch.cat(tokens).tolist()  # the one host read, included in the time below
-        self.model_draft_seconds = time.perf_counter() - start
+        if len(pending) <= 2:  # a backup's feed (t*); a prefill or catch-up says nothing of its steps
+            self.model_step_seconds = (time.perf_counter() - start) / steps
         return Draft(drafted, None if self.sampler.greedy else torch.stack(probs), DraftSource.MODEL)
 
     def _distributions_along_draft(self) -> list[torch.Tensor]:
