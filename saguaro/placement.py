@@ -80,7 +80,7 @@ class ThreadSplit:
         (a shared flag: `.value`, 0 while the worker idles) is down; `alone` does nothing when it
         has them already. Changing the thread count between layers is safe: each layer's kernels
         start afresh."""
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
         if working is None or self.drafter == 0 or layers is None:
             yield
             return
@@ -99,7 +99,7 @@ class ThreadSplit:
                 handle.remove()
 
 
-def _decoder_layers(model) -> nn.ModuleList | None:
+def decoder_layers(model) -> nn.ModuleList | None:
     """The model's stack of decoder layers: its longest ModuleList (None if it has none)."""
     stacks = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
     return max(stacks, key=len, default=None)

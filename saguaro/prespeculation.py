@@ -74,6 +74,7 @@ class PreSpeculator:
         self._position_probs: list[torch.Tensor] = []  # shaped q at the draft positions the drafter made
         self._cache = SpeculationCache()
         self._busy = 0.0
+        self._prespeculation_start = 0.0
         self.prespeculation_seconds = 0.0
         self.prespeculation_finished = True  # False when the outcome arrived before every step ran
 
@@ -124,12 +125,26 @@ class PreSpeculator:
             # Keep d_1..d_k, then the branch's fed nodes: its guess t and b_1..b_{steps-1}.
             self.runner.commit_path(base, list(range(accepted)) + cache.fed_nodes(branch))
             self._position_probs = cache.position_probs[branch]
-            drawn_from = cache.drawn_from[branch]
-            draft = Draft(
-                cache.tokens[branch], torch.stack(drawn_from) if drawn_from else None, DraftSource.CACHE
-            )
+            draft = _branch_draft(cache, branch)
         draft.prepared_branches = len(cache.outcomes) if cache.steps else 0
         return self._hand_over(draft, start, depth)
+
+    def answer_early(
+        self, accepted: int, next_token: int, verify_seconds: float | None = None, depth: int | None = None
+    ) -> Draft | None:
+        """What `resolve` will answer, now, while a pre-speculation step is still running: the draft
+        of a hit whose branch already holds `depth` tokens (None for anything else). Changes
+        nothing: after the step, `resolve` does the bookkeeping and hands over this same draft (a
+        branch only grows, and both are cut to `depth`). Its busy time is the pre-speculation's
+        so far."""
+        depth = depth or self.lookahead
+        branch = self._cache.lookup(accepted, next_token)
+        if branch is None or self._cache.steps < depth:
+            return None
+        draft = _branch_draft(self._cache, branch).cut(depth)
+        draft.prepared_branches = len(self._cache.outcomes)
+        draft.busy_seconds = time.perf_counter() - self._prespeculation_start
+        return draft
 
     def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
         """The target went on without drafts (speculation was off): continue from `committed`, which
@@ -250,7 +265,7 @@ class PreSpeculator:
         request) is in, pre-speculation stops and the cache keeps the steps done so far, so the
         target never waits for branches deeper than its verification gave time for.
         """
-        start = time.perf_counter()
+        start = self._prespeculation_start = time.perf_counter()
         self.prespeculation_finished = not self.draft.tokens  # nothing to verify, nothing to prepare
         if self.prespeculation_finished or outcome_arrived():
             return
@@ -287,3 +302,11 @@ class PreSpeculator:
             self.prespeculation_finished = True
         self.prespeculation_seconds = time.perf_counter() - start
         self._busy += self.prespeculation_seconds
+
+
+def _branch_draft(cache: SpeculationCache, branch: int) -> Draft:
+    """A hit's draft: the branch's tokens so far (a copy: pre-speculation may still append to them)
+    and, sampling, the q each was drawn from."""
+    drawn_from = cache.drawn_from[branch]
+    probs = torch.stack(drawn_from) if drawn_from else None
+    return Draft(list(cache.tokens[branch]), probs, DraftSource.CACHE)

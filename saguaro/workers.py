@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from .draft_stream import Draft, DraftStream
+from .placement import decoder_layers
 from .prespeculation import PreSpeculator
 from .sampling import SamplingConfig, TokenSampler
 
@@ -65,6 +66,9 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
 
     A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError). `before_reply` runs
     before each reply (a drafter on its own CUDA stream: let the reader see finished tensors).
+    An outcome that hits a branch already as deep as the target asked is answered between the
+    drafter's layers, mid-step (`answer_hit_mid_step`); the step then ends and `resolve` does the
+    bookkeeping with the same draft, unanswered a second time.
     `working` (a shared flag, or None) is raised by the sender with each request
     (`DraftWorker.begin`) and again before each reply, and lowered once the request and the
     pre-speculation after it are done: a target that finds it down knows the worker idles.
@@ -81,6 +85,19 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
             inbox.append(conn.recv())
         return bool(inbox)
 
+    answered_early: set[int] = set()  # resolve requests answered mid-step, bookkeeping pending
+
+    def answer_hit_mid_step() -> None:
+        if not request_waiting():
+            return
+        seq, kind, *args = inbox[0]
+        if kind == "resolve" and seq not in answered_early:
+            draft = speculator.answer_early(*args)
+            if draft is not None:
+                before_reply()
+                conn.send((seq, draft))
+                answered_early.add(seq)
+
     try:
         speculator: PreSpeculator = make_speculator()
     except Exception as error:
@@ -93,15 +110,18 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
             if failure is not None:  # report it on the first request it can answer, then stop
                 conn.send((seq, failure))
                 return
-            answered = False
+            answered = seq in answered_early
+            answered_early.discard(seq)
             try:
                 draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
-                before_reply()
                 if working is not None:
                     working.value = 1
-                conn.send((seq, draft))
-                answered = True
-                speculator.prespeculate(request_waiting)
+                if not answered:
+                    before_reply()
+                    conn.send((seq, draft))
+                    answered = True
+                with before_each_layer(speculator.runner.model, answer_hit_mid_step):
+                    speculator.prespeculate(request_waiting)
             except (EOFError, BrokenPipeError):
                 raise
             except Exception as error:
@@ -116,6 +136,24 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
         return  # the generator is gone
     finally:
         conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
+
+
+@contextlib.contextmanager
+def before_each_layer(model, hook):
+    """`hook()` runs before each of `model`'s decoder layers, on this thread only (a drafter
+    running elsewhere - inline, after this worker was given up - is not this loop's business)."""
+    layers, owner = decoder_layers(model), threading.get_ident()
+
+    def pre_hook(module, args):
+        if threading.get_ident() == owner:
+            hook()
+
+    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers or []]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _process_main(conn, threads, model, speculator_kwargs, working) -> None:

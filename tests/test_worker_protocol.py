@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -160,6 +161,68 @@ def test_an_outcome_before_any_step_is_a_miss_with_a_backup_draft():
     outcome = next(iter(cut._cache.outcomes))
     draft = cut.resolve(*outcome, verify_seconds=0.01)
     assert draft.source in (DraftSource.MODEL, DraftSource.LOOKUP) and len(draft.tokens) > 0
+
+
+def test_a_deep_enough_hit_is_answered_mid_step(monkeypatch):
+    # The worker's second (last) pre-speculation step is held twice: before its first layer until
+    # the outcome is sent, and after its last layer until the test has the answer (10 s at most).
+    # An outcome hitting a branch of one token, asked for one, must be answered in between:
+    # between the step's layers, not after the step.
+    model = tiny_model("llama", seed=0)
+    speculators, held = [], {}
+    in_step_two, sent, answered = threading.Event(), threading.Event(), threading.Event()
+    real_prespeculate = PreSpeculator.prespeculate
+
+    def recorded(self, outcome_arrived):
+        speculators.append(self)
+        held["on"] = True
+        try:
+            real_prespeculate(self, outcome_arrived)
+        finally:
+            held["on"] = False
+
+    def step_two() -> bool:
+        return held.get("on") and speculators[-1]._cache.steps == 1
+
+    def until_sent(module, args):
+        if step_two():
+            in_step_two.set()
+            sent.wait(10)
+
+    def until_answered(module, args, output):
+        if step_two():
+            held["timed_out"] = not answered.wait(10)
+
+    monkeypatch.setattr(PreSpeculator, "prespeculate", recorded)
+    handles = [
+        model.model.layers[0].register_forward_pre_hook(until_sent),
+        model.model.layers[-1].register_forward_hook(until_answered),
+    ]
+    worker = saguaro.workers.DraftWorker(model, "thread", lookahead=2)
+    try:
+        prompt = PROMPT[0].tolist()
+        draft = worker.reset(prompt, 2)
+        with torch.no_grad():
+            bonus = int(model(torch.tensor([prompt + draft.tokens])).logits[0, -1].argmax())
+        assert in_step_two.wait(10)
+        ticket = worker.begin("resolve", list(range(2)), bonus, 0.01, 1)  # all accepted, then the top
+        sent.set()
+        answer = worker.end(ticket)
+        answered_mid_step = "timed_out" not in held
+        answered.set()
+        assert answered_mid_step and answer.source == DraftSource.CACHE and len(answer.tokens) == 1
+        with torch.no_grad():
+            expected = int(model(torch.tensor([prompt + draft.tokens + [bonus]])).logits[0, -1].argmax())
+        assert answer.tokens == [expected]
+        # The step then ended and resolve did the bookkeeping: the protocol goes on in step.
+        assert worker.catch_up(prompt + draft.tokens + [bonus, expected], 2).tokens
+        assert not held["timed_out"]
+    finally:
+        sent.set()
+        answered.set()
+        for handle in handles:
+            handle.remove()
+        worker.close()
 
 
 @pytest.mark.parametrize(
