@@ -45,6 +45,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .auto import PRIOR_HIT_RATE
+from .cost_model import expected_tokens
 from .runner import ModelRunner
 
 QUANTIZATIONS = ("int8", "int4")
@@ -440,11 +442,10 @@ def compress_draft(
 # --- choosing by measurement -------------------------------------------------------------------
 
 
-def _measure(model, sample: list[int], steps: int, continuation: list[int] | None = None, width: int = 0):
+def _measure(model, sample: list[int], steps: int, continuation: list[int] | None = None):
     """Teacher-forced top-1 predictions over `sample` and `steps` one-token steps, the tokens fed in
-    those steps (`continuation`, or the model's own greedy choices), a step's median seconds, and
-    (with `width`) the seconds of one forward over `width` tokens: a batched pre-speculation step."""
-    runner = ModelRunner(model, len(sample) + steps + width)
+    those steps (`continuation`, or the model's own greedy choices), and a step's median seconds."""
+    runner = ModelRunner(model, len(sample) + steps)
     predictions = runner.forward(sample).argmax(-1).tolist()
     fed, seconds = [], []
     for step in range(steps):
@@ -453,12 +454,7 @@ def _measure(model, sample: list[int], steps: int, continuation: list[int] | Non
         predictions.append(int(runner.forward([token])[-1].argmax()))  # int(): waits for the device
         seconds.append(time.perf_counter() - start)
         fed.append(token)
-    batched = 0.0
-    if width:
-        start = time.perf_counter()
-        int(runner.forward((fed * width)[:width])[-1].argmax())
-        batched = time.perf_counter() - start
-    return predictions, fed, statistics.median(seconds[1:]), batched  # the first step warms up
+    return predictions, fed, statistics.median(seconds[1:])  # the first step warms up
 
 
 def _measure_target(target, sample: list[int], continuation: list[int], lookahead: int, repeats: int = 3):
@@ -476,10 +472,16 @@ def _measure_target(target, sample: list[int], continuation: list[int], lookahea
     return predictions, statistics.median(seconds[1:])
 
 
-def expected_tokens(acceptance: float, lookahead: int) -> float:
-    """Tokens per round of `lookahead` drafts each accepted with probability `acceptance`:
-    1 + a + ... + a^lookahead (the accepted run plus the target's own token)."""
-    return sum(acceptance**i for i in range(lookahead + 1))
+def variant_score(
+    acceptance: float, step_seconds: float, verify_seconds: float, lookahead: int, concurrent: bool
+) -> float:
+    """Expected tokens per second of a round drafting `lookahead` tokens (choose_draft_configuration):
+    the target waits for every draft step of a serial drafter, for a concurrent one's only after
+    a miss."""
+    serial = 1 - PRIOR_HIT_RATE if concurrent else 1.0
+    return expected_tokens([acceptance] * lookahead, lookahead) / (
+        verify_seconds + serial * lookahead * step_seconds
+    )
 
 
 def choose_draft_configuration(
@@ -504,11 +506,14 @@ def choose_draft_configuration(
     cost d and its top-1 agreement r with the plain draft, so its acceptance is about a * r. Its
     score is the expected tokens per second of a round, expected_tokens(a * r) / (verify +
     lookahead * d). A `concurrent` drafter (Saguaro's worker, the target on `target_threads`)
-    drafts while the target verifies: its round lasts max(verify, d + lookahead * d_B), with d_B a
-    batched step over lookahead + 1 branches. The first variant is the baseline; another wins only
-    when it scores more than
-    `min_gain` better. A variant that cannot be built on this platform is skipped with a warning
-    (the baseline is not: its error is raised).
+    drafts while the target verifies, and its pre-speculation sizes its branches to fit the
+    verification (prespeculation.py): a slower step costs a few branches, and in full only the
+    serial backup after a miss, so its round lasts verify + (1 - h) * lookahead * d at the prior
+    hit rate h (auto.PRIOR_HIT_RATE), and agreement weighs more than step cost. (Timing a batched
+    pre-speculation step and charging max(verify, d + lookahead * d_B) let one noisy forward pick
+    a smaller vocabulary, at a lower hit rate, for Saguaro.) The first variant is the baseline;
+    another wins only when it scores more than `min_gain` better. A variant that cannot be built
+    on this platform is skipped with a warning (the baseline is not: its error is raised).
     """
     sample = [int(t) for t in sample_ids][-AUTO_CONTEXT:]
     if not sample:
@@ -517,8 +522,7 @@ def choose_draft_configuration(
     record = DraftConfiguration(chosen_by="auto")
     try:
         torch.set_num_threads(threads or previous_threads)
-        width = lookahead + 1 if concurrent else 0
-        reference, continuation, plain_seconds, plain_batched = _measure(draft, sample, steps, width=width)
+        reference, continuation, plain_seconds = _measure(draft, sample, steps)
         torch.set_num_threads(target_threads or previous_threads)
         target_predictions, record.verify_seconds = _measure_target(target, sample, continuation, lookahead)
         # Laplace's rule: a short sample neither promises nor rules out acceptance.
@@ -537,17 +541,15 @@ def choose_draft_configuration(
                     _warn(f"draft variant {variant_label(*variant)} skipped: {error}")
                     continue
                 if model is draft:
-                    seconds, batched, agreement = plain_seconds, plain_batched, 1.0
+                    seconds, agreement = plain_seconds, 1.0
                 else:
-                    predictions, _, seconds, batched = _measure(model, sample, steps, continuation, width)
+                    predictions, _, seconds = _measure(model, sample, steps, continuation)
                     agreement = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
                 record.step_seconds[variant_label(*variant)] = seconds
                 record.agreement[variant_label(*variant)] = agreement
-                if concurrent:
-                    round_seconds = max(record.verify_seconds, seconds + lookahead * batched)
-                else:
-                    round_seconds = record.verify_seconds + lookahead * seconds
-                score = expected_tokens(record.target_agreement * agreement, lookahead) / round_seconds
+                score = variant_score(
+                    record.target_agreement * agreement, seconds, record.verify_seconds, lookahead, concurrent
+                )
                 if baseline is None:
                     baseline = best = (variant, model, score)
                 elif score > best[2]:

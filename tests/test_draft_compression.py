@@ -21,6 +21,7 @@ from saguaro.draft_compression import (
     dequantized_weight,
     quantize_draft,
     restrict_draft_vocabulary,
+    variant_score,
 )
 from saguaro.drafters import ModelDrafter
 
@@ -382,3 +383,15 @@ def test_quantize_draft_times_its_crossover_and_a_prefill_stays_exact():
             return_dict_in_generate=True,
         )
         assert out.sequences.tolist() == expected.tolist() and out.stats.accepted > 0
+
+
+def test_a_concurrent_drafter_is_scored_on_agreement_more_than_step_cost():
+    # Two variants of the demo draft beside a 200 ms verification: the full vocabulary (agreement
+    # 1.0, 25.5 ms a step) and a smaller one (agreement 0.933, 12 ms). Drafting inline, every step
+    # is waited for and the cheaper one wins; the Saguaro worker drafts while the target verifies,
+    # so there agreement decides and the full vocabulary wins.
+    a, verify = 0.8, 0.2
+    full, smaller = (a, 0.0255), (a * 0.933, 0.012)
+    inline, beside = (verify, 4, False), (verify, 4, True)
+    assert variant_score(*smaller, *inline) > variant_score(*full, *inline)
+    assert variant_score(*full, *beside) > variant_score(*smaller, *beside)
