@@ -145,7 +145,8 @@ def before_each_layer(model, hook):
     layers, owner = decoder_layers(model), threading.get_ident()
 
     def pre_hook(module, args):
-        if threading.get_ident() == owner:
+        # A compiled forward of the same model elsewhere must not trace (or guard on) the poll.
+        if not torch.compiler.is_compiling() and threading.get_ident() == owner:
             hook()
 
     handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers or []]
