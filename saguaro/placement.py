@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 from torch import nn
@@ -80,26 +81,39 @@ class ThreadSplit:
         (a shared flag: `.value`, 0 while the worker idles) is down; `alone` does nothing when it
         has them already. Changing the thread count between layers is safe: each layer's kernels
         start afresh."""
-        layers = decoder_layers(model)
-        if working is None or self.drafter == 0 or layers is None:
+        if working is None or self.drafter == 0:
             yield
             return
 
-        def take_back(module, args):
-            # A compiled step (compile=True) is one graph over every layer: there is no boundary
-            # between layers to change threads at, so the hook traces to nothing.
-            if not torch.compiler.is_compiling() and not working.value:
+        def take_back():
+            if not working.value:
                 self.alone()
 
-        handles = [layer.register_forward_pre_hook(take_back) for layer in layers]
-        try:
+        with before_each_layer(model, take_back):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
 
-def decoder_layers(model) -> nn.ModuleList | None:
+@contextlib.contextmanager
+def before_each_layer(model, hook):
+    """While inside: `hook()` runs before each of `model`'s decoder layers (none if it has no
+    stack of them), on this thread only: a forward of the same model elsewhere (a drafter given up
+    and drafting inline) is not this caller's business. A compiled forward is one graph over every
+    layer, with no boundary between layers to act at, so the hook traces to nothing there."""
+    layers, owner = _decoder_layers(model), threading.get_ident()
+
+    def pre_hook(module, args):
+        if not torch.compiler.is_compiling() and threading.get_ident() == owner:
+            hook()
+
+    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers or []]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _decoder_layers(model) -> nn.ModuleList | None:
     """The model's stack of decoder layers: its longest ModuleList (None if it has none)."""
     stacks = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
     return max(stacks, key=len, default=None)

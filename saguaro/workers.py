@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from .draft_stream import Draft, DraftStream
-from .placement import decoder_layers
+from .placement import before_each_layer
 from .prespeculation import PreSpeculator
 from .sampling import SamplingConfig, TokenSampler
 
@@ -136,25 +136,6 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
         return  # the generator is gone
     finally:
         conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
-
-
-@contextlib.contextmanager
-def before_each_layer(model, hook):
-    """`hook()` runs before each of `model`'s decoder layers, on this thread only (a drafter
-    running elsewhere - inline, after this worker was given up - is not this loop's business)."""
-    layers, owner = decoder_layers(model), threading.get_ident()
-
-    def pre_hook(module, args):
-        # A compiled forward of the same model elsewhere must not trace (or guard on) the poll.
-        if not torch.compiler.is_compiling() and threading.get_ident() == owner:
-            hook()
-
-    handles = [layer.register_forward_pre_hook(pre_hook) for layer in layers or []]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _process_main(conn, threads, model, speculator_kwargs, working) -> None:
