@@ -12,7 +12,7 @@ from conftest import perturbed_copy, slow_verification, tiny_model
 import saguaro
 from saguaro import engines
 from saguaro.draft_stream import DraftSource
-from saguaro.fanout import geometric_fanout
+from saguaro.ssd import ConfidenceCalibration, draft_confidence, predict_outcomes
 from saguaro.workers import WorkerFailed
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
@@ -219,28 +219,46 @@ def test_default_adaptive_schedule_runs_through_a_process_worker():
     assert generator.lookahead.verify  # the controller measured the rounds it chose
 
 
-@pytest.mark.parametrize("acceptance", [0.2, 0.5, 0.9])
-@pytest.mark.parametrize("budget", [5, 8, 15, 40])
-def test_geometric_fanout_spends_the_budget(acceptance, budget):
-    fanout = geometric_fanout(budget, 4, acceptance)
-    assert len(fanout) == 5 and sum(fanout) == budget and min(fanout) >= 1
-
-
-def test_geometric_fanout_follows_acceptance():
-    low, high = geometric_fanout(30, 4, 0.2), geometric_fanout(30, 4, 0.9)
-    assert low[0] == max(low) and low[0] > high[0]  # rejections come early: guess there
-    assert high[-1] > low[-1]
-    with pytest.raises(ValueError, match="budget"):
-        geometric_fanout(0, 4, 0.5)
-
-
 @pytest.mark.parametrize("acceptance", [0.2, 0.9])
-def test_a_budget_below_one_per_outcome_guesses_for_the_likeliest(acceptance):
-    # Outcome k has chance a^k (1 - a), and all K accepted a^K: low acceptance, early rejections.
-    one, three = geometric_fanout(1, 4, acceptance), geometric_fanout(3, 4, acceptance)
-    assert sum(one) == 1 and sum(three) == 3 and max(three) == 1
-    assert one == ([1, 0, 0, 0, 0] if acceptance < 0.5 else [0, 0, 0, 0, 1])
-    assert three == ([1, 1, 1, 0, 0] if acceptance < 0.5 else [1, 1, 0, 0, 1])
+def test_outcome_guesses_follow_the_acceptance_rate(acceptance):
+    # Outcome k has chance a^k (1 - a), and all K accepted a^K: low acceptance piles the guesses
+    # on early rejections, high acceptance on k = K (with the next likeliest outcomes after it).
+    q = [torch.tensor([0.6, 0.2, 0.1, 0.05, 0.05]) for _ in range(5)]
+    outcomes = predict_outcomes(q, [0, 0, 0, 0], [0.6] * 4, [acceptance] * 4, budget=6)
+    assert len(set(outcomes)) == 6 and all(t != 0 for k, t in outcomes if k < 4)
+    assert [k for k, _ in outcomes] == ([0, 0, 0, 0, 1, 1] if acceptance < 0.5 else [0, 1, 2, 4, 4, 4])
+    # Spread (the acceptances are only a prior): every outcome's likeliest guess first.
+    spread = predict_outcomes(q, [0, 0, 0, 0], [0.6] * 4, [acceptance] * 4, budget=6, spread=True)
+    assert [k for k, _ in spread] == ([0, 0, 1, 2, 3, 4] if acceptance < 0.5 else [0, 1, 2, 3, 4, 4])
+    with pytest.raises(ValueError, match="budget"):
+        predict_outcomes(q, [0, 0, 0, 0], [0.6] * 4, [acceptance] * 4, budget=0)
+
+
+def test_outcome_guesses_follow_the_drafters_confidence():
+    # d_1 is near certain, d_2 a coin toss: a rejection of d_1 is unlikely, so no guess goes there,
+    # where a single rate (0.5 everywhere) would spend one.
+    sure = torch.tensor([0.97, 0.01, 0.01, 0.01])
+    unsure = torch.tensor([0.1, 0.4, 0.3, 0.2])
+    after = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    confidence = draft_confidence([sure, unsure, after], [0, 1])
+    assert confidence == pytest.approx([0.97, 0.4])
+    confident = predict_outcomes([sure, unsure, after], [0, 1], confidence, confidence, budget=3)
+    assert confident == [(1, 2), (1, 3), (2, 0)]
+    one_rate = predict_outcomes([sure, unsure, after], [0, 1], confidence, [0.5, 0.5], budget=3)
+    assert any(k == 0 for k, _ in one_rate)
+
+
+def test_confidence_calibration_learns_what_a_drafters_confidence_is_worth():
+    calibration = ConfidenceCalibration()
+    assert calibration.chance(0.05, 0.5) == 0.5  # nothing seen: the running rate
+    for _ in range(20):  # an unsure drafter that is always right (the target drafting for itself)
+        calibration.record([0.05, 0.06, 0.04], accepted=3)
+    # A sure one that is wrong on its second token: the first accepted, the second rejected, the
+    # third never judged.
+    calibration.record([0.95, 0.97, 0.96], accepted=1)
+    assert calibration.chance(0.05, 0.5) > 0.9
+    assert calibration.judged[9] == 2 and calibration.accepted[9] == 1
+    assert calibration.chance(0.5, 0.3) == 0.3
 
 
 def test_misses_fall_back_to_prompt_lookup_when_it_pays():
