@@ -47,6 +47,10 @@ MODEL_FREE = ("autoregressive", "prompt_lookup")
 # Methods whose batches run as one (batched.py); a tree's batch runs row after row.
 BATCHED_METHODS = ("autoregressive", "speculative", "saguaro", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
+# num_speculative_tokens=None: the deepest draft per round, by method. Saguaro's drafting is hidden
+# behind the verification, so a deeper draft costs only the verification's extra tokens: on the demo
+# pair at one thread each, 6 gave 1.13x the tokens/s of 4 (median of six held-out prompts).
+DEFAULT_DEPTH = {"saguaro": 6, None: 4}
 
 
 @dataclass
@@ -156,7 +160,7 @@ def _check_saguaro_options(target, draft_model, saguaro_budget, worker_timeout):
                 f"saguaro_budget={saguaro_budget} pre-speculates no branch: use at least 1 "
                 "(or None to adapt it)"
             )
-        # An outcome's guesses are the top-F_k tokens of the draft's distribution (F_k <= budget).
+        # An outcome's guesses are tokens of the draft's vocabulary, at most `budget` of them.
         vocab = min(m.config.vocab_size for m in (target, draft_model) if m is not None)
         if saguaro_budget > vocab:
             raise ValueError(
@@ -213,7 +217,7 @@ class SpeculativeGenerator:
         target,
         draft_model=None,
         method: str = "auto",
-        num_speculative_tokens: int = 4,
+        num_speculative_tokens: int | None = None,
         tree_branching=DEFAULT_TREE,
         placement: str | None = None,
         saguaro_budget: int | None = None,
@@ -241,6 +245,8 @@ class SpeculativeGenerator:
                 f"method={method!r} needs a draft_model (or use a model-free method: {', '.join(MODEL_FREE)})"
             )
         _check_pair(target, draft_model if method not in MODEL_FREE else None, draft_device)
+        if num_speculative_tokens is None:
+            num_speculative_tokens = DEFAULT_DEPTH.get(method, DEFAULT_DEPTH[None])
         if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
         if (
@@ -754,7 +760,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    num_speculative_tokens: int = 4,
+    num_speculative_tokens: int | None = None,
     tree_branching: list[int] | tuple[int, ...] = DEFAULT_TREE,
     eos_token_id: int | list[int] | None = None,
     return_dict_in_generate: bool = False,
@@ -768,8 +774,8 @@ def generate(
     """Generate with `target`, speculating with `draft_model`; output equals the target's own.
 
     method: "auto" (the default: see below), "autoregressive" (no draft), "speculative" (a chain
-    of up to num_speculative_tokens drafts per round), "prompt_lookup" (model-free: drafts copied
-    from the sequence itself),
+    of up to num_speculative_tokens drafts per round; None: 6 for saguaro, 4 for the others),
+    "prompt_lookup" (model-free: drafts copied from the sequence itself),
     "tree" (a draft tree with tree_branching[d] children per node at depth d, or a
     saguaro.DynamicTree grown where the drafter is confident; verified in one target forward with
     a tree attention mask) or "saguaro" (speculative speculative decoding: the drafter prepares

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from . import cost_model, demo_models, distributed, launch, report, step_costs
+from .api import DEFAULT_DEPTH
 from .faults import logger
 from .kernels import TreeBackendUnavailable, choose_tree_backend
 from .placement import ThreadSplit
@@ -383,7 +384,11 @@ def benchmark(args) -> dict:
             if batch_suffix(method):  # step costs are one row's: a batch's time is not predicted
                 continue
             for row in runs:
-                predicted = predicted_seconds(method, row, curves, args.threads, args.num_speculative_tokens)
+                # HF's methods have no generator here; their predictions do not draft K tokens.
+                depth = (
+                    generators[method].num_speculative_tokens if method in generators else DEFAULT_DEPTH[None]
+                )
+                predicted = predicted_seconds(method, row, curves, args.threads, depth)
                 row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
         measured = {
             "step_costs": {name: curve.as_dict() for name, curve in curves.items()},
@@ -567,7 +572,8 @@ def setup_description(args, target_bytes: int, bandwidth: float) -> dict:
         "threads": args.threads,
         "max_new_tokens": args.max_new_tokens,
         "batch_sizes": args.batch_sizes,
-        "num_speculative_tokens": args.num_speculative_tokens,
+        "num_speculative_tokens": args.num_speculative_tokens
+        or f"per method: {DEFAULT_DEPTH['saguaro']} for saguaro, {DEFAULT_DEPTH[None]} for the others",
         "tree_branching": args.tree_branching,
         "repeats": args.repeats,
         "temperature": args.temperature,
@@ -687,7 +693,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats-prefix", type=int, default=3, help="repeats per shared-prefix scenario (medians)"
     )
-    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="longest draft per round (K; default: per method)",
+    )
     parser.add_argument(
         "--tree-branching",
         type=int,

@@ -44,7 +44,12 @@ def generate_main(argv) -> None:
         help="weights' dtype (float32 makes greedy output identical to HF's on any hardware)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
-    parser.add_argument("--num-speculative-tokens", type=int, default=4, help="longest draft per round (K)")
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=None,
+        help="longest draft per round (K; default: per method)",
+    )
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)"

@@ -124,7 +124,9 @@ class LookaheadController:
         self._rounds_off = self._rounds_on = 0
         self._probe_interval = probe_every
 
-    def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+    def observe(
+        self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float | None
+    ) -> None:
         self.observe_rows([drafted], [accepted], verify_seconds, draft_seconds)
 
     def observe_rows(
@@ -228,7 +230,9 @@ class TreeDepthController(LookaheadController):
         self._depth = super().choose(limit)
         return self._depth
 
-    def observe(self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float) -> None:
+    def observe(
+        self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float | None
+    ) -> None:
         super().observe(self._depth if drafted else 0, accepted, verify_seconds, draft_seconds)
 
 

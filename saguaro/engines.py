@@ -192,7 +192,7 @@ def speculative(
     stats.prefill_seconds = time.perf_counter() - start
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
-    draft = Draft.off()
+    draft, resolved = Draft.off(), False
     if synced:
         tick = time.perf_counter()
         draft = collect(prefill, depth)  # no draft, unless the worker failed meanwhile
@@ -220,7 +220,9 @@ def speculative(
             depth=max(draft.tree.depths(), default=-1) + 1,
         )
         if lookahead:
-            lookahead.observe(len(draft.tokens), len(path), verify_seconds, waited)
+            # Only a resolved round's wait is a usual round's drafting: a first draft after the
+            # prefill or a run of plain steps (reset, catch_up) also fed what the drafter lacked.
+            lookahead.observe(len(draft.tokens), len(path), verify_seconds, waited if resolved else None)
         generated += [draft.tokens[node] for node in path] + [next_token]
         # The next round's depth is chosen now, so that a worker prepares drafts of that depth.
         depth = 0
@@ -229,10 +231,11 @@ def speculative(
             depth = lookahead.choose(limit) if lookahead else limit
         if depth == 0:  # the end, or speculation loses here: a plain target step, the stream idles
             stop.stream(generated)
-            draft, waited = Draft.off(), 0.0
+            draft, waited, resolved = Draft.off(), 0.0, False
             continue
         tick = time.perf_counter()
-        if draft.source != DraftSource.OFF:
+        resolved = draft.source != DraftSource.OFF
+        if resolved:
             ticket = request("resolve", path, next_token, verify_seconds, depth)
         elif synced:
             ticket = request("catch_up", prompt + generated, depth)

@@ -289,3 +289,14 @@ def test_tree_adapts_its_depth_and_stays_exact(pair, monkeypatch):
         cut = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
     assert cut.sequences.tolist() == expected.tolist()
     assert {r["drafted"] for r in cut.stats.round_log} == {2}
+
+
+def test_the_deepest_draft_defaults_per_method(pair):
+    target, draft = pair
+    # Saguaro drafts behind the verification, so depth costs it only verification tokens.
+    with saguaro.SpeculativeGenerator(target, draft, method="saguaro") as generator:
+        assert generator.num_speculative_tokens == 6
+    with saguaro.SpeculativeGenerator(target, draft, method="speculative") as generator:
+        assert generator.num_speculative_tokens == 4
+    with saguaro.SpeculativeGenerator(target, draft, method="saguaro", num_speculative_tokens=3) as generator:
+        assert generator.num_speculative_tokens == 3

@@ -168,3 +168,25 @@ def test_the_controller_probes_one_deeper_so_stale_acceptance_cannot_hold_k_down
         controller.observe(k, k, 0.15 + 0.03 * k, 0.01 * k)
     assert 2 in chosen[: controller.probe_every]  # the first probe comes within probe_every rounds
     assert chosen[-1] >= 3  # acceptance measured deeper, so K grew to where it pays
+
+
+def test_a_first_draft_after_a_prefill_is_not_taken_for_a_usual_rounds_drafting(monkeypatch):
+    # A call's first draft also fed the prompt to the drafter (and one after plain steps, the tokens
+    # it lacked). Counted as a round's drafting, such a wait turned speculation off for good on the
+    # demo pair (Saguaro drafting 6 deep, one thread each): a plain step looked cheaper than any draft.
+    seen = []
+    real_observe = LookaheadController.observe
+
+    def observe(self, drafted, accepted, verify_seconds, draft_seconds):
+        seen.append(draft_seconds)
+        return real_observe(self, drafted, accepted, verify_seconds, draft_seconds)
+
+    monkeypatch.setattr(LookaheadController, "observe", observe)
+    target = tiny_model("llama", seed=0)
+    prompt = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
+    draft = perturbed_copy(target, 0.005)
+    saguaro.generate(
+        target, prompt, draft_model=draft, method="speculative", max_new_tokens=20, eos_token_id=[]
+    )
+    # Rounds that follow a drafted one are usual rounds (plain steps have no drafting to count).
+    assert seen[0] is None and any(wait is not None for wait in seen[1:])
