@@ -391,15 +391,20 @@ class SpeculativeGenerator:
     def _seed_saguaro_lookahead(self) -> None:
         """Show Saguaro's adaptive schedule the step costs `auto` times once per process (the
         target alone for a plain step, beside the worker for a verification), so that where
-        verification costs about K+1 steps (a CPU without native bf16) not even the first round
-        pays for a draft (elsewhere the controller starts unseeded: see `LookaheadController.seed`).
-        A few forwards, once per process; `method="auto"` has them already."""
+        verification costs about K+1 steps (a CPU without native bf16) the very first round is a
+        plain step, since no draft pays at a typical acceptance (elsewhere the controller starts
+        unseeded: see `LookaheadController.seed`). A few forwards, once per process;
+        `method="auto"` has them already."""
         # A tensor-parallel target is not timed: its other ranks could not follow the leader's forwards.
         if self.lookahead is None or self.lookahead.verify or self._tp is not None:
             return
         k = self.num_speculative_tokens
         calibration = auto.calibrate(self.target, self._draft, k, self.threads)
-        self.lookahead.seed({1: calibration.target_alone(1), k + 1: calibration.target_beside(k + 1)})
+        # At auto's prior acceptance, not all-accepted drafts: 6 tokens all accepted would pay at
+        # 5.8 steps (a 7-token verification there), and the first round's 6-deep draft cost a
+        # chat prompt a quarter of its time on the demo pair.
+        timed = {1: calibration.target_alone(1), k + 1: calibration.target_beside(k + 1)}
+        self.lookahead.seed(timed, acceptance=auto.PRIOR_ACCEPTANCE)
 
     def _prepared_draft(self, sample: list[int]):
         if self._draft is None:

@@ -123,6 +123,7 @@ class LookaheadController:
         self.catch_up_seconds_per_token = 0.0  # a drafter feeding many tokens at once (batched.py)
         self._rounds_off = self._rounds_on = 0
         self._probe_interval = probe_every
+        self._probe_acceptance = 1.0  # a probe's premise: drafts accepted this often could pay
 
     def observe(
         self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float | None
@@ -146,19 +147,21 @@ class LookaheadController:
             old = self.draft_seconds_per_unit
             self.draft_seconds_per_unit = sample if old == 0 else 0.7 * old + 0.3 * sample
 
-    def seed(self, verify_seconds: dict[int, float]) -> bool:
+    def seed(self, verify_seconds: dict[int, float], acceptance: float = 1.0) -> bool:
         """Start from step costs timed beforehand (tokens -> seconds of a verification) where they
-        say that not even drafts that are all accepted would beat a plain step (verification
-        costing about K+1 steps, a CPU without native bf16): the very first round is then a plain
-        step, not a full-length draft that finds it out. Otherwise nothing is seeded, and the first
-        rounds draft the full length, which measures acceptance at every position soonest.
-        Returns whether it seeded; lengths already observed keep their measurement."""
+        say that no draft accepted token by token with chance `acceptance` (1: all of it) would beat
+        a plain step (verification costing about K+1 steps, a CPU without native bf16): the very
+        first round is then a plain step, not a full-length draft that finds it out. Otherwise
+        nothing is seeded, and the first rounds draft the full length, which measures acceptance
+        at every position soonest. Returns whether it seeded; lengths already observed keep their
+        measurement."""
         known = dict(self.verify.points)
         for tokens, seconds in verify_seconds.items():
             self.verify.points.setdefault(tokens, seconds)
-        if self._could_pay(self.max_k):
+        if self._could_pay(self.max_k, acceptance):
             self.verify.points = known
             return False
+        self._probe_acceptance = acceptance  # probes, too, need a draft that could pay at it
         return True
 
     def observe_catch_up(self, tokens: int, seconds: float) -> None:
@@ -198,18 +201,23 @@ class LookaheadController:
         self._rounds_off += 1
         if self._rounds_off < self._probe_interval:
             return 0
-        if not self._could_pay(top) and self._probe_interval < MAX_PROBE_INTERVAL:
-            # Not even drafts that are all accepted would beat a plain step (verification costing
-            # about K+1 steps): a probe has nothing to learn but whether that cost changed, which
-            # is worth one round in MAX_PROBE_INTERVAL, not one in 16.
+        if not self._could_pay(top, self._probe_acceptance) and self._probe_interval < MAX_PROBE_INTERVAL:
+            # Not even drafts that are all accepted (or, seeded, accepted as often as is typical)
+            # would beat a plain step (verification costing about K+1 steps): a probe has nothing
+            # to learn but whether that cost changed, which is worth one round in
+            # MAX_PROBE_INTERVAL, not one in 16 (a probe also pays the drafter's catch-up).
             self._rounds_off, self._probe_interval = 0, MAX_PROBE_INTERVAL
             return 0
         self._rounds_off, self._probe_interval = 0, min(2 * self._probe_interval, MAX_PROBE_INTERVAL)
         return max(range(1, top + 1), key=self.tokens_per_second)
 
-    def _could_pay(self, top: int) -> bool:
-        """Whether some K <= top would beat a plain step if every draft were accepted."""
-        return any((k + 1) / self.round_seconds(k) > 1 / self.round_seconds(0) for k in range(1, top + 1))
+    def _could_pay(self, top: int, acceptance: float = 1.0) -> bool:
+        """Whether some K <= top would beat a plain step if each draft were accepted with chance
+        `acceptance` (1: every draft accepted)."""
+        return any(
+            expected_tokens([acceptance] * k, k) / self.round_seconds(k) > 1 / self.round_seconds(0)
+            for k in range(1, top + 1)
+        )
 
 
 class TreeDepthController(LookaheadController):

@@ -200,8 +200,14 @@ def speculative(
             draft = collect(request("catch_up", prompt + generated, depth), depth)
         waited += time.perf_counter() - tick  # a drafter prefill outlasting the target's is waited for
     while not stop.finished(generated):
-        if drafts.concurrent and draft.source != DraftSource.OFF:
-            threads.beside_drafter()  # the worker pre-speculates during this verification
+        # The worker pre-speculates during this verification, or is still finishing the last one
+        # before a plain step: beside it, the target keeps to the cores it leaves (taking them back
+        # between layers once it is done, placement.hand_back_when_idle), instead of both
+        # oversubscribing the cores (a plain step then took 3.5x as long on two, and the adaptive
+        # length measured it so).
+        worker_busy = drafts.working is not None and drafts.working.value
+        if drafts.concurrent and (draft.source != DraftSource.OFF or worker_busy):
+            threads.beside_drafter()
         else:
             threads.alone()
         tick = time.perf_counter()

@@ -127,6 +127,14 @@ def test_seeded_controller_starts_from_timed_costs():
     # Timed nearly flat (native bf16, a GPU): not seeded, the first round drafts the full length.
     cheap = LookaheadController(4)
     assert not cheap.seed({1: 1.0, 5: 1.1}) and not cheap.verify and cheap.choose(4) == 4
+    # At a typical acceptance (0.7), a 7-token verification at 5.8 steps pays for no draft, though
+    # 7 tokens all accepted would.
+    typical = LookaheadController(6)
+    assert not typical.seed({1: 1.0, 7: 5.8}) and typical.seed({1: 1.0, 7: 5.8}, acceptance=0.7)
+    assert not LookaheadController(6).seed({1: 1.0, 7: 2.0}, acceptance=0.7)  # native bf16, two cores
+    # Seeded so, it probes as rarely as where not even all-accepted drafts would pay.
+    first_probe = next(i for i in range(1000) if typical.choose(6))
+    assert first_probe > 256
     # Rounds blend into a seed like any measurement; a later seed only fills in lengths not yet known.
     costly.observe(0, 0, 0.5, 0.0)
     blended = costly.verify.points[1]

@@ -163,3 +163,50 @@ def test_a_draft_cut_to_a_depth_keeps_the_shallower_nodes_in_order():
     assert chain.tokens == [5, 6] and chain.tree == TokenTree.chain(2) and chain.probs is None
     with pytest.raises(ValueError, match="3 draft tokens but 2 tree nodes"):
         Draft([1, 2, 3], tree=TokenTree.chain(2))
+
+
+class BusyWorker(RecordingStream):
+    """A concurrent stream whose worker says it is still working (its flag up) at every round."""
+
+    concurrent = True
+    working = type("Flag", (), {"value": 1})()
+
+
+class RecordingThreads:
+    def __init__(self):
+        self.calls = []
+
+    def beside_drafter(self):
+        self.calls.append("beside")
+
+    def alone(self):
+        self.calls.append("alone")
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_a_plain_step_keeps_beside_a_worker_that_is_still_working(pair, monkeypatch, busy):
+    # After a drafted round the worker may still be pre-speculating for an outcome it will not be
+    # sent: a plain step on every core would then oversubscribe them with it (3.5x as slow on the
+    # demo pair), so it keeps to the target's share until the worker's flag drops.
+    threads = RecordingThreads()
+    real_engine = api.speculative
+
+    def engine(runner, drafts, prompt, sampler, stop, stats, max_depth, lookahead, _threads, fallback):
+        stream = BusyWorker(drafts)
+        stream.working = type("Flag", (), {"value": int(busy)})()
+        return real_engine(
+            runner, stream, prompt, sampler, stop, stats, max_depth, lookahead, threads, fallback
+        )
+
+    monkeypatch.setattr(api, "speculative", engine)
+    with generator_for("speculative", pair) as generator:
+        generator.lookahead = ScriptedDepths(3, off={2, 3})
+        out = generator.generate(PROMPT, max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True)
+    sources = [round_["source"] for round_ in out.stats.round_log]
+    assert sources[1:3] == [DraftSource.OFF] * 2 and sources[0] != DraftSource.OFF
+    # Before the loop: alone, then beside for the prefill (the worker prefills meanwhile); then one
+    # call per round.
+    assert threads.calls[:2] == ["alone", "beside"]
+    per_round = threads.calls[2:]
+    assert per_round[0] == "beside" and per_round[1:3] == (["beside"] * 2 if busy else ["alone"] * 2)
+    assert out.sequences[0, PROMPT.shape[1] :].tolist() == hf_greedy(pair[0], 20)
