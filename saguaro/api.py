@@ -401,8 +401,8 @@ class SpeculativeGenerator:
         k = self.num_speculative_tokens
         calibration = auto.calibrate(self.target, self._draft, k, self.threads)
         # At auto's prior acceptance, not all-accepted drafts: 6 tokens all accepted would pay at
-        # 5.8 steps (a 7-token verification there), and the first round's 6-deep draft cost a
-        # chat prompt a quarter of its time on the demo pair.
+        # 5.8 steps (a 7-token verification without native bf16, emulated on the demo pair),
+        # where the first round's 6-deep draft cost a chat prompt a quarter of its time.
         timed = {1: calibration.target_alone(1), k + 1: calibration.target_beside(k + 1)}
         self.lookahead.seed(timed, acceptance=auto.PRIOR_ACCEPTANCE)
 
