@@ -1,5 +1,6 @@
 """Tiny random-weight models built from configs: fast, exact, no model hub."""
 
+import gc
 import time
 
 import pytest
@@ -118,6 +119,16 @@ def _one_thread():
     # Deterministic and fair on a 2-core machine; tests never assert timings.
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _collect_dropped_generators():
+    # A generator dropped without close() stops its worker when Python collects it, and one in a
+    # reference cycle waits for a garbage-collection pass: collect after each test, so that a test
+    # counting live worker processes never sees an earlier test's (seen once in CI: every such
+    # test after test_distributed's seventh failed on one leftover worker).
+    yield
+    gc.collect()
 
 
 def slow_verification(monkeypatch, seconds: float = 0.03):
