@@ -57,7 +57,7 @@ def check_compilable(*models) -> None:
 # A pointwise value whose body has more ops than this is stored once, not recomputed where it is
 # read (inductor's CPU default is 50). The query's rotary embedding (a cos and a sin per element)
 # is read through a broadcast by every cache slot's attention score, and was recomputed there:
-# 4 heads x 256 slots x 64 dims of cos and sin a layer, a third of a compiled greedy token.
+# 4 heads x 256 slots x 64 dims of cos and sin a layer, about a fifth of a compiled greedy token.
 REALIZE_OPCOUNT_THRESHOLD = 8
 
 
