@@ -105,3 +105,8 @@ class DraftStream(ABC):
 
     def catch_up(self, committed: list[int], depth: int) -> Draft:
         return self.end(self.begin("catch_up", committed, depth))
+
+    def pause(self) -> None:
+        """No outcome of the last verification will come (plain steps follow, or the call ends):
+        stop preparing drafts for it. A stream that drafts only when asked has nothing to stop."""
+        return

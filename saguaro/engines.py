@@ -236,6 +236,8 @@ def speculative(
             limit = min(max_depth, stop.remaining(generated) - 1)
             depth = lookahead.choose(limit) if lookahead else limit
         if depth == 0:  # the end, or speculation loses here: a plain target step, the stream idles
+            if draft.source != DraftSource.OFF:  # a worker prepares for an outcome it will not get
+                drafts.pause()
             stop.stream(generated)
             draft, waited, resolved = Draft.off(), 0.0, False
             continue

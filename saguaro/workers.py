@@ -107,6 +107,8 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
             seq, kind, *args = next_request()
             if kind == "close":
                 return
+            if kind == "pause":  # it ended the pre-speculation (request_waiting); no reply
+                continue
             if failure is not None:  # report it on the first request it can answer, then stop
                 conn.send((seq, failure))
                 return
@@ -289,6 +291,16 @@ class DraftWorker(DraftStream):
         except Exception as error:
             raise self._fail(f"is gone ({error!r})") from error
         return self._seq
+
+    def pause(self) -> None:
+        """Stop the worker's pre-speculation for an outcome that will not be sent: it would go on
+        for all its steps on a core that the target's plain steps, or the caller, could use. Its
+        next request (catch_up or reset) brings it up to date. Unanswered: a worker that is gone
+        fails at that next request."""
+        if self._conn is not None:
+            self._seq += 1
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send((self._seq, "pause"))
 
     def end(self, ticket: int | Draft) -> Draft:
         """The answer to request `ticket`; answers to earlier, abandoned requests are dropped."""

@@ -352,6 +352,55 @@ def test_the_target_takes_the_drafters_core_back_between_layers_once_it_idles():
         torch.set_num_threads(os.cpu_count() or 1)
 
 
+def test_a_pause_ends_the_prespeculation_of_an_outcome_that_will_not_come(monkeypatch):
+    # Each pre-speculation step is held until a request is in (10 s at most), so the worker would
+    # pre-speculate for 30 s; a pause must end it before its first step, and the worker must
+    # still answer the next request (a catch_up: plain steps followed) with a draft.
+    steps = []
+    original = PreSpeculator.prespeculate
+
+    def held(self, outcome_arrived=lambda: False):
+        def arrived():
+            deadline = time.monotonic() + 10
+            while not outcome_arrived() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return outcome_arrived()
+
+        original(self, arrived)
+        steps.append(self._cache.steps)
+
+    monkeypatch.setattr(PreSpeculator, "prespeculate", held)
+    target = tiny_model("llama", seed=0)
+    worker = saguaro.workers.DraftWorker(perturbed_copy(target, 0.05, seed=1), "thread", lookahead=3)
+    try:
+        committed = PROMPT[0].tolist()
+        assert len(worker.reset(committed, 3).tokens) == 3
+        start = time.monotonic()
+        worker.pause()
+        while not steps and time.monotonic() - start < 30:
+            time.sleep(0.01)
+        assert steps == [0] and time.monotonic() - start < 5
+        assert len(worker.catch_up(committed + [4, 8], 3).tokens) == 3
+    finally:
+        worker.close()
+
+
+def test_the_engine_pauses_the_worker_after_each_drafted_round_with_no_outcome_to_send(monkeypatch):
+    # A drafted round followed by a plain step, or by the end of the call, sends no outcome: the
+    # worker must hear a pause there, and only there.
+    pauses = []
+    original = saguaro.workers.DraftWorker.pause
+    monkeypatch.setattr(saguaro.workers.DraftWorker, "pause", lambda self: pauses.append(1) or original(self))
+    target = tiny_model("llama", seed=0)
+    with saguaro_generator(target) as generator:
+        for tokens in (40, 13):
+            pauses.clear()
+            log = run(generator, tokens).stats.round_log
+            drafted = [entry["source"] != DraftSource.OFF for entry in log]
+            ends = sum(d and (i + 1 == len(log) or not drafted[i + 1]) for i, d in enumerate(drafted))
+            assert any(drafted) and len(pauses) == ends
+
+
 def test_a_worker_process_flags_its_work(monkeypatch):
     # The flag goes up with a request as it is sent (the worker's prefill overlaps the target's),
     # and down once the request and the pre-speculation after it are done.
