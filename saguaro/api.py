@@ -372,6 +372,7 @@ class SpeculativeGenerator:
             concurrent,
             acceptance,
             hit_rate,
+            self.compile,
         )
         if self.auto_choice.method != self.method:
             self._configure(self.auto_choice.method)

@@ -7,11 +7,13 @@ second device) without slowing the target much. So nothing is assumed: on first 
 and the drafter are timed briefly (a few forwards each, at the thread counts each method would
 use), and `cost_model.project_tokens_per_second` turns those step costs and the acceptance seen so
 far into a predicted speed per method. Timings are kept per (target, draft, threads) for the life
-of the process, so one-shot `saguaro.generate` calls measure once.
+of the process, so one-shot `saguaro.generate` calls measure once. With compile=True each model
+is timed through the steps it will run (compiled graphs for the target and the chain drafter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import weakref
@@ -21,7 +23,7 @@ import torch
 
 from . import cost_model
 from .placement import ThreadSplit
-from .step_costs import forward_costs
+from .step_costs import forward_costs, greedy_token_cost
 from .tree import static_tree
 
 logger = logging.getLogger("saguaro")
@@ -40,6 +42,12 @@ class Calibration:
     target_beside: cost_model.CostCurve  # the cores a Saguaro worker leaves
     draft_alone: cost_model.CostCurve
     draft_beside: cost_model.CostCurve  # on the worker's threads, batched over branches
+    # The chain drafter of `speculative` where it runs other steps than the rest: compiled graphs
+    # with compile=True (the tree drafter and the Saguaro worker stay eager). None: draft_alone.
+    draft_chain: cost_model.CostCurve | None = None
+    # Seconds per token of compile=True's greedy decoding, in blocks of tokens per compiled call.
+    # None: a one-token forward, target_alone(1).
+    greedy_token: float | None = None
 
 
 @dataclass
@@ -53,37 +61,58 @@ class Choice:
 _calibrations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _timed(model, tokens: list[int], threads: int) -> cost_model.CostCurve:
+@contextlib.contextmanager
+def _threads(count: int):
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(count)
     try:
-        return forward_costs(model, tokens, repeats=2, context=_CALIBRATION_CONTEXT)
+        yield
     finally:
         torch.set_num_threads(saved)
 
 
-def calibrate(target, draft, lookahead: int, split: ThreadSplit, tree_nodes: int = 0) -> Calibration:
+def _timed(model, tokens: list[int], threads: int, compiled: bool = False) -> cost_model.CostCurve:
+    with _threads(threads):
+        return forward_costs(model, tokens, repeats=2, context=_CALIBRATION_CONTEXT, compiled=compiled)
+
+
+def _timed_greedy(model, threads: int) -> float:
+    with _threads(threads):
+        return greedy_token_cost(model, repeats=2, context=_CALIBRATION_CONTEXT)
+
+
+def calibrate(
+    target, draft, lookahead: int, split: ThreadSplit, tree_nodes: int = 0, compiled: bool = False
+) -> Calibration:
     """Time the target and the draft (cached per model pair and thread split). With `tree_nodes`,
     the target also verifies a tree that size: a forward's cost is not linear in its tokens (a
     matrix product's blocking steps up at some widths), so the tree's is measured, not
     extrapolated from a chain's (measured on the demo pair: 186 ms at 15 tokens where the line
-    through 1 and 5 tokens said 154 ms, enough to choose `tree` over a faster `speculative`)."""
-    key = (id(draft), split.total, split.drafter, lookahead)
+    through 1 and 5 tokens said 154 ms, enough to choose `tree` over a faster `speculative`).
+
+    `compiled` (compile=True): each model is timed through the steps it will run. The target's
+    and the chain drafter's are compiled graphs, the tree drafter's and the worker's eager: timed
+    eagerly, every method looked as slow as eager Python makes it, and on issue 12's small llama
+    auto chose saguaro (eager drafting) at 719 tokens/s where compiled autoregressive ran 3395."""
+    key = (id(draft), split.total, split.drafter, lookahead, compiled)
     per_target = _calibrations.setdefault(target, {})
     if key not in per_target:
         chain = [1, lookahead + 1]
         beside = split.target if split.drafter else split.total
         branches = 3 * (lookahead + 1)  # the paper's default budget
         per_target[key] = Calibration(
-            target_alone=_timed(target, chain, split.total),
-            target_beside=_timed(target, chain, beside),
+            target_alone=_timed(target, chain, split.total, compiled),
+            target_beside=_timed(target, chain, beside, compiled),
             draft_alone=_timed(draft, [1, 2, 4], split.total),
             draft_beside=_timed(draft, [1, 2, branches], max(1, split.drafter)),
+            draft_chain=_timed(draft, [1, 2], split.total, compiled) if compiled else None,
+            greedy_token=_timed_greedy(target, split.total) if compiled else None,
         )
         logger.info("saguaro auto: step costs measured %s", per_target[key])
     calibration = per_target[key]
     if tree_nodes and tree_nodes + 1 not in calibration.target_alone.points:
-        calibration.target_alone.points.update(_timed(target, [tree_nodes + 1], split.total).points)
+        tree = _timed(target, [tree_nodes + 1], split.total, compiled)
+        calibration.target_alone.points.update(tree.points)
     return calibration
 
 
@@ -105,10 +134,11 @@ def predict(
     c = calibration
     rates = [acceptance] * lookahead
     ks = range(1, lookahead + 1)
+    chain_draft = c.draft_chain or c.draft_alone
     predicted = {
-        "autoregressive": 1.0 / c.target_alone(1),
+        "autoregressive": 1.0 / (c.greedy_token or c.target_alone(1)),
         "speculative": max(
-            cost_model.project_tokens_per_second("speculative", k, c.target_alone, c.draft_alone, rates)
+            cost_model.project_tokens_per_second("speculative", k, c.target_alone, chain_draft, rates)
             for k in ks
         ),
     }
@@ -155,9 +185,10 @@ def choose(
     concurrent: bool,
     acceptance: float,
     hit_rate: float,
+    compiled: bool = False,
 ) -> Choice:
     tree_nodes = len(static_tree(list(tree_branching))) if tree_branching else 0
-    calibration = calibrate(target, draft, lookahead, split, tree_nodes)
+    calibration = calibrate(target, draft, lookahead, split, tree_nodes, compiled)
     predicted = predict(calibration, lookahead, tree_branching, acceptance, hit_rate, concurrent)
     method = max(predicted, key=predicted.get)
     logger.info("saguaro auto: chose %s (predicted tokens/s %s)", method, predicted)

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from .compiled_runner import GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner
 from .cost_model import CostCurve
 from .runner import ModelRunner
 from .tree import static_tree
@@ -33,13 +34,23 @@ def _median_seconds(run, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def forward_costs(model, tokens: list[int], repeats: int = 3, context: int = 256) -> CostCurve:
+def forward_costs(
+    model, tokens: list[int], repeats: int = 3, context: int = 256, compiled: bool = False
+) -> CostCurve:
     """Median seconds of a forward over T new tokens (each T in `tokens`) on a `context`-token cache,
     with the calling thread's torch thread count. A chain is verified like a tree of that many
-    nodes; on CPU the mask makes no measurable difference."""
-    runner = ModelRunner(model, capacity=context + max(tokens) + 1)
+    nodes; on CPU the mask makes no measurable difference. `compiled`: through the compiled graphs
+    a compile=True generator runs (a static cache of its usual capacity, a bucket per T; compiled
+    here, then reused by the generator's runners)."""
+    capacity = context + max(tokens) + 1
     vocab = model.config.vocab_size
-    runner.forward([(7 * i) % vocab for i in range(context)], last_only=True)
+    prompt = [(7 * i) % vocab for i in range(context)]
+    if compiled:
+        runner = CompiledRunner(model, max(STATIC_CAPACITY, capacity), buckets=tuple(tokens))
+        runner.feed(prompt)  # the prefill, then every bucket's graph
+    else:
+        runner = ModelRunner(model, capacity)
+        runner.forward(prompt, last_only=True)
     runner.forward([1])  # warm-up: first calls allocate
     runner.rollback(context)
 
@@ -48,6 +59,22 @@ def forward_costs(model, tokens: list[int], repeats: int = 3, context: int = 256
         runner.rollback(context)
 
     return CostCurve({t: _median_seconds(lambda t=t: one(t), runner.device, repeats) for t in tokens})
+
+
+def greedy_token_cost(model, repeats: int = 3, context: int = 256) -> float:
+    """Median seconds per token of compiled greedy decoding, which runs GREEDY_BLOCK tokens per
+    compiled call (argmax fed back in the graph): cheaper per token than a one-token forward."""
+    capacity = max(STATIC_CAPACITY, context + GREEDY_BLOCK + 1)
+    runner = CompiledRunner(model, capacity, chains=((GREEDY_BLOCK, 1),))
+    vocab = model.config.vocab_size
+    runner.feed([(7 * i) % vocab for i in range(context)])  # the prefill, then the block's graph
+
+    def one():
+        runner.greedy_block(1)
+        runner.rollback(context)
+
+    one()
+    return _median_seconds(one, runner.device, repeats) / GREEDY_BLOCK
 
 
 def tree_verify_costs(

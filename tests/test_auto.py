@@ -68,7 +68,7 @@ def test_a_trees_verification_is_timed_at_its_size(monkeypatch):
     # A machine whose verify cost steps up past the chain's width: 100 ms up to 5 tokens, 160 ms at
     # 15 (the tree [2, 2, 1, 1] and its root). Extrapolated from 1 and 5 tokens the tree looks as
     # cheap as the chain and wins; timed at its size, speculative does.
-    def timed(model, tokens, threads):
+    def timed(model, tokens, threads, compiled=False):
         steps = {1: 0.1, 2: 0.1, 5: 0.1, 15: 0.16} if model is target else {1: 0.01, 2: 0.0105, 4: 0.011}
         return CostCurve({t: steps.get(t, 0.012) for t in tokens})
 
@@ -81,6 +81,33 @@ def test_a_trees_verification_is_timed_at_its_size(monkeypatch):
     del calibration.target_alone.points[15]
     extrapolated = auto.predict(calibration, 4, [2, 2, 1, 1], 0.8, 0.8, concurrent=False)
     assert max(extrapolated, key=extrapolated.get) == "tree"
+
+
+def test_with_compile_each_model_is_timed_through_the_steps_it_runs(monkeypatch):
+    # compile=True: the target (every method verifies on its compiled runner) and the chain drafter
+    # of speculative run compiled graphs, and greedy decoding runs blocks; the tree drafter and the
+    # Saguaro worker stay eager. Each prediction must come from the steps its method runs.
+    timings = []
+
+    def timed(model, tokens, threads, compiled=False):
+        timings.append((model is target, compiled))
+        step = (0.01 if compiled else 0.05) if model is target else (0.001 if compiled else 0.01)
+        return CostCurve({t: step for t in tokens})
+
+    monkeypatch.setattr(auto, "_timed", timed)
+    monkeypatch.setattr(auto, "_timed_greedy", lambda model, threads: 0.002)
+    target, draft = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    compiled = auto.calibrate(target, draft, 4, ThreadSplit(2, 1), compiled=True)
+    # target alone, target beside: compiled; draft alone, draft beside: eager; draft chain: compiled
+    assert timings == [(True, True), (True, True), (False, False), (False, False), (False, True)]
+    eager = auto.calibrate(target, draft, 4, ThreadSplit(2, 1))
+    assert eager is not compiled and eager.draft_chain is None and eager.greedy_token is None
+    fast = auto.predict(compiled, 4, None, 0.8, 0.8, concurrent=True)
+    slow = auto.predict(eager, 4, None, 0.8, 0.8, concurrent=True)
+    assert fast["autoregressive"] == pytest.approx(500) and slow["autoregressive"] == pytest.approx(20)
+    # Speculative drafts through the compiled chain (1 ms a step), saguaro's worker eagerly (10 ms).
+    assert fast["speculative"] > 4 * slow["speculative"]
+    assert fast["saguaro"] < 2 * slow["saguaro"]
 
 
 def test_tree_rounds_count_a_rejection_only_where_the_path_stops_short(monkeypatch):

@@ -137,3 +137,16 @@ def test_greedy_block_stops_mid_block_like_hf(pair):
             # A round per output token after the prefill's, as without blocks.
             assert out.stats.rounds + 1 == out.stats.new_tokens
         assert free_run.index(eos) < 8  # the stop really fell inside the first block
+
+
+def test_auto_times_the_compiled_steps_and_stays_exact(pair):
+    # method="auto" with compile=True times the target and the chain drafter through the compiled
+    # graphs they will run (greedy decoding per token of a block), not as eager forwards.
+    target, draft = pair
+    with saguaro.SpeculativeGenerator(target, draft, method="auto", compile=True) as generator:
+        out = generator.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=30, eos_token_id=[])
+        assert out.tolist() == hf_greedy(target, PROMPTS[0], 30).tolist()
+        predicted = generator.auto_choice.predicted_tokens_per_second
+    calibration = next(c for key, c in saguaro.auto._calibrations[target].items() if key[-1])
+    assert calibration.greedy_token is not None and calibration.draft_chain is not None
+    assert predicted["autoregressive"] == pytest.approx(1 / calibration.greedy_token)
