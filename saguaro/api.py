@@ -350,7 +350,7 @@ class SpeculativeGenerator:
             self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
         self._batch_lookaheads: dict[int, LookaheadController] = {}
 
-    def _choose_method(self, sample: list[int]) -> None:
+    def _choose_method(self, sample: list[int], greedy: bool = True) -> None:
         """method="auto": the method the cost model predicts fastest, from step costs measured once
         (with the draft the drafters will run) and the acceptance (and Saguaro hit rate) measured
         over this generator's earlier calls."""
@@ -373,6 +373,7 @@ class SpeculativeGenerator:
             acceptance,
             hit_rate,
             self.compile,
+            greedy,
         )
         if self.auto_choice.method != self.method:
             self._configure(self.auto_choice.method)
@@ -539,7 +540,7 @@ class SpeculativeGenerator:
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         if self.auto:
-            self._choose_method(prompts[0])
+            self._choose_method(prompts[0], greedy=not sampling.do_sample)
         eos = _eos_ids(eos_token_id, self.target)
         if streamer is not None:
             streamer.put(ids.cpu())

@@ -129,14 +129,17 @@ def predict(
     acceptance: float,
     hit_rate: float,
     concurrent: bool,
+    greedy: bool = True,
 ) -> dict[str, float]:
-    """Predicted decode tokens/s per candidate method, each at its best draft length."""
+    """Predicted decode tokens/s per candidate method, each at its best draft length. `greedy`:
+    compiled greedy decoding runs in blocks (`greedy_token`); sampling takes one-token steps."""
     c = calibration
+    token = c.greedy_token if greedy and c.greedy_token else c.target_alone(1)
     rates = [acceptance] * lookahead
     ks = range(1, lookahead + 1)
     chain_draft = c.draft_chain or c.draft_alone
     predicted = {
-        "autoregressive": 1.0 / (c.greedy_token or c.target_alone(1)),
+        "autoregressive": 1.0 / token,
         "speculative": max(
             cost_model.project_tokens_per_second("speculative", k, c.target_alone, chain_draft, rates)
             for k in ks
@@ -186,10 +189,11 @@ def choose(
     acceptance: float,
     hit_rate: float,
     compiled: bool = False,
+    greedy: bool = True,
 ) -> Choice:
     tree_nodes = len(static_tree(list(tree_branching))) if tree_branching else 0
     calibration = calibrate(target, draft, lookahead, split, tree_nodes, compiled)
-    predicted = predict(calibration, lookahead, tree_branching, acceptance, hit_rate, concurrent)
+    predicted = predict(calibration, lookahead, tree_branching, acceptance, hit_rate, concurrent, greedy)
     method = max(predicted, key=predicted.get)
     logger.info("saguaro auto: chose %s (predicted tokens/s %s)", method, predicted)
     return Choice(method, predicted, acceptance, hit_rate)

@@ -105,6 +105,8 @@ def test_with_compile_each_model_is_timed_through_the_steps_it_runs(monkeypatch)
     fast = auto.predict(compiled, 4, None, 0.8, 0.8, concurrent=True)
     slow = auto.predict(eager, 4, None, 0.8, 0.8, concurrent=True)
     assert fast["autoregressive"] == pytest.approx(500) and slow["autoregressive"] == pytest.approx(20)
+    sampled = auto.predict(compiled, 4, None, 0.8, 0.8, concurrent=True, greedy=False)
+    assert sampled["autoregressive"] == pytest.approx(100)  # one-token compiled steps: no blocks
     # Speculative drafts through the compiled chain (1 ms a step), saguaro's worker eagerly (10 ms).
     assert fast["speculative"] > 4 * slow["speculative"]
     assert fast["saguaro"] < 2 * slow["saguaro"]
