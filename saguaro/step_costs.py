@@ -34,6 +34,11 @@ def _median_seconds(run, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _context_tokens(model, context: int) -> list[int]:
+    """The `context` tokens a measurement's cache holds first (varied ids, no download needed)."""
+    return [(7 * i) % model.config.vocab_size for i in range(context)]
+
+
 def forward_costs(
     model, tokens: list[int], repeats: int = 3, context: int = 256, compiled: bool = False
 ) -> CostCurve:
@@ -44,7 +49,7 @@ def forward_costs(
     here, then reused by the generator's runners)."""
     capacity = context + max(tokens) + 1
     vocab = model.config.vocab_size
-    prompt = [(7 * i) % vocab for i in range(context)]
+    prompt = _context_tokens(model, context)
     if compiled:
         runner = CompiledRunner(model, max(STATIC_CAPACITY, capacity), buckets=tuple(tokens))
         runner.feed(prompt)  # the prefill, then every bucket's graph
@@ -66,8 +71,7 @@ def greedy_token_cost(model, repeats: int = 3, context: int = 256) -> float:
     compiled call (argmax fed back in the graph): cheaper per token than a one-token forward."""
     capacity = max(STATIC_CAPACITY, context + GREEDY_BLOCK + 1)
     runner = CompiledRunner(model, capacity, chains=((GREEDY_BLOCK, 1),))
-    vocab = model.config.vocab_size
-    runner.feed([(7 * i) % vocab for i in range(context)])  # the prefill, then the block's graph
+    runner.feed(_context_tokens(model, context))  # the prefill, then the block's graph
 
     def one():
         runner.greedy_block(1)
@@ -84,7 +88,7 @@ def tree_verify_costs(
     sizes = {str(b): static_tree(b) for b in branchings}
     runner = ModelRunner(model, capacity=context + max(len(t) for t in sizes.values()) + 2)
     vocab = model.config.vocab_size
-    runner.forward([(7 * i) % vocab for i in range(context)], last_only=True)
+    runner.forward(_context_tokens(model, context), last_only=True)
     costs = {}
     for name, tree in sizes.items():
         full = tree.under_root()
