@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 import torch
 
 
-def draft_confidence(position_probs: list[torch.Tensor], drafts: list[int]) -> list[float]:
-    """The drafter's probability of each draft token d_i under its q at that position (0 for a
-    token its vocabulary lacks, copied by prompt lookup). One host read."""
+def draft_confidence(position_probs: torch.Tensor, drafts: list[int]) -> list[float]:
+    """The drafter's probability of each draft token d_i under its q at that position
+    (position_probs [positions, V]; 0 for a token its vocabulary lacks, copied by prompt lookup).
+    One host read."""
     if not drafts:
         return []
-    probs = torch.stack(position_probs[: len(drafts)])
+    probs = position_probs[: len(drafts)]
     vocab = probs.shape[-1]
     ids = torch.tensor([min(d, vocab - 1) for d in drafts], dtype=torch.long, device=probs.device)
     mass = probs.gather(-1, ids[:, None])[:, 0].float().tolist()
@@ -31,7 +32,7 @@ def draft_confidence(position_probs: list[torch.Tensor], drafts: list[int]) -> l
 
 
 def predict_outcomes(
-    position_probs: list[torch.Tensor],
+    position_probs: torch.Tensor,
     drafts: list[int],
     confidence: list[float],
     acceptance: list[float],
@@ -42,9 +43,9 @@ def predict_outcomes(
 
     Outcome (k, t): d_1..d_k accepted, then the target's token t. Its chance is the chance of k,
     a_1 ... a_k (1 - a_{k+1}) (a_1 ... a_K for k = K; a_i = acceptance[i - 1]), times the chance
-    of t after k, read from the drafter's q at position k (position_probs[k]). For k < K that q is
-    renormalised without d_{k+1} (`confidence` holds q(d_{k+1})): a rejected draft can never be
-    the correction, the residual max(0, p - q) is zero there. Tokens with no mass are never
+    of t after k, read from the drafter's q at position k (position_probs[k], of [K + 1, V]). For
+    k < K that q is renormalised without d_{k+1} (`confidence` holds q(d_{k+1})): a rejected
+    draft can never be the correction, the residual max(0, p - q) is zero there. Tokens with no mass are never
     guessed; a draft token the drafter's vocabulary lacks has no entry to exclude.
 
     With one rate a everywhere the chance of k is the paper's geometric a^k (1 - a), and its
@@ -56,7 +57,7 @@ def predict_outcomes(
     """
     if budget < 1:
         raise ValueError(f"a budget of {budget} prepares nothing: use at least 1")
-    probs = torch.stack(position_probs[: len(drafts) + 1])
+    probs = position_probs[: len(drafts) + 1]
     vocab = probs.shape[-1]
     top = probs.topk(min(budget + 1, vocab))
     candidates = []  # (chance, k, t)

@@ -223,7 +223,7 @@ def test_default_adaptive_schedule_runs_through_a_process_worker():
 def test_outcome_guesses_follow_the_acceptance_rate(acceptance):
     # Outcome k has chance a^k (1 - a), and all K accepted a^K: low acceptance piles the guesses
     # on early rejections, high acceptance on k = K (with the next likeliest outcomes after it).
-    q = [torch.tensor([0.6, 0.2, 0.1, 0.05, 0.05]) for _ in range(5)]
+    q = torch.tensor([0.6, 0.2, 0.1, 0.05, 0.05]).repeat(5, 1)
     outcomes = predict_outcomes(q, [0, 0, 0, 0], [0.6] * 4, [acceptance] * 4, budget=6)
     assert len(set(outcomes)) == 6 and all(t != 0 for k, t in outcomes if k < 4)
     assert [k for k, _ in outcomes] == ([0, 0, 0, 0, 1, 1] if acceptance < 0.5 else [0, 1, 2, 4, 4, 4])
@@ -240,11 +240,12 @@ def test_outcome_guesses_follow_the_drafters_confidence():
     sure = torch.tensor([0.97, 0.01, 0.01, 0.01])
     unsure = torch.tensor([0.1, 0.4, 0.3, 0.2])
     after = torch.tensor([0.7, 0.1, 0.1, 0.1])
-    confidence = draft_confidence([sure, unsure, after], [0, 1])
+    positions = torch.stack([sure, unsure, after])
+    confidence = draft_confidence(positions, [0, 1])
     assert confidence == pytest.approx([0.97, 0.4])
-    confident = predict_outcomes([sure, unsure, after], [0, 1], confidence, confidence, budget=3)
+    confident = predict_outcomes(positions, [0, 1], confidence, confidence, budget=3)
     assert confident == [(1, 2), (1, 3), (2, 0)]
-    one_rate = predict_outcomes([sure, unsure, after], [0, 1], confidence, [0.5, 0.5], budget=3)
+    one_rate = predict_outcomes(positions, [0, 1], confidence, [0.5, 0.5], budget=3)
     assert any(k == 0 for k, _ in one_rate)
 
 

@@ -243,7 +243,7 @@ def test_a_model_backup_drafts_the_length_that_pays(monkeypatch, counts, step_se
 
 
 def test_predict_outcomes_excludes_the_draft_token():
-    probs = [torch.tensor([0.1, 0.5, 0.3, 0.1]), torch.tensor([0.6, 0.1, 0.2, 0.1]), torch.tensor([0.25] * 4)]
+    probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.6, 0.1, 0.2, 0.1], [0.25] * 4])
     # d_1 = 1 and d_2 = 0 are never guessed as their position's correction, however likely.
     outcomes = predict_outcomes(probs, [1, 0], draft_confidence(probs, [1, 0]), [0.5, 0.5], budget=6)
     assert (0, 1) not in outcomes and (1, 0) not in outcomes and len(outcomes) == 6
