@@ -89,28 +89,43 @@ class BatchedRunner:
         """One forward over the rows' `rests` packed into one sequence, each on top of its stored
         entries (packed the same way, before them); a token sees only its own row's entries and
         tokens. Returns each row's last logits [rows, V] and its entries per layer, keys and
-        values [heads, n, dim] (stored ones first)."""
+        values [heads, n, dim] (stored ones first).
+
+        Rows with nothing stored that start alike (the chat template's system prompt of every
+        request, an agent's instructions) feed their common prefix once, first in the sequence and
+        seen by every row, and each row only the rest: its KV is the same for each of them, as the
+        prefix cache would give it, at no extra forward.
+        """
+        shared = [] if any(stored) else _shared_prefix(rests)
+        rests = [rest[len(shared) :] for rest in rests]
         loaded = torch.tensor([kv[0][0].shape[2] if kv else 0 for kv in stored], device=self.device)
         fed = torch.tensor([len(rest) for rest in rests], device=self.device)
         rows = torch.arange(len(rests), device=self.device)
-        past, new = int(loaded.sum()), int(fed.sum())
+        past, common, new = int(loaded.sum()), len(shared), len(shared) + int(fed.sum())
         cache = DynamicCache()
         if past:
             for layer, pieces in enumerate(zip(*(kv for kv in stored if kv))):
                 keys, values = zip(*pieces)
                 cache.update(torch.cat(keys, 2), torch.cat(values, 2), layer)
-        owner = torch.cat([rows.repeat_interleave(loaded), rows.repeat_interleave(fed)])
+        # Slots in order: the stored entries row by row, the shared prefix (owner -1), the rows' rests.
+        everyone = torch.full((common,), -1, device=self.device)
+        owner = torch.cat([rows.repeat_interleave(loaded), everyone, rows.repeat_interleave(fed)])
         first_slot = loaded.cumsum(0) - loaded  # of each row's stored entries, then of its tokens
-        first_new = past + fed.cumsum(0) - fed
+        first_new = past + common + fed.cumsum(0) - fed
         slot = torch.arange(past + new, device=self.device)
-        # A slot's position in its row: stored entries count from 0, fed tokens go on from there.
+        # A slot's position in its row: stored entries count from 0, the shared prefix too (only
+        # rows with nothing stored share one), fed tokens go on from there. (owner -1 indexes a
+        # row too; torch.where discards what that gives.)
         key_positions = torch.where(
-            slot < past, slot - first_slot[owner], loaded[owner] + slot - first_new[owner]
+            slot < past,
+            slot - first_slot[owner],
+            torch.where(owner < 0, slot - past, loaded[owner] + common + slot - first_new[owner]),
         )
         positions = key_positions[past:]
-        # Within a row, slots are in order (stored, then fed): causal in the packed order.
-        visible = (owner[past:, None] == owner[None]) & (slot[None] <= slot[past:, None])
-        tokens = torch.tensor([token for rest in rests for token in rest], device=self.device)
+        # Within a row, slots are in order (stored or shared, then fed): causal in the packed order.
+        same_row = (owner[past:, None] == owner[None]) | (owner[None] < 0)
+        visible = same_row & (slot[None] <= slot[past:, None])
+        tokens = torch.tensor(shared + [token for rest in rests for token in rest], device=self.device)
         tokens = tokens.masked_fill(tokens >= self._embedding_rows, 0)  # as in forward
         out = self.model(
             input_ids=tokens[None],
@@ -125,6 +140,7 @@ class BatchedRunner:
             mine = torch.cat(
                 [
                     torch.arange(int(first_slot[row]), int(first_slot[row] + loaded[row])),
+                    torch.arange(past, past + common),
                     torch.arange(int(first_new[row]), int(first_new[row] + fed[row])),
                 ]
             ).to(self.device)
@@ -257,3 +273,15 @@ def _packing_groups(lengths: list[int]) -> list[list[int]]:
         groups[-1].append(row)
         total += length
     return groups
+
+
+def _shared_prefix(rests: list[list[int]]) -> list[int]:
+    """The rows' longest common prefix, leaving each row at least its last token to feed (whose
+    logits it needs); none for a single row."""
+    if len(rests) < 2:
+        return []
+    longest = min(len(rest) for rest in rests) - 1
+    length = 0
+    while length < longest and all(rest[length] == rests[0][length] for rest in rests):
+        length += 1
+    return rests[0][:length]

@@ -67,8 +67,8 @@ def target_forward_shapes(model):
     return shapes, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-# The prefill: every prompt packed into one sequence, no padding.
-PACKED_PREFILL = (1, sum(len(prompt) for prompt in PROMPTS))
+# The prefill: every prompt packed into one sequence, no padding, their common first token fed once.
+PACKED_PREFILL = (1, sum(len(prompt) for prompt in PROMPTS) - (len(PROMPTS) - 1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral"])
@@ -93,17 +93,75 @@ def test_each_row_equals_its_prompt_alone_with_ragged_acceptance(arch):
 
 
 def test_a_prefill_over_the_packing_budget_runs_in_groups_and_stays_exact(monkeypatch):
-    # Prompts of 9, 3, 6 and 7 tokens under a 9-token budget: [9], [3 + 6], [7].
+    # Prompts of 9, 3, 6 and 7 tokens under a 9-token budget: [9], [3 + 6 - the shared 1], [7].
     monkeypatch.setattr(batched_runner, "PACKED_PREFILL_TOKENS", 9)
     target = tiny_model("mistral", seed=1)  # a sliding window, masked per packed row too
     draft = perturbed_copy(target, 0.003)
     shapes, hook = target_forward_shapes(target)
     ids, out = speculative_batch(target, draft, 20, speculation_schedule="constant")
     hook.remove()
-    assert shapes[:4] == [(1, 9), (1, 9), (1, 7), (len(PROMPTS), 5)]
+    assert shapes[:4] == [(1, 9), (1, 8), (1, 7), (len(PROMPTS), 5)]
     assert out.stats.drafted > out.stats.accepted > 0
     for row, prompt in enumerate(PROMPTS):
         assert out.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 20, eos_token_id=[]), row
+
+
+SYSTEM = [1, 7, 8, 9, 10, 11, 12]  # a system prompt every request starts with
+ALIKE = [SYSTEM + [20, 21, 22], SYSTEM + [30], SYSTEM + [40, 41, 42, 43, 44]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mistral"])
+def test_rows_that_start_alike_feed_their_common_prefix_once(arch, monkeypatch):
+    target = tiny_model(arch, seed=4)
+    shapes, hook = target_forward_shapes(target)
+    shared = batched_runner.BatchedRunner(target)
+    logits, _ = shared.prefill(ALIKE)
+    hook.remove()
+    # The second row keeps its last token (whose logits it needs): the common prefix is SYSTEM.
+    assert shapes == [(1, len(SYSTEM) + 3 + 1 + 5)]
+    monkeypatch.setattr(batched_runner, "_shared_prefix", lambda rests: [])
+    alone_rows = batched_runner.BatchedRunner(target)
+    expected, _ = alone_rows.prefill(ALIKE)
+    torch.testing.assert_close(logits, expected)
+    for row in range(len(ALIKE)):
+        for (keys, values), (want_keys, want_values) in zip(shared.row_kv(row), alone_rows.row_kv(row)):
+            torch.testing.assert_close(keys, want_keys)
+            torch.testing.assert_close(values, want_values)
+    assert torch.equal(shared.slot_positions, alone_rows.slot_positions)
+    assert torch.equal(shared.visible, alone_rows.visible)
+
+
+def test_a_batch_sharing_a_system_prompt_equals_each_prompt_alone():
+    target = tiny_model("qwen2", seed=5)
+    draft = perturbed_copy(target, 0.003)
+    ids, mask = left_padded(ALIKE)
+    shapes, hook = target_forward_shapes(target)
+    out = saguaro.generate(
+        target,
+        ids,
+        draft_model=draft,
+        attention_mask=mask,
+        max_new_tokens=24,
+        method="speculative",
+        eos_token_id=[],
+        draft_quantization=None,
+        draft_vocab_size=None,
+        speculation_schedule="constant",
+        prefix_cache=False,
+        return_dict_in_generate=True,
+    )
+    hook.remove()
+    assert shapes[0] == (1, len(SYSTEM) + 9)
+    assert out.stats.drafted > out.stats.accepted > 0
+    for row, prompt in enumerate(ALIKE):
+        assert out.sequences[row, ids.shape[1] :].tolist() == alone(target, prompt, 24, eos_token_id=[]), row
+
+
+def test_the_shared_prefix_leaves_every_row_its_last_token():
+    assert batched_runner._shared_prefix([[1, 2, 3]]) == []  # one row: nothing to share
+    assert batched_runner._shared_prefix([[1, 2, 3], [1, 2, 3]]) == [1, 2]
+    assert batched_runner._shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2]]) == [1]
+    assert batched_runner._shared_prefix([[1, 2], [3, 2]]) == []
 
 
 def test_rows_finish_at_different_times_and_drop_out():
