@@ -24,7 +24,7 @@ from .draft_stream import Draft
 from .drafters import Drafter
 from .engines import StopRule, verify_proposal
 from .prefix_cache import PrefixCache
-from .sampling import TokenSampler
+from .sampling import TokenSampler, greedy_choice
 from .stats import GenerationStats
 
 
@@ -75,10 +75,12 @@ class BatchedModelDrafter:
         self._mark = self.runner.mark()
         tokens, probs, level_seconds = [], [], []
         for level in range(max(depths)):
-            q = self.sampler.probs(logits)
-            drawn = q.argmax(-1) if self.sampler.greedy else self.sampler.draw(q)
+            if self.sampler.greedy:  # no q to report: greedy verification compares ids
+                drawn = greedy_choice(self.sampler.scores(logits))
+            else:
+                probs.append(self.sampler.probs(logits))
+                drawn = self.sampler.draw(probs[-1])
             tokens.append(drawn)
-            probs.append(q)
             if level + 1 < max(depths):  # the last level is fed next round, if it is kept
                 start = time.perf_counter()
                 logits = self.runner.forward([[int(t)] for t in drawn])[:, -1, : self.vocab_size]

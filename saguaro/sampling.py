@@ -120,7 +120,7 @@ class TokenSampler:
         """The next token after a single position's logits [V], whose history is `history`."""
         histories = None if history is None else [history]
         if self.greedy:
-            return int((self.scores(logits[None], histories) if self.uses_history else logits).argmax(-1))
+            return int(greedy_choice(self.scores(logits[None], histories) if self.uses_history else logits))
         return int(self.draw(self.probs(logits[None], histories)[0]))
 
     def drafting(self) -> TokenSampler:
@@ -128,6 +128,13 @@ class TokenSampler:
         if not self.uses_history:
             return self
         return TokenSampler(self.config, self.generator)
+
+
+def greedy_choice(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax over [..., V], taken in float32 as HF's greedy search takes it (the same
+    ids: bf16 converts exactly). It is also faster: torch's CPU argmax over bf16 takes 1.5 ms for a
+    [5, 152k] verification on 2 cores, converting first and the float argmax 0.34 ms."""
+    return scores.float().argmax(-1)
 
 
 def pad_vocab(probs: torch.Tensor, size: int) -> torch.Tensor:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import TokenSampler
+from .sampling import TokenSampler, greedy_choice
 from .tree import TokenTree
 
 
@@ -58,7 +58,7 @@ def tree_greedy_outcome(
     target_scores: torch.Tensor, tokens: torch.Tensor, layout: TreeLayout
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The device side of `verify_tree_greedy`: (the path's last node or -1, the next token), 0-d."""
-    choice = target_scores.argmax(-1)
+    choice = greedy_choice(target_scores)
     matches = tokens == choice.index_select(0, layout.parent_rows)
     taken = matches & ~(layout.earlier_siblings & matches[None, :]).any(1)
     end = _deepest_reached(taken, layout)
@@ -167,7 +167,7 @@ def _read_tree(end: torch.Tensor, next_token: torch.Tensor, tree: TokenTree) -> 
 
 def verify_chain_greedy(target_scores: torch.Tensor, tokens: torch.Tensor) -> tuple[list[int], int]:
     """target_scores [1 + K, V], tokens [K] (a chain) -> (accepted positions, the target's next token)."""
-    choice = target_scores.argmax(-1)
+    choice = greedy_choice(target_scores)
     accepted = _leading_true(tokens.to(choice.device) == choice[:-1])
     return _read(accepted, choice[accepted])
 
