@@ -4,7 +4,8 @@ A left-padded batch of held-out prompts goes through `model.generate` twice per 
 process: as HF's own batched greedy, then after `saguaro.enable(model, draft_model=draft,
 method=...)` (batched speculative decoding: every live row verified in one target forward per
 round). Prints both times, their ratio (median over repeats), how many rows equal HF's rows, and
-what the speculation did.
+what the speculation did; then the same batch through saguaro without drafts
+(method="autoregressive"), which shows what its runners gain by themselves (prepacked linears).
 
     python benchmarks/batched_speedup.py [--target DIR --draft DIR] [--batch-size 4]
         [--max-new-tokens 48] [--repeats 1] [--method speculative]
@@ -88,6 +89,19 @@ def main() -> None:
     ratio = statistics.median(h / s for h, s in zip(hf_seconds, saguaro_seconds))
     saguaro.disable(target)
     print(f"median speedup over HF batched greedy: {ratio:.2f}x (batch {args.batch_size}, {args.method})")
+    # What saguaro's runners gain without drafting (prepacked linears on CPU in bf16, packed_linear.py):
+    # the same batch as plain batched steps, so the speculation's own share can be read off.
+    saguaro.enable(target, method="autoregressive", prefix_cache=False)
+    target.generate(**batch, max_new_tokens=2, do_sample=False)
+    plain = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        target.generate(**batch, **options)
+        plain.append(time.perf_counter() - start)
+    saguaro.disable(target)
+    plain_seconds = statistics.median(plain)
+    plain_ratio = statistics.median(hf_seconds) / plain_seconds
+    print(f"saguaro without drafts (method='autoregressive'): {plain_seconds:.1f} s, {plain_ratio:.2f}x HF")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .draft_stream import DraftStream
 from .drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, speculative
 from .faults import logger, warn
+from .packed_linear import packed_view
 from .placement import NoSplit, ThreadSplit
 from .prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
 from .runner import ModelRunner
@@ -231,6 +232,7 @@ class SpeculativeGenerator:
         prefix_cache: bool = True,
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
         compile: bool = False,
+        pack_target_weights: bool = True,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -288,11 +290,17 @@ class SpeculativeGenerator:
             )
         if compile:
             check_compilable(target, draft_model if method not in MODEL_FREE else None)
+        if not isinstance(pack_target_weights, bool):
+            raise ValueError(f"pack_target_weights must be True or False, got {pack_target_weights!r}")
         self.target, self.draft_model = target, draft_model
         # compile=True: the target's and the chain drafter's steps run as compiled graphs on static
         # caches (compiled_runner.py), kept across calls so the graphs compiled at warm-up serve them.
         self.compile = compile
         self._static_runners: dict[str, CompiledRunner] = {}
+        # The target as the runners run it (packed_linear.py), built on the first call. Compiled
+        # graphs pack weights their own way; a sharded target's other ranks run the plain model.
+        self._pack_target = pack_target_weights and not compile and self._tp is None
+        self._running_target, self._running_target_layout = None, None
         # Each model's prefix cache (None: off) holds the KV of earlier calls' sequences; the Saguaro
         # worker keeps its own in its process.
         self._prefix_cache_bytes = prefix_cache_bytes if prefix_cache else None
@@ -364,7 +372,7 @@ class SpeculativeGenerator:
         hit_rate = (hits + 7 * auto.PRIOR_HIT_RATE) / (rounds + 7)
         branching = None if isinstance(self._tree_branching, DynamicTree) else self._tree_branching
         self.auto_choice = auto.choose(
-            self.target,
+            self._runnable_target(),
             self._prepared_draft(sample),
             self.num_speculative_tokens,
             branching,
@@ -401,12 +409,22 @@ class SpeculativeGenerator:
         if self.lookahead is None or self.lookahead.verify or self._tp is not None:
             return
         k = self.num_speculative_tokens
-        calibration = auto.calibrate(self.target, self._draft, k, self.threads)
+        calibration = auto.calibrate(self._runnable_target(), self._draft, k, self.threads)
         # At auto's prior acceptance, not all-accepted drafts: 6 tokens all accepted would pay at
         # 5.8 steps (a 7-token verification without native bf16, emulated on the demo pair),
         # where the first round's 6-deep draft cost a chat prompt a quarter of its time.
         timed = {1: calibration.target_alone(1), k + 1: calibration.target_beside(k + 1)}
         self.lookahead.seed(timed, acceptance=auto.PRIOR_ACCEPTANCE)
+
+    def _runnable_target(self):
+        """The target the runners run: on CPU in bf16, a view with prepacked linears (the same
+        products, faster: packed_linear.py), else the model itself."""
+        # Built again after the model moved or changed dtype (packed bf16 CPU weights serve neither).
+        layout = (self.target.device, self.target.dtype)
+        if self._running_target is None or self._running_target_layout != layout:
+            self._running_target = packed_view(self.target) if self._pack_target else self.target
+            self._running_target_layout = layout
+        return self._running_target
 
     def _prepared_draft(self, sample: list[int]):
         if self._draft is None:
@@ -415,7 +433,7 @@ class SpeculativeGenerator:
             split = self.threads.drafter > 0
             self._draft, self.draft_configuration = prepare_draft(
                 self.draft_model,
-                self.target,
+                self._runnable_target(),
                 *self._draft_options,
                 sample,
                 self.threads.drafter if split else None,
@@ -445,7 +463,7 @@ class SpeculativeGenerator:
         # It starts with empty prefix caches: copying stored KV would cost memory for no exactness.
         state = dict(vars(self))
         state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
-        state.update(_target_prefixes=None, _draft_prefixes=None, _static_runners={})
+        state.update(_target_prefixes=None, _draft_prefixes=None, _static_runners={}, _running_target=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -610,7 +628,7 @@ class SpeculativeGenerator:
         elif method == "prompt_lookup":
             drafter = PerRowDrafters(PromptLookupDrafter)
         new = batched_speculative(
-            BatchedRunner(self.target, self._target_prefixes),
+            BatchedRunner(self._runnable_target(), self._target_prefixes),
             drafter,
             prompts,
             samplers,
@@ -663,7 +681,8 @@ class SpeculativeGenerator:
         tree_size = self._tree_extent()[1]
         capacity = len(prompt) + stop.max_new_tokens + tree_size + 1
         buckets = (1, tree_size + 1)
-        return self._runner("target", self.target, capacity, self._target_prefixes, buckets, blocks)
+        target = self._runnable_target()
+        return self._runner("target", target, capacity, self._target_prefixes, buckets, blocks)
 
     def _generate_one(
         self, prompt: list[int], sampler: TokenSampler, stop: StopRule, consensus=None
@@ -688,7 +707,7 @@ class SpeculativeGenerator:
             drafts = self._draft_stream(sampler, capacity, max_depth, owners)
             # A Saguaro worker process flags its work: once it idles, the target takes the worker's
             # core back for the rest of its forward.
-            with self.threads, self.threads.hand_back_when_idle(self.target, drafts.working):
+            with self.threads, self.threads.hand_back_when_idle(self._runnable_target(), drafts.working):
                 new = speculative(
                     runner,
                     drafts,
@@ -812,6 +831,11 @@ def generate(
     compile (seconds to minutes per shape), later ones are faster. Off by default: it pays on long
     or many generations with one generator, not on a single short call. Sliding-window models
     cannot use it.
+    pack_target_weights=True (default): on CPU in bf16 the target runs with oneDNN-prepacked
+    linears (packed_linear.py), the same products without re-laying every weight out on each call
+    (~1.5x a forward on the demo target), at the memory of one copy of its linear weights; used
+    only where that copy fits in half the free memory and the model's own layers give the same
+    bits and are slower. False keeps the model's own linears.
     For many calls, keep one `SpeculativeGenerator` (a Saguaro worker then starts once), or patch
     the model with `saguaro.enable` and call `model.generate` as usual: only a kept generator (or an
     enabled model) reuses the KV of earlier calls' prompts and answers (prefix_cache=True, its
