@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import numbers
 import threading
@@ -18,7 +17,7 @@ from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
 from .batched_runner import BatchedRunner
 from .compiled_runner import CHAIN_FEED, GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
 from .consensus import Consensus
-from .cost_model import LookaheadController, TreeDepthController
+from .cost_model import BatchLookaheads, LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
 from .draft_stream import DraftStream
 from .drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
@@ -356,7 +355,9 @@ class SpeculativeGenerator:
         if self._schedule == "adaptive" and method in ADAPTIVE_DRAFT_COST:
             controller = TreeDepthController if method == "tree" else LookaheadController
             self.lookahead = controller(self._tree_extent()[0], ADAPTIVE_DRAFT_COST[method])
-        self._batch_lookaheads: dict[int, LookaheadController] = {}
+        self._batch_lookaheads = BatchLookaheads(
+            self.num_speculative_tokens, "free" if method == "prompt_lookup" else "per_token"
+        )
 
     def _choose_method(self, sample: list[int], greedy: bool = True) -> None:
         """method="auto": the method the cost model predicts fastest, from step costs measured once
@@ -635,26 +636,11 @@ class SpeculativeGenerator:
             stops,
             stats,
             self.num_speculative_tokens,
-            self._batch_lookahead if self.lookahead is not None and drafter is not None else None,
+            self._batch_lookaheads if self.lookahead is not None and drafter is not None else None,
         )
         for row, row_stats in zip(new, stats):
             row_stats.new_tokens = len(row)
         return list(zip(new, stats))
-
-    def _batch_lookahead(self, rows: int) -> LookaheadController:
-        """The draft-length controller for a batch of `rows` live rows: a round's cost depends on
-        rows x tokens, so each batch size measures its own (kept across calls, like `lookahead`).
-        A new size starts from the nearest measured size's estimates: starting from nothing would
-        draft at full length, and when rows drop out mid-call with speculation off, the drafter
-        would first have to catch up on every token made meanwhile."""
-        if rows not in self._batch_lookaheads:
-            if self._batch_lookaheads:
-                nearest = min(self._batch_lookaheads, key=lambda size: abs(size - rows))
-                self._batch_lookaheads[rows] = copy.deepcopy(self._batch_lookaheads[nearest])
-            else:
-                cost = "free" if self.method == "prompt_lookup" else "per_token"
-                self._batch_lookaheads[rows] = LookaheadController(self.num_speculative_tokens, cost)
-        return self._batch_lookaheads[rows]
 
     def _generate_row(
         self, prompt: list[int], sampler: TokenSampler, stop: StopRule

@@ -13,13 +13,13 @@ so where speculation loses the loop is HF's batched greedy.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Callable
 
 import torch
 
 from .batched_runner import BatchedRunner
-from .cost_model import LookaheadController
+from .cost_model import AcceptanceCounter, BatchLookaheads
 from .draft_stream import Draft
 from .drafters import Drafter
 from .engines import StopRule, verify_proposal
@@ -169,12 +169,13 @@ def batched_speculative(
     stops: list[StopRule],
     stats: list[GenerationStats],
     max_depth: int,
-    lookahead_for: Callable[[int], LookaheadController] | None = None,
+    lookaheads: BatchLookaheads | None = None,
 ) -> list[list[int]]:
     """Every row's new tokens, each exactly as the row alone would get them.
 
-    `drafter` None decodes with plain batched steps. `lookahead_for(live rows)` gives the
-    `LookaheadController` for a batch of that size (None: every round drafts max_depth).
+    `drafter` None decodes with plain batched steps. `lookaheads(live rows)` gives the
+    `LookaheadController` for a batch of that size (None: every round drafts max_depth), which
+    chooses the depth that finishes every live row soonest.
     """
     start = time.perf_counter()
     logits, reused = target.prefill(prompts)
@@ -183,6 +184,8 @@ def batched_speculative(
     for row_stats, row_reused in zip(stats, reused):
         row_stats.prefill_seconds, row_stats.reused_prompt_tokens = prefill_seconds, row_reused
     live = list(range(len(prompts)))  # original row numbers of the rows still in the caches
+    # Each row's own acceptance: the batch lasts as long as its slowest row.
+    row_acceptance = [AcceptanceCounter(max_depth) for _ in prompts]
     if drafter is not None:
         drafter.reset([prompt + new for prompt, new in zip(prompts, generated)])
 
@@ -207,8 +210,13 @@ def batched_speculative(
     while live:
         # Never draft past a row's max_new_tokens: its round emits at most depth + 1 tokens.
         limits = [min(max_depth, stops[row].remaining(generated[row]) - 1) for row in live]
-        lookahead = lookahead_for(len(live)) if lookahead_for else None
-        depth = lookahead.choose(max(limits)) if lookahead else max(limits)
+        lookahead = lookaheads(len(live)) if lookaheads else None
+        if lookahead:
+            rows = [(stops[row].remaining(generated[row]), row_acceptance[row]) for row in live]
+            cost = functools.partial(lookaheads.round_seconds, current=lookahead)
+            depth = lookahead.choose(max(limits), rows, cost)
+        else:
+            depth = max(limits)
         if depth and lookahead and drafter is not None:
             # The drafter first feeds what it lacks (the prompts, the tokens of plain steps): worth
             # it only if speculation saves more than that over what the longest row has left.
@@ -235,6 +243,8 @@ def batched_speculative(
         verify_seconds = time.perf_counter() - tock
         for row, proposal, tokens in zip(live, proposals, emitted):
             generated[row] += tokens
+            if proposal.tokens:
+                row_acceptance[row].observe(len(proposal.tokens), len(tokens) - 1)
             stats[row].record_round(
                 len(proposal.tokens), len(tokens) - 1, proposal.source, tock - tick, verify_seconds
             )

@@ -18,6 +18,7 @@ low-precision matrix units. Where verifying T tokens costs ~T steps, the best K 
 from __future__ import annotations
 
 import bisect
+import copy
 from collections.abc import Sequence
 
 from .draft_stream import DraftSource
@@ -92,6 +93,11 @@ class AcceptanceCounter:
 
     def rates(self) -> list[float]:
         return [(a + self.prior) / (r + 2 * self.prior) for a, r in zip(self.accepted, self.reached)]
+
+    def rates_near(self, pooled: Sequence[float], weight: float = 2.0) -> list[float]:
+        """These counts' rates shrunk toward `pooled` (a batch's rates) by `weight` observations
+        per position: a row's few rounds alone would swing its estimate from one round to the next."""
+        return [(a + weight * p) / (r + weight) for a, r, p in zip(self.accepted, self.reached, pooled)]
 
 
 MAX_PROBE_INTERVAL = 256  # rounds between probes, at most, while speculation stays off
@@ -187,12 +193,36 @@ class LookaheadController:
     def tokens_per_second(self, k: int) -> float:
         return expected_tokens(self.acceptance.rates(), k) / self.round_seconds(k)
 
-    def choose(self, limit: int) -> int:
-        """The best K for the next round, at most `limit` (what max_new_tokens still allows)."""
+    def batch_seconds(self, k: int, rows: Sequence[tuple[int, AcceptanceCounter]], round_seconds) -> float:
+        """Expected seconds until every row of a batch is done, drafting k from now on. `rows`: each
+        row's tokens left and its own acceptance counts; `round_seconds(live rows, k)`: a round's
+        cost. The batch waits for its slowest row, while rows that finish leave and make later
+        rounds cheaper: rounds are summed between the rows' expected finishes, each at the cost
+        of the rows still live. (Pooled tokens per round would let fast rows pull K deeper than
+        the slow rows, which decide the batch, can use.)"""
+        pooled = self.acceptance.rates()
+        finishes = sorted(left / expected_tokens(counts.rates_near(pooled), k) for left, counts in rows)
+        total = done = 0.0
+        for finished, rounds in enumerate(finishes):
+            total += (rounds - done) * round_seconds(len(finishes) - finished, k)
+            done = rounds
+        return total
+
+    def choose(
+        self, limit: int, rows: Sequence[tuple[int, AcceptanceCounter]] = (), round_seconds=None
+    ) -> int:
+        """The best K for the next round, at most `limit` (what max_new_tokens still allows); for
+        a batch's `rows` the K that finishes them soonest (`batch_seconds`; `round_seconds` by
+        live rows, this controller's own cost by default)."""
         top = min(self.max_k, limit)
         if not self.verify or top == 0:
             return top  # nothing measured yet: start at full length, which measures the most
-        best = max(range(top + 1), key=self.tokens_per_second)
+        if rows:
+            cost = round_seconds or (lambda live, k: self.round_seconds(k))
+            rate = lambda k: 1 / self.batch_seconds(k, rows, cost)  # noqa: E731
+        else:
+            rate = self.tokens_per_second
+        best = max(range(top + 1), key=rate)
         if best > 0:
             self._rounds_off, self._probe_interval = 0, self.probe_every
             self._rounds_on += 1
@@ -209,7 +239,7 @@ class LookaheadController:
             self._rounds_off, self._probe_interval = 0, MAX_PROBE_INTERVAL
             return 0
         self._rounds_off, self._probe_interval = 0, min(2 * self._probe_interval, MAX_PROBE_INTERVAL)
-        return max(range(1, top + 1), key=self.tokens_per_second)
+        return max(range(1, top + 1), key=rate)
 
     def _could_pay(self, top: int, acceptance: float = 1.0) -> bool:
         """Whether some K <= top would beat a plain step if each draft were accepted with chance
@@ -218,6 +248,33 @@ class LookaheadController:
             expected_tokens([acceptance] * k, k) / self.round_seconds(k) > 1 / self.round_seconds(0)
             for k in range(1, top + 1)
         )
+
+
+class BatchLookaheads:
+    """One `LookaheadController` per live batch size (batched.py): a round's cost depends on rows x
+    tokens, so each size measures its own, kept across calls. A new size starts from the nearest
+    measured size's estimates: starting from nothing would draft at full length, and when rows drop
+    out mid-call with speculation off, the drafter would first have to catch up on every token made
+    meanwhile."""
+
+    def __init__(self, max_k: int, draft_cost: str = "per_token"):
+        self.max_k, self.draft_cost = max_k, draft_cost
+        self.by_size: dict[int, LookaheadController] = {}
+
+    def __call__(self, rows: int) -> LookaheadController:
+        if rows not in self.by_size:
+            if self.by_size:
+                nearest = min(self.by_size, key=lambda size: abs(size - rows))
+                self.by_size[rows] = copy.deepcopy(self.by_size[nearest])
+            else:
+                self.by_size[rows] = LookaheadController(self.max_k, self.draft_cost)
+        return self.by_size[rows]
+
+    def round_seconds(self, rows: int, k: int, current: LookaheadController) -> float:
+        """A round's cost at `rows` live rows: measured at that size, else `current`'s (the cost at
+        the batch's size now, an upper bound for fewer rows)."""
+        known = self.by_size.get(rows)
+        return (known if known is not None and known.verify else current).round_seconds(k)
 
 
 class TreeDepthController(LookaheadController):

@@ -70,6 +70,37 @@ def test_a_catch_up_is_paid_only_where_the_remaining_tokens_repay_it():
     assert controller.worth_catching_up(0, 1)
 
 
+def _row_counts(rounds: int, drafted: int, accepted: int) -> AcceptanceCounter:
+    counts = AcceptanceCounter(4)
+    for _ in range(rounds):
+        counts.observe(drafted, accepted)
+    return counts
+
+
+def test_a_batch_drafts_for_the_rows_that_decide_when_it_ends():
+    # Verification grows with the tokens (a CPU); the pooled rate is high, as three rows accept
+    # everything, but the fourth accepts about one draft a round and needs the most rounds.
+    controller = _controller_after(lambda t: 0.08 + 0.012 * t, acceptance=0.95, draft_cost=0.02, max_k=4)
+    fast, slow = _row_counts(10, 4, 4), _row_counts(10, 4, 1)
+    assert controller.choose(4) == 4  # one row alone, or pooled: full length
+    assert controller.choose(4, [(48, fast), (48, fast), (48, fast), (48, slow)]) <= 2
+    # Once the slow row has few tokens left, the fast rows decide: deeper again.
+    assert controller.choose(4, [(48, fast), (48, fast), (48, fast), (2, slow)]) == 4
+
+
+def test_rows_that_finish_early_make_the_later_rounds_cheaper():
+    controller = _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01, max_k=4)
+    fast, slow = _row_counts(50, 4, 4), _row_counts(50, 4, 0)
+    pooled = controller.acceptance.rates()
+    fast_rounds = 20 / expected_tokens(fast.rates_near(pooled), 2)
+    slow_rounds = 20 / expected_tokens(slow.rates_near(pooled), 2)
+    cost = {2: 3.0, 1: 1.0}  # a round at two live rows, then at one
+
+    seconds = controller.batch_seconds(2, [(20, fast), (20, slow)], lambda rows, k: cost[rows])
+    assert slow_rounds > fast_rounds
+    assert seconds == pytest.approx(fast_rounds * 3.0 + (slow_rounds - fast_rounds) * 1.0)
+
+
 def test_controller_never_exceeds_the_limit():
     controller = _controller_after(lambda t: 1.0, acceptance=0.9)
     assert controller.choose(2) == 2 and controller.choose(0) == 0
