@@ -13,7 +13,8 @@ keeps the plain model wherever it differs or is not faster.
 The packed weights are a copy (the model keeps its own for everything else), so the view is built
 only where that copy fits in the memory the machine has free. Each packed layer keeps its source
 weight and packs it again after an in-place change (its version counter moves), so the view never
-computes with stale weights.
+computes with stale weights. The view shares the model's hook dicts, so a hook registered on the
+model or one of its layers (even after the view was built) runs in saguaro's forwards too.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the source: its version says when the packed copy is stale
         self.bias = linear.bias
+        for key, value in vars(linear).items():  # hooks on the layer (now or later) run here too
+            if "hooks" in key and isinstance(value, dict):
+                self.__dict__[key] = value
         self._pack()
 
     def _pack(self) -> None:
@@ -135,7 +139,7 @@ def packed_view(model: nn.Module) -> nn.Module:
     if why is not None:
         logger.info("saguaro: the target's linears stay unpacked: %s", why)
         return model
-    view = clone_module_tree(model)
+    view = clone_module_tree(model, share_hooks=True)
     packed = {}  # a layer reached under two names is packed once
     for name, linear in linears:
         if id(linear) not in packed:

@@ -126,3 +126,20 @@ def test_a_target_turned_to_float32_runs_as_itself(packing_pays):
     out = generator.generate(prompt, max_new_tokens=12, eos_token_id=[])
     assert generator._runnable_target() is target  # no packed bf16 copy computes the float32 model
     assert out[0, prompt.shape[1] :].tolist() == alone(target, PROMPTS[0], 12, eos_token_id=[])
+
+
+def test_hooks_registered_on_the_model_after_the_view_was_built_still_run(packing_pays):
+    target = bf16_model(seed=0)
+    draft = perturbed_copy(target, noise=0.05)
+    generator = SpeculativeGenerator(
+        target, draft, method="speculative", draft_quantization=None, draft_vocab_size=None
+    )
+    prompt = torch.tensor([PROMPTS[0]])
+    generator.generate(prompt, max_new_tokens=5, eos_token_id=[])  # builds the packed view
+    assert generator._runnable_target() is not target
+    forwards, products = [], []
+    target.register_forward_pre_hook(lambda module, args: forwards.append(module))
+    target.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: products.append(out))
+    out = generator.generate(prompt, max_new_tokens=8, eos_token_id=[], return_dict_in_generate=True)
+    assert len(forwards) == out.stats.rounds + 1  # the prefill, then one forward a round
+    assert len(products) == len(forwards)
