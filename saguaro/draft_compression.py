@@ -242,7 +242,7 @@ def clone_module_tree(module: nn.Module, memo: dict | None = None, share_hooks: 
     return clone
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
@@ -343,7 +343,7 @@ def quantize_draft(
     if device.type == "cpu":
         linears = [(name, m) for name, m in clone.named_modules() if isinstance(m, nn.Linear)]
         for name, linear in linears:
-            _set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo))
+            set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo))
         quantized = [m for m in clone.modules() if isinstance(m, _WeightOnlyLinear)]
         if quantized:
             # Timed on the layers other than the LM head, which a prefill runs for one row.
@@ -425,7 +425,7 @@ def restrict_draft_vocabulary(model: nn.Module, keep_ids) -> nn.Module:
         )
     name = next(name for name, module in model.named_modules() if module is head)
     clone = clone_module_tree(model)
-    _set_submodule(clone, name, RestrictedLMHead(head, keep))
+    set_submodule(clone, name, RestrictedLMHead(head, keep))
     return clone
 
 

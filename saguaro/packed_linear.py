@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .draft_compression import _set_submodule, clone_module_tree
+from .draft_compression import clone_module_tree, set_submodule
 from .faults import logger
 
 # Rows a packed weight is laid out for: oneDNN picks its blocking by the expected batch; decoding
@@ -144,5 +144,5 @@ def packed_view(model: nn.Module) -> nn.Module:
     for name, linear in linears:
         if id(linear) not in packed:
             packed[id(linear)] = PackedLinear(linear)
-        _set_submodule(view, name, packed[id(linear)])
+        set_submodule(view, name, packed[id(linear)])
     return view
