@@ -6,9 +6,10 @@ first copies it into its blocked layout, on every call: for a forward that strea
 once, that copy is about as much memory traffic again. Packing each weight once
 (`mkldnn._reorder_linear_weight`) and calling `mkldnn._linear_pointwise` on it skips the copy:
 on a 2-core AVX512-BF16 EPYC the 1.5B demo target's forward over 4 rows x 3 tokens takes 101 ms
-instead of 152 (docs/RESULTS.md). The kernel is the one the plain call ends in, so its results
-are the same bits; `packed_view` checks that on the model's own layers before using it, and
-keeps the plain model wherever it differs or is not faster.
+instead of 152 (docs/RESULTS.md), and its logits are the same bits. That is not guaranteed
+(with oneDNN capped below its bf16 instructions, as on a CPU without them, one-row products
+differ), so `packed_view` compares packed and plain products of the model's own largest layer
+on the machine, and keeps the plain model wherever they differ or packing is not faster.
 
 The packed weights are a copy (the model keeps its own for everything else), so the view is built
 only where that copy fits in the memory the machine has free. Each packed layer keeps its source
@@ -32,7 +33,7 @@ from .faults import logger
 # Rows a packed weight is laid out for: oneDNN picks its blocking by the expected batch; decoding
 # and verification feed a handful of tokens per row, a few rows at once.
 PACKING_ROWS = 16
-# The copy must leave this share of the machine's free memory free.
+# The packed copy may take at most this share of the machine's free memory.
 MEMORY_HEADROOM = 0.5
 # Token counts the check compares packed and plain products at (a step, a verification, a prefill).
 CHECK_ROWS = (1, 5, 67)

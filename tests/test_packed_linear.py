@@ -112,7 +112,8 @@ def test_a_generator_runs_the_packed_target_with_the_same_output(packing_pays):
         saguaro.generate(target, ids[:1], draft_model=draft, pack_target_weights="yes")
 
 
-def test_a_target_turned_to_float32_runs_as_itself(packing_pays):
+def generator_after_a_call():
+    """(target, draft, generator, prompt): a bf16 pair whose generator has built its packed view."""
     target = bf16_model(seed=0)
     draft = perturbed_copy(target, noise=0.05)
     generator = SpeculativeGenerator(
@@ -121,6 +122,11 @@ def test_a_target_turned_to_float32_runs_as_itself(packing_pays):
     prompt = torch.tensor([PROMPTS[0]])
     generator.generate(prompt, max_new_tokens=5, eos_token_id=[])
     assert generator._runnable_target() is not target
+    return target, draft, generator, prompt
+
+
+def test_a_target_turned_to_float32_runs_as_itself(packing_pays):
+    target, draft, generator, prompt = generator_after_a_call()
     target.float()
     draft.float()
     out = generator.generate(prompt, max_new_tokens=12, eos_token_id=[])
@@ -129,14 +135,7 @@ def test_a_target_turned_to_float32_runs_as_itself(packing_pays):
 
 
 def test_hooks_registered_on_the_model_after_the_view_was_built_still_run(packing_pays):
-    target = bf16_model(seed=0)
-    draft = perturbed_copy(target, noise=0.05)
-    generator = SpeculativeGenerator(
-        target, draft, method="speculative", draft_quantization=None, draft_vocab_size=None
-    )
-    prompt = torch.tensor([PROMPTS[0]])
-    generator.generate(prompt, max_new_tokens=5, eos_token_id=[])  # builds the packed view
-    assert generator._runnable_target() is not target
+    target, _, generator, prompt = generator_after_a_call()
     forwards, products = [], []
     target.register_forward_pre_hook(lambda module, args: forwards.append(module))
     target.model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: products.append(out))
