@@ -132,16 +132,17 @@ def packed_view(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules()
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
     ]
+    packed = {}  # by layer: one reached under two names is packed once, the checked one too
     why = _why_not_packed(model, linears)
     if why is None:
         # The largest layer decides: where the copy does not pay, it does not for the small ones.
         largest = max((linear for _, linear in linears), key=lambda linear: linear.weight.numel())
-        why = _matches_and_pays(largest, PackedLinear(largest))
+        packed[id(largest)] = PackedLinear(largest)
+        why = _matches_and_pays(largest, packed[id(largest)])
     if why is not None:
         logger.info("saguaro: the target's linears stay unpacked: %s", why)
         return model
     view = clone_module_tree(model, share_hooks=True)
-    packed = {}  # a layer reached under two names is packed once
     for name, linear in linears:
         if id(linear) not in packed:
             packed[id(linear)] = PackedLinear(linear)
