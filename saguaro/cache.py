@@ -1,4 +1,4 @@
-"""A preallocated KV cache that speculative decoding can roll back and prune in place.
+"""A KV cache that speculative decoding can roll back and prune in place.
 
 HF's DynamicCache grows with torch.cat, which copies the whole context on every step. Speculation
 appends a block of guesses each round and then keeps only the accepted ones, so we need:
@@ -7,7 +7,8 @@ appends a block of guesses each round and then keeps only the accepted ones, so 
   * commit_path - keep a non-contiguous subset of the block just appended (the accepted branch of a
     tree) by moving those few entries down to be contiguous (O(accepted tokens)).
 `prefix` and `load` hand the first entries to and from a `prefix_cache.PrefixCache`.
-The buffers double when full, so appends are amortised O(new tokens) as well.
+The buffers start small and double when full, so appends are amortised O(new tokens) as well and
+memory follows the tokens actually held, not the most a call might hold (max_new_tokens=10**9).
 
 This is the only module that touches transformers' cache internals (`Cache`, `CacheLayerMixin`);
 a change in those classes between transformers versions is absorbed here.
@@ -28,22 +29,33 @@ def is_chain_prefix(keep: list[int]) -> bool:
     return keep == list(range(len(keep)))
 
 
+# Slots allocated beyond the first update (a prefill) before the buffers first grow: a caller's
+# capacity is the most a call may hold (prompt + max_new_tokens), often far more than it will.
+INITIAL_HEADROOM = 256
+
+
 class SlotLayer(CacheLayerMixin):
-    """One attention layer's keys and values in [batch, kv_heads, capacity, head_dim] buffers."""
+    """One attention layer's keys and values in [batch, kv_heads, capacity, head_dim] buffers.
+
+    `expected` (the most tokens the caller expects) bounds the first allocation and the doubling
+    steps up to it, so a sequence that ends early never pays for it; past it the buffers keep doubling.
+    """
 
     is_compileable = False
     is_croppable = True
 
     def __init__(self, capacity: int):
         super().__init__()
-        self.capacity = max(int(capacity), 1)
+        self.expected = max(int(capacity), 1)
+        self.capacity = 0  # slots allocated
         self.length = 0
         self._key_buf: torch.Tensor | None = None
         self._value_buf: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, _ = key_states.shape
+        batch, heads, tokens, _ = key_states.shape
         self.device = key_states.device
+        self.capacity = max(tokens, min(self.expected, tokens + INITIAL_HEADROOM))
         self._key_buf = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
         self._value_buf = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
         self.is_initialized = True
@@ -57,7 +69,10 @@ class SlotLayer(CacheLayerMixin):
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        new_capacity = max(needed, 2 * self.capacity)
+        # Doubling, but not past the expected size while within it: a call that ends where it
+        # expected holds no more than it needs.
+        doubled = 2 * self.capacity if needed > self.expected else min(2 * self.capacity, self.expected)
+        new_capacity = max(needed, doubled)
         for name in ("_key_buf", "_value_buf"):
             old = getattr(self, name)
             new = old.new_empty(*old.shape[:2], new_capacity, old.shape[-1])
