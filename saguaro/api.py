@@ -70,8 +70,11 @@ def _eos_ids(eos_token_id, model) -> frozenset[int]:
     return frozenset(int(t) for t in eos_token_id)
 
 
-def _prompt_rows(input_ids, attention_mask) -> tuple[torch.Tensor, list[list[int]], list[int]]:
-    """[batch, length] ids (+ mask) -> (ids, each row's prompt without padding, each row's pad count)."""
+def _prompt_rows(
+    input_ids, attention_mask, vocab_size: int
+) -> tuple[torch.Tensor, list[list[int]], list[int]]:
+    """[batch, length] ids (+ mask) -> (ids, each row's prompt without padding, each row's pad count);
+    every prompt token must be an id of the target's `vocab_size`-token vocabulary."""
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 1:
         ids = ids[None]
@@ -86,11 +89,13 @@ def _prompt_rows(input_ids, attention_mask) -> tuple[torch.Tensor, list[list[int
             "with input_ids.long()"
         )
     # Like HF, a float mask (1.0 / 0.0) is as good as an integer one: nonzero means attend.
-    mask = (
-        torch.ones_like(ids)
-        if attention_mask is None
-        else torch.as_tensor(attention_mask).reshape(ids.shape).ne(0).long()
-    )
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    if mask.numel() != ids.numel():
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}: pass the mask "
+            "the tokenizer returned with these input_ids (one entry per token), or none"
+        )
+    mask = mask.reshape(ids.shape).ne(0).long()
     rows, pads = [], []
     for row, row_mask in zip(ids.tolist(), mask.tolist()):
         pad = len(row_mask) - sum(row_mask)
@@ -102,6 +107,14 @@ def _prompt_rows(input_ids, attention_mask) -> tuple[torch.Tensor, list[list[int
             )
         if pad == len(row):
             raise ValueError("a row of input_ids is all padding: every prompt needs at least one token")
+        # The runner feeds ids beyond a draft's smaller table as 0; an id the target lacks would be
+        # fed so too, giving an answer to another prompt (HF fails in the embedding lookup).
+        bad = [t for t in row[pad:] if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"input_ids holds token id {bad[0]}, outside the target's {vocab_size}-token vocabulary "
+                f"(ids 0 to {vocab_size - 1}): tokenize with the target's own tokenizer"
+            )
         rows.append(row[pad:])
         pads.append(pad)
     return ids, rows, pads
@@ -123,6 +136,8 @@ def _check_pair(target, draft_model, draft_device) -> None:
                 f"{role} is on the meta device, so it has no weights; load it with its weights (no "
                 "meta-device init, no device_map that offloads it) before passing it to saguaro"
             )
+    if draft_device is not None:
+        _check_draft_device(draft_device, draft_model)
     if draft_model.device != target.device and (
         draft_device is None or torch.device(draft_device) != draft_model.device
     ):
@@ -150,6 +165,26 @@ def _check_pair(target, draft_model, draft_device) -> None:
             )
 
 
+def _check_draft_device(draft_device, draft_model) -> None:
+    """draft_device says where the draft already is (on purpose apart from the target); it moves
+    nothing, so a device this machine lacks, or one the draft is not on, is a mistake to name now."""
+    try:
+        device = torch.device(draft_device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"draft_device={draft_device!r} is not a device (e.g. 'cpu', 'cuda:1')") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"draft_device={draft_device!r} but CUDA is not available on this machine; drop draft_device "
+            "to draft on the target's device"
+        )
+    actual = draft_model.device
+    if device.type != actual.type or device.index not in (None, actual.index):
+        raise ValueError(
+            f"draft_device={draft_device!r} but draft_model is on {actual}; draft_device moves nothing: "
+            f"move the draft with draft_model.to('{device}') first, or drop draft_device"
+        )
+
+
 def _check_saguaro_options(target, draft_model, saguaro_budget, worker_timeout):
     """Clear errors for options the Saguaro worker would otherwise trip over mid-generation."""
     if saguaro_budget is not None:
@@ -170,10 +205,12 @@ def _check_saguaro_options(target, draft_model, saguaro_budget, worker_timeout):
     if (
         not isinstance(worker_timeout, numbers.Real)
         or isinstance(worker_timeout, bool)
-        or not worker_timeout > 0
+        or not 0 < worker_timeout < float("inf")
     ):
+        # inf (and nan) would reach the worker's waits, which take finite seconds only.
         raise ValueError(
-            f"worker_timeout (seconds to wait for a draft) must be a number > 0, got {worker_timeout!r}"
+            "worker_timeout (seconds to wait for a draft) must be a finite number > 0, got "
+            f"{worker_timeout!r}; for a very patient wait give a large number (e.g. 3600)"
         )
 
 
@@ -248,12 +285,22 @@ class SpeculativeGenerator:
         _check_pair(target, draft_model if method not in MODEL_FREE else None, draft_device)
         if num_speculative_tokens is None:
             num_speculative_tokens = DEFAULT_DEPTH.get(method, DEFAULT_DEPTH[None])
-        if not isinstance(num_speculative_tokens, int) or num_speculative_tokens < 1:
-            raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
+        # bool is an int to Python, but True is no draft length.
         if (
-            method == "tree"
+            not isinstance(num_speculative_tokens, int)
+            or isinstance(num_speculative_tokens, bool)
+            or num_speculative_tokens < 1
+        ):
+            raise ValueError(f"num_speculative_tokens must be a positive int, got {num_speculative_tokens!r}")
+        # "auto" may choose the tree, so its shape is checked then too.
+        if (
+            method in ("tree", "auto")
             and not isinstance(tree_branching, DynamicTree)
-            and (not tree_branching or any(not isinstance(b, int) or b < 1 for b in tree_branching))
+            and (
+                not isinstance(tree_branching, (list, tuple))
+                or not tree_branching
+                or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in tree_branching)
+            )
         ):
             raise ValueError(
                 "tree_branching must be a non-empty list of positive ints or a saguaro.DynamicTree, "
@@ -544,7 +591,7 @@ class SpeculativeGenerator:
         ):
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         max_new_tokens = int(max_new_tokens)  # numpy integers too
-        ids, prompts, pads = _prompt_rows(input_ids, attention_mask)
+        ids, prompts, pads = _prompt_rows(input_ids, attention_mask, self.target.config.vocab_size)
         if streamer is not None and len(prompts) > 1:
             raise ValueError("a streamer takes one sequence: stream with batch size 1, or drop streamer=")
         limit = getattr(self.target.config, "max_position_embeddings", None)

@@ -39,3 +39,48 @@ def test_a_huge_max_new_tokens_allocates_only_what_the_sequence_uses(pair, metho
         )
     assert out.tolist() == expected[:, : PROMPT.shape[1] + 4].tolist()
     assert batch.tolist() == expected[:, : PROMPT.shape[1] + 4].repeat(2, 1).tolist()
+
+
+def test_options_that_would_fail_later_are_rejected_when_the_generator_is_built(pair):
+    target, draft = pair
+
+    def build(method="saguaro", **options):
+        return saguaro.SpeculativeGenerator(target, draft, method=method, **options)
+
+    # inf reached the worker's waits, which raised OverflowError on every call.
+    for timeout in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="worker_timeout .* must be a finite number"):
+            build(worker_timeout=timeout)
+    with pytest.raises(ValueError, match="num_speculative_tokens must be a positive int, got True"):
+        build(num_speculative_tokens=True)
+    for method in ("tree", "auto"):  # auto may choose the tree
+        for branching in ((2, True), 2, "22"):
+            with pytest.raises(ValueError, match="tree_branching must be"):
+                build(method, tree_branching=branching)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="draft_device='cuda' but CUDA is not available"):
+            build(draft_device="cuda")
+    with pytest.raises(ValueError, match="draft_device='meta' but draft_model is on cpu"):
+        build(draft_device="meta")
+    with pytest.raises(ValueError, match="draft_device='gpu0' is not a device"):
+        build(draft_device="gpu0")
+    assert build(worker_timeout=3600.0, draft_device="cpu").worker_timeout == 3600.0
+
+
+def test_prompt_ids_outside_the_vocabulary_are_rejected_not_fed_as_id_0(pair):
+    target, draft = pair
+    for method in ("speculative", "autoregressive"):
+        for bad in (150, 96, -1):
+            with pytest.raises(ValueError, match=f"token id {bad}, outside the target's 96-token vocabulary"):
+                saguaro.generate(target, torch.tensor([[1, 17, bad, 5]]), draft, method=method)
+    # Padding is not fed, so whatever it holds is not checked; the last id of the vocabulary is fine.
+    out = saguaro.generate(
+        target, torch.tensor([[-7, 1, 95]]), draft, attention_mask=torch.tensor([[0, 1, 1]]), max_new_tokens=2
+    )
+    assert out.shape == (1, 5)
+
+
+def test_a_wrong_shaped_attention_mask_names_the_argument_and_both_shapes(pair):
+    target, draft = pair
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\) but input_ids \(1, 4\)"):
+        saguaro.generate(target, PROMPT, draft, attention_mask=torch.ones(1, 3, dtype=torch.long))
