@@ -60,8 +60,19 @@ def test_packing_stays_off_where_it_does_not_serve(monkeypatch, caplog):
     fp32 = tiny_model("qwen2")
     assert packed_view(fp32) is fp32
     assert "float32" in caplog.text
-    # Measured not faster (tiny layers are not): the plain model.
-    assert packed_view(bf16_model()) is not None
+    # As measured here: the plain model, saying why, or a view whose every linear is packed and
+    # whose logits are the model's.
+    caplog.clear()
+    model = bf16_model()
+    view = packed_view(model)
+    if view is model:
+        assert "linears stay unpacked" in caplog.text
+    else:
+        assert all(type(m) is not torch.nn.Linear for m in view.modules())
+        assert any(type(m) is PackedLinear for m in view.modules())
+        ids = torch.tensor([[1, 17, 33, 5]])
+        with torch.no_grad():
+            assert torch.equal(view(ids).logits, model(ids).logits)
     monkeypatch.setattr(
         packed_linear, "_seconds_per_product", lambda layer, x: float(type(layer) is PackedLinear)
     )
