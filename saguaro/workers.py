@@ -16,13 +16,20 @@ dropped. A worker that raises sends its exception back (type, message, traceback
 dead, failed or stalled worker is killed at once (never waited on), the handle drafts inline for
 the rest of that call, and a fresh worker is started at a later call, with backoff.
 Messages are tiny (token ids, an outcome); only a hit's draft distributions (sampling) are large.
-A worker's end of the pipe sees EOF when its generator's process dies, so it never outlives it.
+A worker process never outlives its generator's process: its end of the pipe sees EOF when that
+process dies (a forked child closes the inherited other end), on Linux the kernel kills it with its
+parent (PR_SET_PDEATHSIG), and a watch on its parent's pid catches the rest (another child holding
+the pipe open), within PARENT_WATCH_SECONDS.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import threading
 import time
 import traceback
@@ -39,6 +46,8 @@ from .sampling import SamplingConfig, TokenSampler
 
 PLACEMENTS = ("process", "thread", "rank", "inline")
 MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
+PARENT_WATCH_SECONDS = 1.0  # how often a worker process checks that its parent still runs
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class WorkerFailed(RuntimeError):
@@ -140,7 +149,37 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
         conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
 
 
-def _process_main(conn, threads, model, speculator_kwargs, working) -> None:
+def _die_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
+    """End this worker process once `parent_pid` is no longer its parent (it died: SIGKILL,
+    os._exit), whatever still holds the pipe's other end open (a sibling forked later inherits it)."""
+    if os.getppid() != parent_pid:
+        # Started by a forkserver, not by the generator (or the generator is gone already): the
+        # pipe's EOF is what ends it.
+        return
+    # The kernel's death signal fires when the thread that forked exits, not the process: only a
+    # fork by the main thread (which outlives the others) may ask for it.
+    if forked_by_main_thread and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_WATCH_SECONDS)
+        os._exit(0)  # nothing to flush: the worker's state is its parent's to keep
+
+    # The watch checks at once, too: the parent may have died before the death signal was asked for.
+    threading.Thread(target=watch, daemon=True, name="saguaro-parent-watch").start()
+
+
+def _process_main(
+    conn, threads, model, speculator_kwargs, working, parent_pid=None, main_thread=False, parent_end=None
+) -> None:
+    if parent_end is not None:
+        # Forked: the child holds a copy of the generator's end too, which would keep its own end
+        # from ever seeing EOF once the generator's process is gone.
+        parent_end.close()
+    if parent_pid is not None:
+        _die_with_parent(parent_pid, main_thread)
     torch.set_num_threads(threads)
     if isinstance(model, tuple):  # spawned: rebuild the module around the shared-memory weights
         from transformers import AutoModelForCausalLM
@@ -214,9 +253,13 @@ class DraftWorker(DraftStream):
             model = self.model
             payload = model if method == "fork" else (model.config, model.state_dict(), model.dtype)
             self.working = ctx.Value("b", 0, lock=False)
+            # A spawned child inherits no descriptors: only a forked one gets the parent's end to close.
+            parent_end = self._conn if method == "fork" else None
+            main_thread = threading.current_thread() is threading.main_thread()
+            watch = (os.getpid(), main_thread, parent_end)
             self._process = ctx.Process(
                 target=_process_main,
-                args=(child, self.threads, payload, kwargs, self.working),
+                args=(child, self.threads, payload, kwargs, self.working, *watch),
                 daemon=True,
                 name="saguaro-drafter",
             )

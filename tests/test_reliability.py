@@ -1,5 +1,10 @@
 """Failure modes that must cost speed or give a clear error, never a crash or a wrong answer (issue 31)."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 
 import pytest
@@ -84,3 +89,51 @@ def test_a_wrong_shaped_attention_mask_names_the_argument_and_both_shapes(pair):
     target, draft = pair
     with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\) but input_ids \(1, 4\)"):
         saguaro.generate(target, PROMPT, draft, attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+from conftest import perturbed_copy, tiny_model
+import saguaro
+target = tiny_model("llama", seed=0)
+draft = perturbed_copy(target, 0.02)
+generator = saguaro.SpeculativeGenerator(target, draft, method="saguaro", placement="process")
+generator.generate([[1, 17, 50, 5]], max_new_tokens=8)
+print(generator._worker._process.pid, flush=True)
+if {how!r} == "exit":
+    os._exit(0)  # no atexit, no finalizers: the worker is never told to stop
+time.sleep(120)  # the test SIGKILLs this process
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for init to reap it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads process states from /proc")
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_the_worker_process_exits_soon_after_its_program_dies_abruptly(how):
+    # The forked worker held both ends of its pipe, so it never saw EOF: it lived on with parent 1.
+    script = ORPHAN_SCRIPT.format(tests=os.path.dirname(__file__), how=how)
+    program = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(program.stdout.readline())
+        if how == "sigkill":
+            program.send_signal(signal.SIGKILL)
+        program.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker), f"the drafter worker {worker} outlived its program"
+    finally:
+        program.kill()
+        program.wait()
+        if worker is not None and _running(worker):
+            os.kill(worker, signal.SIGKILL)
