@@ -13,8 +13,9 @@ Three placements share one message loop (`_serve`) around a `PreSpeculator`:
 The protocol cannot desynchronise: every request carries a sequence number and its reply echoes
 it, so a reply to a request the caller stopped waiting for (Ctrl-C, a timeout) is recognised and
 dropped. A worker that raises sends its exception back (type, message, traceback) and stops; a
-dead, failed or stalled worker is killed at once (never waited on), the handle drafts inline for
-the rest of that call, and a fresh worker is started at a later call, with backoff.
+dead, failed or stalled worker process is killed at once (never waited on; a stalled thread or
+drafter rank cannot be: it is left, its late answers ignored), the handle drafts inline for the
+rest of that call, and a fresh worker is started at a later call, with backoff.
 Messages are tiny (token ids, an outcome); only a hit's draft distributions (sampling) are large.
 A worker process never outlives its generator's process: its end of the pipe sees EOF when that
 process dies (a forked child closes the inherited other end), on Linux the kernel kills it with its
@@ -48,6 +49,17 @@ PLACEMENTS = ("process", "thread", "rank", "inline")
 MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
 PARENT_WATCH_SECONDS = 1.0  # how often a worker process checks that its parent still runs
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+# What becomes of a stalled worker, by placement: only a process can be killed from here.
+STALLED = {
+    "process": "it was killed",
+    "thread": "a thread cannot be killed: it is left running (daemonic), its late answers ignored",
+    "rank": (
+        "the drafter rank is unresponsive, not killed (it may still run); its late answers are ignored "
+        "and this process drafts inline from now on"
+    ),
+}
 
 
 class WorkerFailed(RuntimeError):
@@ -355,7 +367,9 @@ class DraftWorker(DraftStream):
         try:
             while True:
                 if not self._conn.poll(max(0.0, deadline - time.monotonic())):
-                    raise self._fail(f"gave no answer within {self.timeout:g}s (stalled); it was killed")
+                    raise self._fail(
+                        f"stalled: no answer within {self.timeout:g}s; {STALLED[self.placement]}"
+                    )
                 reply_seq, payload = self._conn.recv()
                 if reply_seq != ticket:
                     continue  # the answer to a request whose caller stopped waiting (Ctrl-C)

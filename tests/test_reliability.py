@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -12,6 +13,9 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
+from saguaro import distributed
+from saguaro.prespeculation import PreSpeculator
+from saguaro.workers import DraftWorker, WorkerFailed
 
 PROMPT = torch.tensor([[1, 17, 50, 5]])
 
@@ -137,3 +141,49 @@ def test_the_worker_process_exits_soon_after_its_program_dies_abruptly(how):
         program.wait()
         if worker is not None and _running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "placement, fate",
+    [("process", "it was killed"), ("thread", "a thread cannot be killed: it is left running")],
+)
+def test_a_stalled_worker_is_reported_as_stalled_with_what_became_of_it(pair, monkeypatch, placement, fate):
+    target, draft = pair
+    here = os.getpid()
+    real_reset = PreSpeculator.reset
+
+    def stalled_reset(self, *args):
+        if os.getpid() != here or threading.current_thread() is not threading.main_thread():
+            time.sleep(3)  # the worker stalls; the inline drafter (here) does not
+        return real_reset(self, *args)
+
+    monkeypatch.setattr(PreSpeculator, "reset", stalled_reset)
+    expected = target.generate(PROMPT, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with saguaro.SpeculativeGenerator(
+        target, draft, method="saguaro", placement=placement, worker_timeout=0.5
+    ) as generator:
+        with pytest.warns(saguaro.SaguaroWarning, match=f"stalled: no answer within 0.5s; {fate}"):
+            out = generator.generate(PROMPT, max_new_tokens=10, eos_token_id=[])
+    assert out.tolist() == expected.tolist()
+
+
+def test_a_stalled_drafter_rank_is_reported_unresponsive_not_killed(pair, monkeypatch):
+    # The rank is another process on another host, maybe: nothing here kills it.
+    class SilentRank:
+        last_seq, failed = 0, False
+
+        def send(self, message):
+            pass
+
+        def poll(self, timeout):
+            time.sleep(timeout)
+            return False
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(distributed, "claim_drafter_rank", lambda worker: SilentRank())
+    worker = DraftWorker(pair[1], "rank", timeout=0.2, lookahead=3, vocab_size=96)
+    with pytest.raises(WorkerFailed, match="stalled: .* the drafter rank is unresponsive, not killed"):
+        worker.end(worker.begin("reset", [1, 17, 50, 5], 3, True))
+    assert not worker.concurrent  # drafting inline from now on
