@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
+from transformers import StoppingCriteria
 
 import saguaro
 from saguaro import distributed
@@ -187,3 +188,39 @@ def test_a_stalled_drafter_rank_is_reported_unresponsive_not_killed(pair, monkey
     with pytest.raises(WorkerFailed, match="stalled: .* the drafter rank is unresponsive, not killed"):
         worker.end(worker.begin("reset", [1, 17, 50, 5], 3, True))
     assert not worker.concurrent  # drafting inline from now on
+
+
+class ScoresSeen(StoppingCriteria):
+    """Records the `scores` each call gets; stops after the 3rd new token."""
+
+    def __init__(self, prompt_length: int):
+        self.prompt_length, self.seen = prompt_length, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen.append(scores if scores is None else type(scores).__name__)
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.prompt_length + 3)
+
+
+def test_a_stopping_criterion_gets_the_scores_hf_gives_it(pair):
+    # HF's sampling loop passes scores=None to stopping criteria unless output_scores=True (then the
+    # tuple of every step's scores, a call saguaro leaves to HF): a criterion reading scores.softmax
+    # fails under HF alike, and one that checks for None works under both.
+    target, draft = pair
+    expected = ScoresSeen(PROMPT.shape[1])
+    hf_out = target.generate(PROMPT, max_new_tokens=10, stopping_criteria=[expected], pad_token_id=0)
+    with saguaro.enable(target, draft_model=draft, method="speculative"):
+        seen = ScoresSeen(PROMPT.shape[1])
+        out = target.generate(PROMPT, max_new_tokens=10, stopping_criteria=[seen], pad_token_id=0)
+        assert out.tolist() == hf_out.tolist() and out.shape[1] == PROMPT.shape[1] + 3
+        assert set(seen.seen) == set(expected.seen) == {None}
+        with pytest.warns(saguaro.SaguaroWarning, match="output_scores=True"):
+            scored = ScoresSeen(PROMPT.shape[1])
+            target.generate(
+                PROMPT,
+                max_new_tokens=10,
+                stopping_criteria=[scored],
+                pad_token_id=0,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
+        assert set(scored.seen) == {"tuple"}  # HF served it, as HF does
