@@ -22,9 +22,9 @@ from .batched_runner import BatchedRunner
 from .cost_model import AcceptanceCounter, BatchLookaheads
 from .draft_stream import Draft
 from .drafters import Drafter
-from .engines import StopRule, verify_proposal
+from .engines import StopRule, verify_proposal, warn_broken_draft
 from .prefix_cache import PrefixCache
-from .sampling import TokenSampler, greedy_choice
+from .sampling import BrokenDraft, TokenSampler, check_drafted, drawable, greedy_choice
 from .stats import GenerationStats
 
 
@@ -73,13 +73,15 @@ class BatchedModelDrafter:
         catch_up_seconds = time.perf_counter() - start
         self.fed = [len(row) for row in self.committed]
         self._mark = self.runner.mark()
-        tokens, probs, level_seconds = [], [], []
+        tokens, probs, level_seconds, finite = [], [], [], []
         for level in range(max(depths)):
             if self.sampler.greedy:  # no q to report: greedy verification compares ids
                 drawn = greedy_choice(self.sampler.scores(logits))
             else:
-                probs.append(self.sampler.probs(logits))
-                drawn = self.sampler.draw(probs[-1])
+                q, ok = drawable(self.sampler.probs(logits))  # a broken draft must not break the draw
+                probs.append(q)
+                finite.append(ok)
+                drawn = self.sampler.draw(q)
             tokens.append(drawn)
             if level + 1 < max(depths):  # the last level is fed next round, if it is kept
                 start = time.perf_counter()
@@ -97,6 +99,7 @@ class BatchedModelDrafter:
         else:
             self.round_seconds = None
         self._drafted_fed = max(max(depths) - 1, 0)
+        check_drafted([], finite)
         tokens = torch.stack(tokens, 1).tolist()  # [B][levels], one host read
         probs = None if self.sampler.greedy else torch.stack(probs, 1)  # [B, levels, V]
         drafts = []
@@ -225,7 +228,12 @@ def batched_speculative(
                 depth = 0
         depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(live)
         tick = time.perf_counter()
-        proposals = drafter.propose(depths) if max(depths) else [Draft.off()] * len(live)
+        try:
+            proposals = drafter.propose(depths) if max(depths) else [Draft.off()] * len(live)
+        except BrokenDraft as error:
+            warn_broken_draft(error)
+            drafter, lookahead = None, None  # plain batched steps for the rest of the call
+            proposals = [Draft.off()] * len(live)
         tock = time.perf_counter()
         mark = target.mark()
         fed = [[generated[row][-1], *proposal.tokens] for row, proposal in zip(live, proposals)]

@@ -20,7 +20,7 @@ import torch
 from .draft_stream import Draft, DraftSource, DraftStream
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
-from .sampling import TokenSampler
+from .sampling import TokenSampler, check_drafted, drawable
 from .tree import DynamicTree, TokenTree
 
 
@@ -68,6 +68,7 @@ class ModelDrafter(Drafter):
         self.committed: list[int] = []
         self._last = Draft([])
         self._fed_nodes = 0
+        self._finite: list[torch.Tensor] = []
 
     def reset(self, tokens: list[int]) -> None:
         self.runner.reset()
@@ -103,6 +104,7 @@ class ModelDrafter(Drafter):
         # and the host reads a level only where its shape depends on it (a budgeted tree keeps the
         # likeliest offers; a sampled node may run out of mass), so a fixed greedy tree is read once.
         fixed = budget is None and self.sampler.greedy
+        self._finite = []  # per level: whether its q was finite, read with the tokens
         tree, frontier, scores = TokenTree(()), [-1], torch.ones(1, device=level_logits.device)
         tokens, probs = [], []  # per level: chosen children [n], the q each was drawn from [n, V]
         for depth, (offered, kept) in enumerate(levels):
@@ -134,7 +136,7 @@ class ModelDrafter(Drafter):
                 level_logits = self.runner.forward(tokens[-1], tree, cached_nodes=self._fed_nodes)
                 level_logits = level_logits[:, : self.vocab_size]
                 self._fed_nodes = len(tree)
-        drafted = torch.cat(tokens).tolist() if tokens else []  # the round's one read of its tokens
+        drafted = check_drafted(tokens, self._finite)  # the round's one read of its tokens
         self._last = Draft(drafted, torch.cat(probs) if probs else None, tree=tree)
         return self._last
 
@@ -143,16 +145,17 @@ class ModelDrafter(Drafter):
         token is chosen on the device and fed back as a tensor, and the host reads the chain once at
         the end, so a GPU drafts without waiting per token. The same tokens and draws as drafting
         it as a tree of width 1 (`_offers`): top-1 when greedy, one draw from q when sampling."""
-        tokens, probs = [], []
+        tokens, probs, finite = [], [], []
         for depth in range(length):
-            q = self.sampler.probs(logits)
+            q, ok = drawable(self.sampler.probs(logits))  # a broken draft must not break the draw
+            finite.append(ok)
             tokens.append(q.topk(1).indices[:, 0] if self.sampler.greedy else self.sampler.draw(q))
             probs.append(q[0])
             if depth + 1 < length:  # the last draft is fed next round, once we know what survived
                 # The newest draft sees the committed context and the drafts before it: a plain step.
                 logits = self.runner.forward(tokens[-1])[:, : self.vocab_size]
                 self._fed_nodes = depth + 1
-        chain = torch.cat(tokens).tolist()  # the round's one host read
+        chain = check_drafted(tokens, finite)  # the round's one host read
         return Draft(chain, None if self.sampler.greedy else torch.stack(probs))
 
     def _offers(
@@ -163,7 +166,8 @@ class ModelDrafter(Drafter):
         when greedy) and its draft probability [N, width]. Greedy offers the top tokens; sampling
         draws siblings one after another without replacement. A sibling drawn after its node ran
         out of mass (fewer tokens with mass than siblings asked for) gets probability 0."""
-        q = self.sampler.probs(logits)
+        q, finite = drawable(self.sampler.probs(logits))
+        self._finite.append(finite)
         if self.sampler.greedy:
             top = q.topk(min(width, q.shape[-1]), dim=-1)
             return top.indices, None, top.values

@@ -20,9 +20,10 @@ import torch
 
 from .cost_model import LookaheadController
 from .draft_stream import Draft, DraftSource, DraftStream
+from .faults import warn
 from .placement import NoSplit, ThreadSplit
 from .runner import ModelRunner
-from .sampling import TokenSampler, pad_vocab
+from .sampling import BrokenDraft, TokenSampler, pad_vocab
 from .stats import GenerationStats
 from .verify import (
     one_hot_probs,
@@ -91,6 +92,15 @@ class StopRule:
             self._streamed = len(final)
 
 
+def warn_broken_draft(error: BrokenDraft) -> None:
+    """Once per call: drafting stops, decoding goes on with plain target steps."""
+    warn(
+        f"saguaro: {error}; decoding without drafts for the rest of this call (the output stays "
+        "exact, only speed is lost). Check the draft model: its weights, or a dtype it overflows in",
+        stacklevel=5,
+    )
+
+
 def autoregressive(
     target: ModelRunner, prompt: list[int], sampler: TokenSampler, stop: StopRule, stats: GenerationStats
 ) -> list[int]:
@@ -145,6 +155,15 @@ def speculative(
     """
     threads = threads or NoSplit()
     threads.alone()
+    broken = False  # the draft's probabilities were not finite: no drafts for the rest of the call
+    no_draft = object()  # the ticket of a request the broken draft could not answer
+
+    def drafting_broke(error: BrokenDraft) -> Draft:
+        nonlocal broken
+        if not broken:
+            warn_broken_draft(error)
+        broken = True
+        return Draft.off()
 
     def replace(error: WorkerFailed) -> None:
         nonlocal drafts
@@ -160,17 +179,25 @@ def speculative(
         except WorkerFailed as error:
             replace(error)
             return None
+        except BrokenDraft as error:
+            drafting_broke(error)
+            return no_draft
 
     def collect(ticket, depth: int) -> Draft:
         """The draft of call `ticket`; after a failure, the fallback's draft for the committed sequence."""
-        if ticket is not None:
-            try:
-                draft = drafts.end(ticket)
-            except WorkerFailed as error:
-                replace(error)
-                ticket = None
-        if ticket is None:
-            draft = drafts.reset(prompt + generated, depth)
+        if ticket is no_draft:
+            return Draft.off()
+        try:
+            if ticket is not None:
+                try:
+                    draft = drafts.end(ticket)
+                except WorkerFailed as error:
+                    replace(error)
+                    ticket = None
+            if ticket is None:
+                draft = drafts.reset(prompt + generated, depth)
+        except BrokenDraft as error:
+            return drafting_broke(error)
         stats.drafter_busy_seconds += draft.busy_seconds
         return draft
 
@@ -232,7 +259,7 @@ def speculative(
         generated += [draft.tokens[node] for node in path] + [next_token]
         # The next round's depth is chosen now, so that a worker prepares drafts of that depth.
         depth = 0
-        if not stop.finished(generated):
+        if not stop.finished(generated) and not broken:
             limit = min(max_depth, stop.remaining(generated) - 1)
             depth = lookahead.choose(limit) if lookahead else limit
         if depth == 0:  # the end, or speculation loses here: a plain target step, the stream idles

@@ -36,7 +36,7 @@ from .draft_stream import Draft, DraftSource
 from .drafters import lookup_continuation
 from .prefix_cache import PrefixCache
 from .runner import ModelRunner
-from .sampling import SamplingConfig, TokenSampler
+from .sampling import BrokenDraft, SamplingConfig, TokenSampler, check_drafted, drawable
 from .ssd import ConfidenceCalibration, SpeculationCache, draft_confidence, predict_outcomes, saguaro_reshape
 from .tree import TokenTree
 
@@ -68,6 +68,8 @@ class PreSpeculator:
         self.accepted_total, self.rejected_total = 1, 1  # a weak prior: acceptance 0.5
         self.calibration = ConfidenceCalibration()
         self._confidence: list[float] = []  # q(d_i) of the draft under verification, once known
+        self._finite: list[torch.Tensor] = []  # whether each q since the last host read was finite
+        self._broken = False  # a q was not finite: resolve and catch_up raise BrokenDraft
         # Copied backups: [rounds, accepted drafts], with one optimistic pseudo-round.
         self.lookup_record = [1, 1.0]
         self.verify_seconds = self.model_step_seconds = 0.0
@@ -104,6 +106,7 @@ class PreSpeculator:
         self.runner.reset()
         self.committed = list(committed)
         self._cache = SpeculationCache()
+        self._broken, self._finite = False, []
         if not draft:
             self.runner.feed(self.committed)
             return self._hand_over(Draft.off(), start)
@@ -114,6 +117,7 @@ class PreSpeculator:
     ) -> Draft:
         """The target accepted `accepted` drafts, then emitted `next_token`: return the next draft,
         cut to the `depth` the target will verify (pre-speculation then plans for that depth)."""
+        self._check_not_broken()
         start = time.perf_counter()
         self._learn(accepted, verify_seconds)
         cache, self._cache = self._cache, SpeculationCache()
@@ -151,6 +155,7 @@ class PreSpeculator:
     def catch_up(self, committed: list[int], depth: int | None = None) -> Draft:
         """The target went on without drafts (speculation was off): continue from `committed`, which
         extends the sequence this drafter last saw, feeding only the tokens its cache lacks."""
+        self._check_not_broken()
         start = time.perf_counter()
         self.runner.rollback(min(self.runner.length, len(self.committed)))
         self.committed = list(committed)
@@ -191,7 +196,15 @@ class PreSpeculator:
 
     # -- drafting ---------------------------------------------------------------------------
     def _shaped(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.sampler.probs(logits[..., : self.vocab_size])
+        # Non-finite rows drawn from as uniform (drawing and calibration cannot fail), flagged for
+        # the next host read to report (check_drafted).
+        q, finite = drawable(self.sampler.probs(logits[..., : self.vocab_size]))
+        self._finite.append(finite)
+        return q
+
+    def _check_not_broken(self) -> None:
+        if self._broken:
+            raise BrokenDraft("the draft model's probabilities were not finite (NaN or inf) pre-speculating")
 
     def _draw(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens for rows of shaped q, and the (reshaped) rows they were drawn from."""
@@ -239,7 +252,7 @@ class PreSpeculator:
             self._position_probs.append(shaped)
             if i + 1 < steps:
                 logits = self.runner.forward(tokens[-1])[-1]
-        drafted = torch.cat(tokens).tolist()  # the one host read, included in the time below
+        drafted, self._finite = check_drafted(tokens, self._finite), []  # the one host read, timed
         if len(pending) <= 2:  # a backup's feed (t*); a prefill or catch-up says nothing of its steps
             self.model_step_seconds = (time.perf_counter() - start) / steps
         return Draft(drafted, None if self.sampler.greedy else torch.stack(probs), DraftSource.MODEL)
@@ -302,7 +315,15 @@ class PreSpeculator:
                 break
             shaped = self._shaped(self.runner.forward(feed, tree, cached_nodes=len(tree) - len(feed)))
             tokens, drawn_from = self._draw(shaped)
-            for i, token in enumerate(tokens.tolist()):
+            try:
+                step_tokens = check_drafted([tokens.reshape(-1)], self._finite)
+            except BrokenDraft:
+                # Reported at the outcome (resolve): the branches drafted from it are dropped.
+                self._broken, self._cache = True, SpeculationCache()
+                break
+            finally:
+                self._finite = []
+            for i, token in enumerate(step_tokens):
                 cache.tokens[i].append(token)
                 cache.position_probs[i].append(shaped[i])
                 if drawn_from is not None:
@@ -311,7 +332,7 @@ class PreSpeculator:
             if step + 1 < self.lookahead:  # b_K is fed after a hit, with the next pre-speculation
                 first_new = len(tree)
                 tree = tree.extend(range(first_new - len(feed), first_new))
-                feed = tokens.tolist()
+                feed = step_tokens
         else:
             self.prespeculation_finished = True
         self.prespeculation_seconds = time.perf_counter() - start

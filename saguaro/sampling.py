@@ -130,6 +130,32 @@ class TokenSampler:
         return TokenSampler(self.config, self.generator)
 
 
+class BrokenDraft(RuntimeError):
+    """The draft model's probabilities are not finite (NaN or inf): its weights or activations are
+    broken. The decoding loop then goes on without drafts; only speed is lost."""
+
+
+def drawable(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q with each non-finite row [..., V] replaced by a uniform one, a 0-d bool tensor: whether
+    every row was finite). Drawing from the result cannot fail, and the flag stays on the device
+    until the drafter's one host read of its tokens, so a GPU draft waits no more than before."""
+    finite = torch.isfinite(q).all(-1, keepdim=True)
+    return torch.where(finite, q, torch.full_like(q, 1.0 / q.shape[-1])), finite.all()
+
+
+def check_drafted(tokens: list[torch.Tensor], finite: list[torch.Tensor]) -> list[int]:
+    """The drafted `tokens` (1-d tensors, concatenated) read to the host in one read with their
+    `finite` flags (from `drawable`); raises BrokenDraft if a q was not finite."""
+    flags = [flag.reshape(1).to(torch.long) for flag in finite]
+    read = torch.cat([*tokens, *flags]).tolist() if tokens or flags else []
+    if not all(read[len(read) - len(flags) :]):
+        raise BrokenDraft(
+            "the draft model's probabilities are not finite (NaN or inf): its weights or activations "
+            "are broken (e.g. overflowing in float16)"
+        )
+    return read[: len(read) - len(flags)]
+
+
 def greedy_choice(scores: torch.Tensor) -> torch.Tensor:
     """Each row's argmax over [..., V], taken in float32 as HF's greedy search takes it (the same
     ids: bf16 converts exactly). It is also faster: torch's CPU argmax over bf16 takes 1.5 ms for a

@@ -43,7 +43,7 @@ import torch
 from .draft_stream import Draft, DraftStream
 from .placement import before_each_layer
 from .prespeculation import PreSpeculator
-from .sampling import SamplingConfig, TokenSampler
+from .sampling import BrokenDraft, SamplingConfig, TokenSampler
 
 PLACEMENTS = ("process", "thread", "rank", "inline")
 MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
@@ -147,6 +147,11 @@ def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working
                     speculator.prespeculate(request_waiting)
             except (EOFError, BrokenPipeError):
                 raise
+            except BrokenDraft as error:
+                # The draft model is broken, not the worker: say so and serve on (the caller drafts
+                # no more this call; a later call's reset tries again).
+                if not answered:
+                    conn.send((seq, WorkerError.capture(error)))
             except Exception as error:
                 failure = WorkerError.capture(error)
                 if not answered:
@@ -373,12 +378,14 @@ class DraftWorker(DraftStream):
                 reply_seq, payload = self._conn.recv()
                 if reply_seq != ticket:
                     continue  # the answer to a request whose caller stopped waiting (Ctrl-C)
+                if isinstance(payload, WorkerError) and payload.type_name == BrokenDraft.__name__:
+                    raise BrokenDraft(payload.message)  # the worker serves on
                 if isinstance(payload, WorkerError):
                     failed = self._fail(f"raised {payload}")
                     failed.remote_traceback = payload.traceback
                     raise failed
                 return payload
-        except WorkerFailed:
+        except (WorkerFailed, BrokenDraft):
             raise
         except Exception as error:  # EOF, a broken pipe, a garbled message: the worker is unusable
             raise self._fail(f"is gone ({error!r})") from error

@@ -224,3 +224,34 @@ def test_a_stopping_criterion_gets_the_scores_hf_gives_it(pair):
                 return_dict_in_generate=True,
             )
         assert set(scored.seen) == {"tuple"}  # HF served it, as HF does
+
+
+@pytest.mark.parametrize("method", ["speculative", "saguaro", "tree"])
+def test_a_draft_with_nan_probabilities_costs_speed_not_the_answer(pair, method):
+    # Sampling drew from the draft's NaN q: "probability tensor contains either inf, nan or element < 0".
+    target, _ = pair
+    broken = perturbed_copy(target, 0.02)
+    with torch.no_grad():
+        broken.lm_head.weight[:] = float("nan")
+    expected = target.generate(PROMPT, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with saguaro.SpeculativeGenerator(
+        target, broken, method=method, speculation_schedule="constant", draft_quantization=None
+    ) as generator:
+        for _ in range(2):  # the Saguaro worker survives the first call and serves the second
+            with pytest.warns(saguaro.SaguaroWarning, match="probabilities are not finite") as caught:
+                sampled = generator.generate(
+                    PROMPT, max_new_tokens=12, do_sample=True, eos_token_id=[], return_dict_in_generate=True
+                )
+            assert len([w for w in caught if "not finite" in str(w.message)]) == 1  # once per call
+            assert sampled.sequences.shape == (1, PROMPT.shape[1] + 12)
+            assert sampled.stats.drafted == 0 and sampled.stats.worker_failures == 0
+        with pytest.warns(saguaro.SaguaroWarning, match="probabilities are not finite"):
+            greedy = generator.generate(PROMPT, max_new_tokens=12, eos_token_id=[])
+            # A batch too: plain batched steps once the draft is found broken.
+            batch = generator.generate(
+                torch.cat([PROMPT, PROMPT]), max_new_tokens=12, do_sample=True, eos_token_id=[]
+            )
+        assert greedy.tolist() == expected.tolist()
+        assert batch.shape == (2, PROMPT.shape[1] + 12)
+        if method == "saguaro":
+            assert generator._worker.concurrent and generator._worker.failures == 0
