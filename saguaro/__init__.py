@@ -7,6 +7,7 @@ from .kernels import TREE_BACKENDS
 from .kernels.hf_attention import TREE_ATTENTION, register_hf_attention
 from .stats import GenerationStats
 from .tree import DynamicTree
+from .weights import weights_changed
 
 # Makes attn_implementation="saguaro_tree" (and "saguaro_tree_triton" / "_cuda" / "_sdpa", one
 # backend each) available to from_pretrained once saguaro is imported.
@@ -25,5 +26,6 @@ __all__ = [
     "GenerateOutput",
     "GenerationStats",
     "METHODS",
+    "weights_changed",
 ]
 __version__ = "0.1.0"

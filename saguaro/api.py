@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
-from . import auto, distributed
+from . import auto, distributed, weights
 from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
 from .batched_runner import BatchedRunner
 from .compiled_runner import CHAIN_FEED, GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
@@ -23,7 +23,7 @@ from .draft_stream import DraftStream
 from .drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
 from .engines import StopRule, autoregressive, speculative
 from .faults import logger, warn
-from .packed_linear import packed_view
+from .packed_linear import runnable_target
 from .placement import NoSplit, ThreadSplit
 from .prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
 from .runner import ModelRunner
@@ -244,9 +244,12 @@ class SpeculativeGenerator:
     `PrefixCache` of at most prefix_cache_bytes bytes, so a prompt that starts like an earlier
     sequence (the next turn of a chat, another request behind the same system prompt) prefills only
     the rest; `.stats.reused_prompt_tokens` counts the target's. The output is unchanged. A copy
-    starts with empty caches. Stored KV belongs to the weights that computed it: a cache empties
-    itself when its model's weights change through torch ops (`prefix_cache.weights_version`);
-    after writing them through `param.data`, build a new generator.
+    starts with empty caches. Stored KV belongs to the weights that computed it: each call first
+    checks both models' weights (`weights.observe`: identity, storage, version counters and
+    sampled values, so writes through `param.data` and `load_state_dict(assign=True)` are seen
+    too), and what was built from weights that moved is rebuilt: prefix caches, the packed target,
+    the compressed draft, the worker. After a write of a few elements only, call
+    `saguaro.weights_changed(model)`.
     """
 
     def __init__(
@@ -346,7 +349,6 @@ class SpeculativeGenerator:
         # The target as the runners run it (packed_linear.py), built on the first call. Compiled
         # graphs pack weights their own way; a sharded target's other ranks run the plain model.
         self._pack_target = pack_target_weights and not compile and self._tp is None
-        self._running_target, self._running_target_layout = None, None
         # Each model's prefix cache (None: off) holds the KV of earlier calls' sequences; the Saguaro
         # worker keeps its own in its process.
         self._prefix_cache_bytes = prefix_cache_bytes if prefix_cache else None
@@ -373,6 +375,8 @@ class SpeculativeGenerator:
         self._draft = None
         self.draft_configuration: DraftConfiguration | None = None
         self._worker: DraftWorker | None = None
+        self._worker_draft = None  # (the draft it runs, the weight epoch it forked at)
+        self._decode_start: float | None = None  # this call's, for .stats.setup_seconds
         self._finalizer = None
         self._lock = threading.Lock()
         self._warned_worker_failure = False
@@ -466,33 +470,42 @@ class SpeculativeGenerator:
 
     def _runnable_target(self):
         """The target the runners run: on CPU in bf16, a view with prepacked linears (the same
-        products, faster: packed_linear.py), else the model itself."""
-        # Built again after the model moved or changed dtype (packed bf16 CPU weights serve neither).
-        layout = (self.target.device, self.target.dtype)
-        if self._running_target is None or self._running_target_layout != layout:
-            self._running_target = packed_view(self.target) if self._pack_target else self.target
-            self._running_target_layout = layout
-        return self._running_target
+        products, faster: packed_linear.py), else the model itself. One per model and weight epoch,
+        shared with every other generator of the model."""
+        return runnable_target(self.target, self._pack_target, self._memory_reserve())
+
+    def _memory_reserve(self) -> int:
+        """Bytes the packed target must leave free for what else this generator holds: a
+        compressed draft (at most the draft's size) and full prefix caches (target, draft, worker)."""
+        draft = 0 if self.draft_model is None else sum(p.nbytes for p in self.draft_model.parameters())
+        return draft + 3 * (self._prefix_cache_bytes or 0)
 
     def _prepared_draft(self, sample: list[int]):
-        if self._draft is None:
-            # Measured as it will run: a CPU Saguaro worker drafts on its own threads while the
-            # target verifies on the rest.
-            split = self.threads.drafter > 0
-            self._draft, self.draft_configuration = prepare_draft(
-                self.draft_model,
-                self._runnable_target(),
-                *self._draft_options,
-                sample,
-                self.threads.drafter if split else None,
-                self.num_speculative_tokens,
-                self.threads.target if split else None,
-            )
+        """The draft the drafters run, shared with every generator of the same pair and options
+        (draft_compression.prepare_draft): measured once, rebuilt when the draft's weights move."""
+        # Measured as it will run: a CPU Saguaro worker drafts on its own threads while the
+        # target verifies on the rest.
+        split = self.threads.drafter > 0
+        self._draft, self.draft_configuration = prepare_draft(
+            self.draft_model,
+            self._runnable_target(),
+            *self._draft_options,
+            sample,
+            self.threads.drafter if split else None,
+            self.num_speculative_tokens,
+            self.threads.target if split else None,
+        )
         return self._draft
 
     def _draft_worker(self) -> DraftWorker:
         """The worker, started on the first call; a failed one is restarted here (with backoff)."""
+        if self._worker is not None and self._worker_draft != (self._draft, weights.epoch(self.draft_model)):
+            # The draft's weights moved (the worker computes with a copy of the old ones) or its
+            # prepared variant was rebuilt: a new worker, with empty caches, on the new draft.
+            logger.info("saguaro: the draft's weights changed; restarting the drafter worker")
+            self.close()
         if self._worker is None:
+            self._worker_draft = (self._draft, weights.epoch(self.draft_model))
             self._worker = DraftWorker(
                 self._draft,
                 self.placement,
@@ -511,7 +524,7 @@ class SpeculativeGenerator:
         # It starts with empty prefix caches: copying stored KV would cost memory for no exactness.
         state = dict(vars(self))
         state.update(_worker=None, _finalizer=None, _lock=None, _warned_worker_failure=False)
-        state.update(_target_prefixes=None, _draft_prefixes=None, _static_runners={}, _running_target=None)
+        state.update(_target_prefixes=None, _draft_prefixes=None, _static_runners={}, _worker_draft=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -605,6 +618,11 @@ class SpeculativeGenerator:
                 stacklevel=3,
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        # Whatever was built from the weights (packed target, compressed draft, prefix caches, the
+        # worker's copy) is rebuilt below if they moved since the last call, by any route (weights.py).
+        call_start, self._decode_start = time.perf_counter(), None
+        weights.observe(self.target)
+        weights.observe(self.draft_model)
         if self.auto:
             self._choose_method(prompts[0], greedy=not sampling.do_sample)
         eos = _eos_ids(eos_token_id, self.target)
@@ -649,6 +667,7 @@ class SpeculativeGenerator:
         if not return_dict_in_generate:
             return sequences
         rows = [stats for _, stats in results]
+        rows[0].setup_seconds = (self._decode_start or time.perf_counter()) - call_start
         merged = rows[0] if len(rows) == 1 else GenerationStats.merge(rows, concurrent=batched)
         return GenerateOutput(sequences, merged, rows)
 
@@ -675,8 +694,10 @@ class SpeculativeGenerator:
             )
         elif method == "prompt_lookup":
             drafter = PerRowDrafters(PromptLookupDrafter)
+        target = self._runnable_target()
+        self._decode_start = time.perf_counter()
         new = batched_speculative(
-            BatchedRunner(self._runnable_target(), self._target_prefixes),
+            BatchedRunner(target, self._target_prefixes),
             drafter,
             prompts,
             samplers,
@@ -734,6 +755,7 @@ class SpeculativeGenerator:
             self._prepared_draft(prompt)
             stats.draft_configuration = asdict(self.draft_configuration)
         start = time.perf_counter()
+        self._decode_start = self._decode_start or start
         if self.method == "autoregressive":
             new = autoregressive(runner, prompt, sampler, stop, stats)
         else:

@@ -7,7 +7,8 @@ second device) without slowing the target much. So nothing is assumed: on first 
 and the drafter are timed briefly (a few forwards each, at the thread counts each method would
 use), and `cost_model.project_tokens_per_second` turns those step costs and the acceptance seen so
 far into a predicted speed per method. Timings are kept per (target, draft, threads) for the life
-of the process, so one-shot `saguaro.generate` calls measure once. With compile=True each model
+of the process, so one-shot `saguaro.generate` calls measure once, and on disk (disk_cache.py), so
+a later process on the same machine measures nothing. With compile=True each model
 is timed through the steps it will run (compiled graphs for the target and the chain drafter).
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cost_model
+from . import cost_model, disk_cache, weights
 from .placement import ThreadSplit
 from .step_costs import forward_costs, greedy_token_cost
 from .tree import static_tree
@@ -95,25 +96,59 @@ def calibrate(
     eagerly, every method looked as slow as eager Python makes it, and on issue 12's small llama
     auto chose saguaro (eager drafting) at 719 tokens/s where compiled autoregressive ran 3395."""
     key = (id(draft), split.total, split.drafter, lookahead, compiled)
-    per_target = _calibrations.setdefault(target, {})
+    per_target = _calibrations.setdefault(weights.source_of(target), {})
     if key not in per_target:
-        chain = [1, lookahead + 1]
-        beside = split.target if split.drafter else split.total
-        branches = 3 * (lookahead + 1)  # the paper's default budget
-        per_target[key] = Calibration(
-            target_alone=_timed(target, chain, split.total, compiled),
-            target_beside=_timed(target, chain, beside, compiled),
-            draft_alone=_timed(draft, [1, 2, 4], split.total),
-            draft_beside=_timed(draft, [1, 2, branches], max(1, split.drafter)),
-            draft_chain=_timed(draft, [1, 2], split.total, compiled) if compiled else None,
-            greedy_token=_timed_greedy(target, split.total) if compiled else None,
+        entry = _disk_entry(target, draft, key)
+        per_target[key] = _stored_calibration(entry) or _measured_calibration(
+            target, draft, lookahead, split, compiled, entry
         )
-        logger.info("saguaro auto: step costs measured %s", per_target[key])
     calibration = per_target[key]
     if tree_nodes and tree_nodes + 1 not in calibration.target_alone.points:
         tree = _timed(target, [tree_nodes + 1], split.total, compiled)
         calibration.target_alone.points.update(tree.points)
+        disk_cache.store("calibration", _disk_entry(target, draft, key), _stored_form(calibration))
     return calibration
+
+
+def _disk_entry(target, draft, key: tuple) -> str:
+    models = [f(m) for m in (target, draft) for f in (disk_cache.model_key, disk_cache.variant)]
+    return disk_cache.key("calibration", *models, *key[1:])
+
+
+def _measured_calibration(target, draft, lookahead, split, compiled, entry) -> Calibration:
+    chain = [1, lookahead + 1]
+    beside = split.target if split.drafter else split.total
+    branches = 3 * (lookahead + 1)  # the paper's default budget
+    calibration = Calibration(
+        target_alone=_timed(target, chain, split.total, compiled),
+        target_beside=_timed(target, chain, beside, compiled),
+        draft_alone=_timed(draft, [1, 2, 4], split.total),
+        draft_beside=_timed(draft, [1, 2, branches], max(1, split.drafter)),
+        draft_chain=_timed(draft, [1, 2], split.total, compiled) if compiled else None,
+        greedy_token=_timed_greedy(target, split.total) if compiled else None,
+    )
+    logger.info("saguaro auto: step costs measured %s", calibration)
+    disk_cache.store("calibration", entry, _stored_form(calibration))
+    return calibration
+
+
+def _stored_form(calibration: Calibration) -> dict:
+    return {
+        name: value.points if isinstance(value, cost_model.CostCurve) else value
+        for name, value in vars(calibration).items()
+    }
+
+
+def _stored_calibration(entry: str) -> Calibration | None:
+    stored = disk_cache.load("calibration", entry)
+    if stored is None:
+        return None
+    curves = {
+        name: cost_model.CostCurve({int(tokens): seconds for tokens, seconds in value.items()})
+        for name, value in stored.items()
+        if isinstance(value, dict)
+    }
+    return Calibration(**{**stored, **curves})
 
 
 def level_acceptance(acceptance: float, width: int) -> float:

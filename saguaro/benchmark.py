@@ -33,6 +33,7 @@ from . import cost_model, demo_models, distributed, launch, report, step_costs
 from .api import DEFAULT_DEPTH
 from .faults import logger
 from .kernels import TreeBackendUnavailable, choose_tree_backend
+from .memory_sampler import MemorySampler
 from .placement import ThreadSplit
 from .prefix_benchmark import shared_prefix_benchmark
 from .stats import add_counts
@@ -275,6 +276,8 @@ def benchmark(args) -> dict:
 
     import saguaro
 
+    # From before the models load: peaks are reported over this baseline, workers included.
+    memory = MemorySampler()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
@@ -314,8 +317,11 @@ def benchmark(args) -> dict:
     warm = encode(tokenizer, prompts[0]["prompt"])
     if not args.full:
         warm = warm[:, :QUICK_WARMUP_TOKENS]
+    warm_up_peaks = {}
     for method in methods:  # first calls pay for lazy initialisation; keep that out of the numbers
+        memory.mark()
         run_method(method, generators, warm, torch.ones_like(warm), 8, args.threads, args.temperature)
+        warm_up_peaks[method] = memory.window_peak()
 
     prompt_lengths = [encode(tokenizer, p["prompt"]).shape[1] for p in prompts]
     if args.full:
@@ -339,6 +345,7 @@ def benchmark(args) -> dict:
         for method in methods_at(methods, size):
             key = batch_key(method, size)
             torch.manual_seed(1000 * batch[0] + rep)
+            memory.mark()
             tokens, seconds, stats, trace = run_method(
                 method, generators, ids, mask, args.max_new_tokens, args.threads, args.temperature
             )
@@ -358,6 +365,9 @@ def benchmark(args) -> dict:
                 "tokens_per_second": produced / seconds,
                 "matches_hf_greedy": None if reference is None or not greedy else tokens == reference,
                 "trace": trace,
+                # Over the machine's used memory before the models were loaded; the first runs
+                # also carry their warm-up's peak (where the setup built what the method runs).
+                "peak_memory_bytes": _max(memory.window_peak(), warm_up_peaks.pop(method, None)),
                 **{k: stats[k] for k in STAT_KEYS if k in stats},
             }
             rows[key].append(row)
@@ -398,15 +408,28 @@ def benchmark(args) -> dict:
         print("shared-prefix scenarios (time to first token, warm vs cold generator) ...", flush=True)
         torch.set_num_threads(args.threads)
         measured["shared_prefix"] = shared_prefix_benchmark(target, draft, tokenizer, args.repeats_prefix)
+    peak = memory.stop()
+    weights_bytes = sum(p.nbytes for m in (target, draft) for p in m.parameters())
     # The keys in the order of earlier results files (docs/results), so runs diff cleanly.
     return {
-        "setup": setup_description(args, target_bytes, bandwidth),
+        "setup": {
+            **setup_description(args, target_bytes, bandwidth),
+            "weights_gib": round(weights_bytes / 2**30, 2),
+            "peak_memory_over_baseline": None
+            if peak is None
+            else f"{peak / 2**30:.2f} GiB ({peak / weights_bytes:.2f}x the weights)",
+        },
         "summary": summarize(rows, target_bytes, bandwidth),
         **measured,
         "observed_verify_seconds": observed_verify_seconds(rows),
         **({"projection": projection(rows, curves, args)} if args.full else {}),
         "runs": rows,
     }
+
+
+def _max(*values):
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
@@ -430,6 +453,9 @@ def summarize(rows: dict[str, list[dict]], target_bytes: int, bandwidth: float) 
             "runs": len(runs),
             "bandwidth_fraction": target_bytes * median / bandwidth,
         }
+        peaks = [r["peak_memory_bytes"] for r in runs if r.get("peak_memory_bytes") is not None]
+        if peaks:
+            entry["peak_memory_gib"] = max(peaks) / 2**30
         if "predicted_tokens_per_second" in runs[0]:
             predicted = statistics.median(r["predicted_tokens_per_second"] for r in runs)
             entry["predicted_tokens_per_second"] = predicted

@@ -33,6 +33,7 @@ expected tokens/s of a round. `prepare_draft` is what `SpeculativeGenerator` cal
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import logging
 import math
@@ -40,17 +41,19 @@ import statistics
 import time
 import warnings
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
+from . import disk_cache, weights
 from .auto import PRIOR_HIT_RATE
 from .cost_model import expected_tokens
 from .runner import ModelRunner
 
 QUANTIZATIONS = ("int8", "int4")
 INT4_GROUP_SIZE = 128
+QUANTIZE_ROWS = 2048
 # torch's CPU int4 packing takes output features in multiples of 16.
 INT4_CPU_ROW_MULTIPLE = 16
 AUTO_VOCAB_SIZE = 32768
@@ -58,8 +61,15 @@ AUTO_VOCAB_SIZE = 32768
 # weights fit in a CPU's last-level cache streams nothing to save, so auto does not try it there.
 AUTO_MIN_WEIGHT_BYTES = 64 * 2**20
 AUTO_MIN_GAIN = 0.10
-AUTO_STEPS = 8
+AUTO_STEPS = 4
 AUTO_CONTEXT = 64
+# Variants built and measured while choosing, best estimate first (each costs a quantization).
+MAX_BUILDS = 2
+# Body linears timed to estimate a variant's step: several times a CPU's last-level cache.
+COST_SLICE_BYTES = 256 * 2**20
+# Top-1 agreement with the plain draft assumed for a quantization until its variant is measured:
+# per-channel int8 is all but lossless; int4 groups of 128 keep most top-1 choices.
+PRIOR_AGREEMENT = {None: 1.0, "int8": 0.99, "int4": 0.95}
 
 logger = logging.getLogger("saguaro")
 
@@ -88,6 +98,9 @@ class DraftConfiguration:
     setup_seconds: float = 0.0  # building (and under auto, measuring) the variants
     reused: bool = False  # prepared for an earlier generator of the same draft, target and options
     threads: int | None = None  # the drafter's torch threads it was measured with (None: the caller's)
+    # Quantized variants: rows from which the float weights multiply (measure_dense_crossover).
+    dense_from_rows: float | None = None
+    from_disk: bool = False  # the choice was read from the on-disk measurement cache
 
     @property
     def label(self) -> str:
@@ -106,6 +119,24 @@ def _warn(message: str) -> None:
 # --- quantized linears -----------------------------------------------------------------------
 
 
+def _by_rows(quantize):
+    """Quantize QUANTIZE_ROWS output rows at a time: each row's codes depend on that row alone, and
+    float32 temporaries of a few MB stay in cache where a whole LM head's (~0.5 GB) would not
+    (twice as fast on the demo draft's head)."""
+
+    @functools.wraps(quantize)
+    def by_rows(weight: torch.Tensor, *args):
+        if weight.shape[0] <= QUANTIZE_ROWS:
+            return quantize(weight, *args)
+        parts = [
+            quantize(weight[i : i + QUANTIZE_ROWS], *args) for i in range(0, weight.shape[0], QUANTIZE_ROWS)
+        ]
+        return tuple(torch.cat(part) for part in zip(*parts))
+
+    return by_rows
+
+
+@_by_rows
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: [out, in] -> (codes int8 in [-127, 127], scales [out]),
     w ≈ codes * scales[:, None]. Scales are in the weight's dtype, the one the kernel multiplies in."""
@@ -117,6 +148,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scales.to(dtype)
 
 
+@_by_rows
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of `group_size` inputs, in the convention of torch's int4 kernels:
     [out, in] -> (codes int32 in [0, 15] [out, in], scales and zeros [out, in / group_size]),
@@ -250,12 +282,20 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 # --- quantization ------------------------------------------------------------------------------
 
 
-def _cpu_quantized(linear: nn.Linear, mode: str, group_size: int, memo: dict) -> _WeightOnlyLinear:
+# Quantized layers by source weight, weight epoch, mode and group size, for as long as a draft
+# variant holds them: the drafts prepared for other thread counts (a Saguaro worker's, a plain
+# drafter's) share one quantized body instead of quantizing it again.
+_QUANTIZED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _cpu_quantized(linear: nn.Linear, mode: str, group_size: int, memo, epoch: int) -> _WeightOnlyLinear:
     # Quantized modules hold no state but their buffers: one per source weight serves every copy.
-    key = (id(linear.weight), mode, group_size)
-    if key not in memo:
-        memo[key] = _build_cpu_quantized(linear, mode, group_size)
-    return memo[key]
+    key = (id(linear.weight), linear.weight.data_ptr(), epoch, mode, group_size)
+    module = memo.get(key)
+    if module is None:
+        module = _build_cpu_quantized(linear, mode, group_size)
+        memo[key] = module
+    return module
 
 
 def _build_cpu_quantized(linear: nn.Linear, mode: str, group_size: int) -> _WeightOnlyLinear:
@@ -287,12 +327,12 @@ def _fastest_of(call, repeats: int) -> float:
     return min(times)
 
 
-def measure_dense_crossover(
-    linears: list[_WeightOnlyLinear], rows=(2, 4, 8, 16, 32, 64, 128), repeats: int = 3
-) -> float:
+def measure_dense_crossover(linears: list[_WeightOnlyLinear], rows=(4, 16, 64), repeats: int = 2) -> float:
     """The fewest rows from which the float weights multiply at least as fast as the quantized
     kernels, at every larger size measured too (one noisy size does not decide); inf if the kernels
-    win at the largest size. Timed over all of `linears` in turn, as a forward runs them: the float
+    win at the largest size. The sizes are the ones that decide: a draft step (1-4 rows), a
+    pre-speculation step over its branches (~16), a prefill chunk (64 and more, where float weights
+    win on every CPU measured). Timed over all of `linears` in turn, as a forward runs them: the float
     weights then stream from memory as they do in a model, where one layer timed alone stays in the
     CPU's cache and makes them look faster than they are (measured: a crossover of 8 rows where the
     draft's forward at 8 rows ran twice as long through the float weights as through the kernels)."""
@@ -310,6 +350,29 @@ def measure_dense_crossover(
     return crossover
 
 
+def _streaming_slice(linears: list) -> list:
+    """The first of `linears` whose float weights add up to COST_SLICE_BYTES (all if fewer): timed in
+    turn, they stream from memory as a whole forward's do, at a fraction of its cost."""
+    sliced, size = [], 0
+    for linear in linears:
+        if size >= COST_SLICE_BYTES:
+            break
+        sliced.append(linear)
+        size += (linear.dense_weight if isinstance(linear, _WeightOnlyLinear) else linear.weight).nbytes
+    return sliced
+
+
+def _dense_crossover(linears: list[_WeightOnlyLinear], mode: str) -> float:
+    """measure_dense_crossover, kept on disk per layer shapes, mode and threads."""
+    shapes = tuple(sorted({(m.out_features, m.in_features) for m in linears}))
+    entry = disk_cache.key("crossover", shapes, len(linears), mode, torch.get_num_threads())
+    stored = disk_cache.load("crossover", entry)
+    if stored is None:
+        stored = measure_dense_crossover(linears)
+        disk_cache.store("crossover", entry, stored if math.isfinite(stored) else None)
+    return math.inf if stored is None else stored
+
+
 def _quantize_with_torchao(model: nn.Module, mode: str, group_size: int) -> None:
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -324,7 +387,11 @@ def _quantize_with_torchao(model: nn.Module, mode: str, group_size: int) -> None
 
 
 def quantize_draft(
-    model: nn.Module, mode: str, group_size: int = INT4_GROUP_SIZE, memo: dict | None = None
+    model: nn.Module,
+    mode: str,
+    group_size: int = INT4_GROUP_SIZE,
+    memo: dict | None = None,
+    dense_from_rows: float | None = None,
 ) -> nn.Module:
     """A new model whose nn.Linear layers (LM head included) hold weight-only int8 or int4 weights.
 
@@ -334,24 +401,30 @@ def quantize_draft(
     The caller's model is unchanged; a head tied to the input embedding is quantized in the copy
     while the embedding keeps its weights. On CUDA this needs torchao. `memo` (a dict kept by the
     caller while the weights live) reuses the quantized layers of an earlier call on the same weights.
+    `dense_from_rows`: where the float weights take over, if known (else measured, once per
+    draft shape, threads and machine: disk_cache.py).
     """
     if mode not in QUANTIZATIONS:
         raise ValueError(f"unknown draft quantization {mode!r}; use one of {', '.join(QUANTIZATIONS)}")
     clone = clone_module_tree(model)
-    memo = {} if memo is None else memo
+    memo = _QUANTIZED if memo is None else memo
     device = next(model.parameters()).device
     if device.type == "cpu":
         linears = [(name, m) for name, m in clone.named_modules() if isinstance(m, nn.Linear)]
+        epoch = weights.epoch(model)
         for name, linear in linears:
-            set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo))
+            set_submodule(clone, name, _cpu_quantized(linear, mode, group_size, memo, epoch))
         quantized = [m for m in clone.modules() if isinstance(m, _WeightOnlyLinear)]
         if quantized:
             # Timed on the layers other than the LM head, which a prefill runs for one row.
             head = clone.get_output_embeddings() if hasattr(clone, "get_output_embeddings") else None
             head = getattr(head, "linear", head)
-            crossover = measure_dense_crossover([m for m in quantized if m is not head] or quantized)
+            if dense_from_rows is None:
+                dense_from_rows = _dense_crossover(
+                    _streaming_slice([m for m in quantized if m is not head] or quantized), mode
+                )
             for module in quantized:
-                module.dense_from_rows = crossover
+                module.dense_from_rows = dense_from_rows
     elif device.type == "cuda":
         _quantize_with_torchao(clone, mode, group_size)
     else:
@@ -430,15 +503,29 @@ def restrict_draft_vocabulary(model: nn.Module, keep_ids) -> nn.Module:
 
 
 def compress_draft(
-    model: nn.Module, quantization: str | None = None, vocab_size: int | None = None, memo: dict | None = None
+    model: nn.Module,
+    quantization: str | None = None,
+    vocab_size: int | None = None,
+    memo: dict | None = None,
+    dense_from_rows: float | None = None,
 ) -> nn.Module:
     """The draft with a `default_draft_vocabulary` of `vocab_size` ids and then `quantization`
-    (`memo` as in quantize_draft); the model itself when both are None."""
+    (`memo` and `dense_from_rows` as in quantize_draft); the model itself when both are None.
+    A compressed draft shares the draft's weight epoch (weights.py)."""
+    source = model
     if vocab_size is not None:
         model = restrict_draft_vocabulary(model, default_draft_vocabulary(model, vocab_size))
+        weights.derived_from(model, source)
     if quantization is not None:
-        model = quantize_draft(model, quantization, memo=memo)
+        model = quantize_draft(model, quantization, memo=memo, dense_from_rows=dense_from_rows)
+    if model is not source:
+        weights.derived_from(model, source)
     return model
+
+
+def _crossover_of(model: nn.Module) -> float | None:
+    rows = [m.dense_from_rows for m in model.modules() if isinstance(m, _WeightOnlyLinear)]
+    return rows[0] if rows else None
 
 
 # --- choosing by measurement -------------------------------------------------------------------
@@ -499,23 +586,27 @@ def choose_draft_configuration(
     concurrent: bool = False,
     target_threads: int | None = None,
 ) -> tuple[nn.Module, DraftConfiguration]:
-    """Measure every (quantization, vocabulary size) variant and return the best with its record.
+    """Choose the best (quantization, vocabulary size) variant by measurement, building at most
+    MAX_BUILDS of them, and return it with its record.
 
     On the last AUTO_CONTEXT tokens of `sample_ids`: the target's cost of verifying `lookahead`
     drafts (with the calling thread count) and its top-1 agreement with the plain draft, the
-    plain draft's acceptance estimate a. Each variant then runs the sample and `steps` one-token
-    steps (the plain draft's greedy continuation, teacher-forced) with `threads` threads: its step
-    cost d and its top-1 agreement r with the plain draft, so its acceptance is about a * r. Its
-    score is the expected tokens per second of a round, expected_tokens(a * r) / (verify +
-    lookahead * d). A `concurrent` drafter (Saguaro's worker, the target on `target_threads`)
-    drafts while the target verifies, and its pre-speculation sizes its branches to fit the
-    verification (prespeculation.py): a slower step costs a few branches, and in full only the
-    serial backup after a miss, so its round lasts verify + (1 - h) * lookahead * d at the prior
-    hit rate h (auto.PRIOR_HIT_RATE), and agreement weighs more than step cost. (Timing a batched
-    pre-speculation step and charging max(verify, d + lookahead * d_B) let one noisy forward pick
-    a smaller vocabulary, at a lower hit rate, for Saguaro.) The first variant is the baseline;
-    another wins only when it scores more than `min_gain` better. A variant that cannot be built
-    on this platform is skipped with a warning (the baseline is not: its error is raised).
+    plain draft's acceptance estimate a; the plain draft's step cost and its teacher-forced top-1
+    predictions over the sample and `steps` one-token steps, with `threads` threads. Each variant's
+    step cost d and agreement r with the plain draft are then estimated without building it
+    (`_estimated_variants`: its linears timed on a slice of the model, the kept vocabulary's share
+    of the plain draft's predictions, a prior for quantization), so its acceptance is about a * r
+    and its score the expected tokens per second of a round, expected_tokens(a * r) / (verify +
+    lookahead * d). Quantizing a whole draft takes seconds, so only the best-scoring variants are
+    built, best first, and measured as they will run (the same steps, teacher-forced on the plain
+    draft's continuation); the first whose measured score beats the baseline (the first variant)
+    by more than `min_gain` wins, else the baseline does. A `concurrent` drafter (Saguaro's worker,
+    the target on `target_threads`) drafts while the target verifies, and its pre-speculation
+    sizes its branches to fit the verification (prespeculation.py): a slower step costs a few
+    branches, and in full only the serial backup after a miss, so its round lasts verify +
+    (1 - h) * lookahead * d at the prior hit rate h (auto.PRIOR_HIT_RATE), and agreement weighs
+    more than step cost. A variant that cannot be built on this platform is skipped with a warning
+    (the baseline is not: its error is raised).
     """
     sample = [int(t) for t in sample_ids][-AUTO_CONTEXT:]
     if not sample:
@@ -531,37 +622,129 @@ def choose_draft_configuration(
         matches = sum(a == b for a, b in zip(reference, target_predictions))
         record.target_agreement = (matches + 1) / (len(sample) + 2)
         torch.set_num_threads(threads or previous_threads)
-        baseline = best = None  # (variant, model, score); other variants are dropped once measured
-        for quantization in quantizations:
-            memo: dict = {}  # quantized linears by weight: the vocabulary variants share one body
-            for variant in [(quantization, v) for v in vocab_sizes]:
-                try:
-                    model = compress_draft(draft, *variant, memo=memo)
-                except DraftCompressionUnavailable as error:
-                    if baseline is None:
-                        raise
-                    _warn(f"draft variant {variant_label(*variant)} skipped: {error}")
-                    continue
-                if model is draft:
-                    seconds, agreement = plain_seconds, 1.0
-                else:
-                    predictions, _, seconds = _measure(model, sample, steps, continuation)
-                    agreement = sum(a == b for a, b in zip(predictions, reference)) / len(reference)
-                record.step_seconds[variant_label(*variant)] = seconds
-                record.agreement[variant_label(*variant)] = agreement
-                score = variant_score(
-                    record.target_agreement * agreement, seconds, record.verify_seconds, lookahead, concurrent
-                )
-                if baseline is None:
-                    baseline = best = (variant, model, score)
-                elif score > best[2]:
-                    best = (variant, model, score)
-        choice, model, score = best if best[2] > (1 + min_gain) * baseline[2] else baseline
-        record.estimated_gain = score / baseline[2]
+        variants = [(q, v) for q in quantizations for v in vocab_sizes]
+        held: list = []  # quantized slices, until the chosen variant is built on them
+        estimates = _estimated_variants(draft, variants, reference, plain_seconds, held)
+
+        def score(variant) -> float:
+            seconds, agreement = estimates[variant]
+            acceptance = record.target_agreement * agreement
+            return variant_score(acceptance, seconds, record.verify_seconds, lookahead, concurrent)
+
+        baseline, *others = variants
+        bar = (1 + min_gain) * score(baseline)
+        choice, model = baseline, None
+        for variant in sorted(others, key=score, reverse=True)[:MAX_BUILDS]:
+            if score(variant) <= bar:
+                break
+            try:
+                candidate = compress_draft(draft, *variant)
+            except DraftCompressionUnavailable as error:
+                _warn(f"draft variant {variant_label(*variant)} skipped: {error}")
+                continue
+            predictions, _, seconds = _measure(candidate, sample, steps, continuation)
+            estimates[variant] = seconds, sum(a == b for a, b in zip(predictions, reference)) / len(reference)
+            if score(variant) > bar:
+                choice, model = variant, candidate
+                break
+            del candidate  # measured and not chosen: freed before the next one is built
+        if model is None:
+            model = compress_draft(draft, *baseline)
+        for variant, (seconds, agreement) in estimates.items():
+            record.step_seconds[variant_label(*variant)] = seconds
+            record.agreement[variant_label(*variant)] = agreement
+        record.estimated_gain = score(choice) / score(baseline)
     finally:
         torch.set_num_threads(previous_threads)
     record.quantization, record.vocab_size = choice
     return model, record
+
+
+def _estimated_variants(
+    draft: nn.Module, variants: list[tuple], reference: list[int], plain_seconds: float, held: list
+) -> dict[tuple, tuple[float, float]]:
+    """(step seconds, agreement with the plain draft) per variant, estimated without building it.
+
+    Step: the plain step with its linears' cost replaced by the variant's. On CPU those are timed
+    at one row: a slice of the body's linears (COST_SLICE_BYTES of them, several times a CPU's
+    last-level cache, so they stream from memory as in a forward; scaled to the whole body), and
+    the LM head at the kept vocabulary's rows (a quantized head timed on at most AUTO_VOCAB_SIZE
+    rows and scaled). Elsewhere (torchao on CUDA) a step is taken to scale with its weight bytes.
+    Agreement: the share of the plain draft's predictions the kept vocabulary holds, times
+    PRIOR_AGREEMENT for the quantization (measured for real once a variant is built).
+    """
+    head = draft.get_output_embeddings() if hasattr(draft, "get_output_embeddings") else None
+    head = head if isinstance(head, nn.Linear) else None
+    body = [m for m in draft.modules() if isinstance(m, nn.Linear) and m is not head]
+    kept_rows = {v: head.out_features if v is None or head is None else v for _, v in variants}
+    on_cpu = next(draft.parameters()).device.type == "cpu"
+    if on_cpu:
+        costs = _timed_linears(body, head, variants, kept_rows, weights.epoch(draft), held)
+    else:
+        costs = _linear_bytes(body, head, variants)
+    plain = costs[(None, None)]
+    estimates = {}
+    for quantization, vocab in variants:
+        kept = set(default_draft_vocabulary(draft, vocab).tolist()) if vocab is not None else None
+        covered = sum(kept is None or token in kept for token in reference) / len(reference)
+        if on_cpu:  # linear seconds swapped in, the rest of the step (attention, norms, Python) kept
+            seconds = max(plain_seconds - plain, 0.0) + costs[(quantization, vocab)]
+        else:
+            seconds = plain_seconds * costs[(quantization, vocab)] / plain
+        estimates[(quantization, vocab)] = seconds, PRIOR_AGREEMENT[quantization] * covered
+    return estimates
+
+
+def _linear_bytes(body: list[nn.Linear], head: nn.Linear | None, variants) -> dict[tuple, float]:
+    """Bytes a one-token step streams through the linears, per variant (and the plain draft's)."""
+    per_weight = {None: 1.0, "int8": 0.5, "int4": 0.25}
+    body_bytes = sum(m.weight.nbytes for m in body)
+    costs = {}
+    for quantization, vocab in {(None, None), *variants}:
+        rows = head.out_features if head is None or vocab is None else vocab
+        head_bytes = 0 if head is None else head.weight.nbytes * rows / head.out_features
+        costs[(quantization, vocab)] = per_weight[quantization] * (body_bytes + head_bytes)
+    return costs
+
+
+def _timed_linears(
+    body: list[nn.Linear], head: nn.Linear | None, variants, kept_rows, epoch: int, held: list
+) -> dict[tuple, float]:
+    """Seconds of one row through the draft's linears, per variant (and the plain draft's), timed
+    on slices (see _estimated_variants): quantizing a slice takes a fraction of the whole. The
+    quantized slices go to `held`, so that building the chosen variant reuses them."""
+    sliced = _streaming_slice(body)
+    scale = sum(m.weight.nbytes for m in body) / max(sum(m.weight.nbytes for m in sliced), 1)
+    dtype = (head or body[0]).weight.dtype
+
+    def seconds(modules) -> float:
+        rows = {m.in_features: torch.randn(1, m.in_features, dtype=dtype) for m in modules}
+        return _fastest_of(lambda: [m(rows[m.in_features]) for m in modules], repeats=3)
+
+    def head_rows(rows: int) -> nn.Linear:
+        with torch.device("meta"):
+            part = nn.Linear(head.in_features, rows, bias=False)
+        part.weight = nn.Parameter(head.weight.detach()[:rows], requires_grad=False)
+        return part
+
+    body_cost, head_cost, costs = {}, {}, {}
+    for quantization, vocab in {(None, None), *variants}:
+        if quantization not in body_cost:
+            modules = [
+                _cpu_quantized(m, quantization, INT4_GROUP_SIZE, _QUANTIZED, epoch) if quantization else m
+                for m in sliced
+            ]
+            body_cost[quantization] = seconds(modules) * scale
+            held += modules
+        rows = kept_rows[vocab] if head is not None else 0
+        if head is not None and (quantization, rows) not in head_cost:
+            timed_rows = rows if quantization is None else min(rows, AUTO_VOCAB_SIZE)
+            part = head_rows(timed_rows)
+            if quantization:
+                part = _build_cpu_quantized(part, quantization, INT4_GROUP_SIZE)
+            head_cost[(quantization, rows)] = seconds([part]) * rows / timed_rows
+        costs[(quantization, vocab)] = body_cost[quantization] + head_cost.get((quantization, rows), 0.0)
+    return costs
 
 
 # --- what SpeculativeGenerator calls -----------------------------------------------------------
@@ -629,20 +812,39 @@ def prepare_draft(
     quantization None / int8 / int4 where the draft is large enough for weight traffic to matter,
     vocabulary full / AUTO_VOCAB_SIZE ids where the vocabulary is at least twice that. Under auto
     a quantization that fails falls back to the plain draft with a warning.
+
+    Prepared once per (draft, target, options) for as long as the draft lives, and shared by every
+    generator (saguaro.generate builds one per call); auto's choice is also kept on disk
+    (disk_cache.py), so another process builds the chosen variant without measuring. When the
+    draft's weights move (weights.observe), the same variant is built again from the new weights.
     """
-    key = (weakref.ref(target), quantization, vocab_size, threads, lookahead, target_threads)
+    options = (quantization, vocab_size, threads, lookahead, target_threads)
     prepared = _PREPARED.setdefault(draft, {})
+
+    def forget(dead_target, prepared=prepared):  # a variant measured for a target that is gone
+        for stale in [k for k in prepared if k[0] is dead_target]:
+            del prepared[stale]
+
+    key = (weakref.ref(weights.source_of(target), forget), *options)
+    epoch = weights.epoch(draft)
     if key in prepared:
-        model, record = prepared[key]
-        return model or draft, replace(record, reused=True)
-    start = time.perf_counter()
-    model, record = _prepare(
-        draft, target, quantization, vocab_size, sample_ids, threads, lookahead, target_threads
-    )
-    record.setup_seconds = time.perf_counter() - start
-    record.threads = threads
+        model, record, built_at = prepared[key]
+        if built_at == epoch:
+            return model or draft, replace(record, reused=True)
+        del prepared[key], model  # freed before its successor is built
+        start = time.perf_counter()
+        model = compress_draft(
+            draft, record.quantization, record.vocab_size, dense_from_rows=record.dense_from_rows
+        )
+        record = replace(record, setup_seconds=time.perf_counter() - start, reused=False)
+    else:
+        start = time.perf_counter()
+        model, record = _prepare(draft, target, *options, sample_ids)
+        record.setup_seconds = time.perf_counter() - start
+        record.threads = threads
+        record.dense_from_rows = _crossover_of(model)
     # None for the draft itself: a value holding its key would keep the entry alive forever.
-    prepared[key] = (None if model is draft else model, record)
+    prepared[key] = (None if model is draft else model, record, epoch)
     return model, record
 
 
@@ -652,7 +854,7 @@ def prepare_draft(
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, lookahead, target_threads):
+def _prepare(draft, target, quantization, vocab_size, threads, lookahead, target_threads, sample_ids):
     check_draft_options(quantization, vocab_size, draft)
     vocab = _text_config(draft).vocab_size
     note = ""
@@ -666,6 +868,25 @@ def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, looka
     if len(quantizations) * len(vocab_sizes) == 1:
         variant = quantizations[0], vocab_sizes[0]
         return compress_draft(draft, *variant), DraftConfiguration(*variant, chosen_by, note=note)
+    # Auto's choice for this pair, machine and threads, if an earlier process measured it.
+    entry = disk_cache.key(
+        "draft",
+        disk_cache.model_key(draft),
+        disk_cache.model_key(target),
+        quantizations,
+        vocab_sizes,
+        threads,
+        lookahead,
+        target_threads,
+    )
+    stored = disk_cache.load("draft", entry)
+    if stored is not None:
+        record = DraftConfiguration(**stored)
+        record.from_disk = True
+        crossover = math.inf if record.dense_from_rows is None else record.dense_from_rows
+        return compress_draft(
+            draft, record.quantization, record.vocab_size, dense_from_rows=crossover
+        ), record
     # Under auto the baseline variant is unquantized; quantized variants that fail are skipped there.
     model, record = choose_draft_configuration(
         draft,
@@ -679,4 +900,6 @@ def _prepare(draft, target, quantization, vocab_size, sample_ids, threads, looka
         target_threads=target_threads,
     )
     record.note = note
+    record.threads, record.dense_from_rows = threads, _crossover_of(model)
+    disk_cache.store("draft", entry, asdict(record))
     return model, record

@@ -12,9 +12,12 @@ differ), so `packed_view` compares packed and plain products of the model's own 
 on the machine, and keeps the plain model wherever they differ or packing is not faster.
 
 The packed weights are a copy (the model keeps its own for everything else), so the view is built
-only where that copy fits in the memory the machine has free. Each packed layer keeps its source
-weight and packs it again after an in-place change (its version counter moves), so the view never
-computes with stale weights. The view shares the model's hook dicts, so a hook registered on the
+only where that copy fits in the memory the machine has free after everything else saguaro will
+hold (`reserve_bytes`: the draft's compressed copy, the prefix caches' budgets, a working margin);
+where it does not, the model runs unpacked and the log says why. One view per model serves every
+generator (`runnable_target`), rebuilt when `weights.observe` finds the weights moved; between
+calls, each packed layer also packs again after an in-place change of its weight (its version
+counter moves). The view shares the model's hook dicts, so a hook registered on the
 model or one of its layers (even after the view was built) runs in saguaro's forwards too.
 """
 
@@ -22,19 +25,21 @@ from __future__ import annotations
 
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import disk_cache, weights
 from .draft_compression import clone_module_tree, set_submodule
 from .faults import logger
 
 # Rows a packed weight is laid out for: oneDNN picks its blocking by the expected batch; decoding
 # and verification feed a handful of tokens per row, a few rows at once.
 PACKING_ROWS = 16
-# The packed copy may take at most this share of the machine's free memory.
-MEMORY_HEADROOM = 0.5
+# Free memory kept beyond the packed copy and what the caller reserves: activations, logits.
+WORKING_MARGIN = 1 << 30
 # Token counts the check compares packed and plain products at (a step, a verification, a prefill).
 CHECK_ROWS = (1, 5, 67)
 
@@ -89,7 +94,7 @@ def _seconds_per_product(layer: nn.Module, x: torch.Tensor, repeats: int = 5) ->
     return statistics.median(times)
 
 
-def _why_not_packed(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> str | None:
+def _why_not_packed(model: nn.Module, linears: list[tuple[str, nn.Linear]], reserve_bytes: int) -> str | None:
     """Why packing does not serve this model, or None if it does."""
     if not packing_available():
         return "torch has no oneDNN linear packing here"
@@ -101,10 +106,11 @@ def _why_not_packed(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> s
         return "the model carries accelerate hooks (device_map=...), which run its own modules"
     needed = sum(linear.weight.nbytes for _, linear in linears)
     available = _available_memory_bytes()
-    if available is not None and needed > MEMORY_HEADROOM * available:
+    if available is not None and needed + reserve_bytes + WORKING_MARGIN > available:
         return (
-            f"the packed copy ({needed / 2**30:.1f} GiB) would take over half the free memory "
-            f"({available / 2**30:.1f} GiB)"
+            f"the packed copy ({needed / 2**30:.1f} GiB), with {reserve_bytes / 2**30:.1f} GiB kept for the "
+            f"draft and prefix caches and {WORKING_MARGIN / 2**30:.0f} GiB to work in, exceeds the free "
+            f"memory ({available / 2**30:.1f} GiB); pass pack_target_weights=False to silence this"
         )
     return None
 
@@ -124,21 +130,29 @@ def _matches_and_pays(linear: nn.Linear, packed: PackedLinear) -> str | None:
     return None
 
 
-def packed_view(model: nn.Module) -> nn.Module:
+def packed_view(model: nn.Module, reserve_bytes: int = 0) -> nn.Module:
     """A view of `model` whose bf16 nn.Linear layers run `PackedLinear`s (everything else, and every
-    parameter, shared), or `model` itself where packing does not serve (logged, with why)."""
+    parameter, shared), or `model` itself where packing does not serve (logged, with why).
+
+    Whether packed products equal and beat the plain ones is a property of the layer's shape, the
+    CPU and torch: decided once per machine (disk_cache.py), measured on the largest layer."""
     linears = [
         (name, module)
         for name, module in model.named_modules()
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16
     ]
     packed = {}  # by layer: one reached under two names is packed once, the checked one too
-    why = _why_not_packed(model, linears)
+    why = _why_not_packed(model, linears, reserve_bytes)
     if why is None:
         # The largest layer decides: where the copy does not pay, it does not for the small ones.
         largest = max((linear for _, linear in linears), key=lambda linear: linear.weight.numel())
-        packed[id(largest)] = PackedLinear(largest)
-        why = _matches_and_pays(largest, packed[id(largest)])
+        entry = disk_cache.key("packing", tuple(largest.weight.shape), torch.get_num_threads())
+        verdict = disk_cache.load("packing", entry)
+        if verdict is None:
+            packed[id(largest)] = PackedLinear(largest)
+            verdict = {"why": _matches_and_pays(largest, packed[id(largest)])}
+            disk_cache.store("packing", entry, verdict)
+        why = verdict["why"]
     if why is not None:
         logger.info("saguaro: the target's linears stay unpacked: %s", why)
         return model
@@ -147,4 +161,25 @@ def packed_view(model: nn.Module) -> nn.Module:
         if id(linear) not in packed:
             packed[id(linear)] = PackedLinear(linear)
         set_submodule(view, name, packed[id(linear)])
+    weights.derived_from(view, model)
+    return view
+
+
+# Per model: (weight epoch, device and dtype, the view or None for the model itself), shared by
+# every generator of the model; a value holding the model would keep its own key alive.
+_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runnable_target(model: nn.Module, pack: bool, reserve_bytes: int = 0) -> nn.Module:
+    """The target as saguaro runs it: its packed view where `pack` and packing serves, else itself.
+    Built once per model and weight epoch; the stale view is freed before a new one is built."""
+    if not pack:
+        return model
+    state = (weights.epoch(model), model.device, model.dtype)
+    entry = _VIEWS.get(model)
+    if entry is not None and entry[0] == state:
+        return entry[1] or model
+    _VIEWS.pop(model, None)
+    view = packed_view(model, reserve_bytes)
+    _VIEWS[model] = (state, None if view is model else view)
     return view

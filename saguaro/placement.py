@@ -3,8 +3,9 @@
 On a CPU the drafter worker and the target compete for the same cores. Oversubscribing them
 (both at all threads, as a forked worker inherits) makes both slow, so while the drafter works
 beside the target the target runs on the cores the drafter does not use; while the drafter idles
-(prefill, rounds with speculation off) the target takes every core again. The caller's own
-torch thread setting is restored when the call ends.
+(prefill, rounds with speculation off) the target takes every core again. "Every core" is the
+caller's budget: the threads it gave torch when the generator was built (a caller that keeps cores
+for other work gets no more than it set), and the caller's setting is restored when the call ends.
 
 Pre-speculation usually ends before the verification it overlaps (its branches are sized to fit,
 and it stops once the outcome arrives). From then on the drafter's core would idle, so a shared
@@ -50,7 +51,9 @@ class ThreadSplit:
 
     @classmethod
     def for_cpu(cls, cores: int | None = None) -> ThreadSplit:
-        cores = cores or available_cores()
+        """The split of `cores`, by default the caller's budget: the threads it gave torch
+        (`torch.set_num_threads`), never more than the cores this process may run on."""
+        cores = cores or min(torch.get_num_threads(), available_cores())
         return cls(cores, drafter_threads_for(cores) if cores > 1 else 0)
 
     @property

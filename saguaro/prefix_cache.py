@@ -11,9 +11,10 @@ Under a byte budget, the least recently used leaves are evicted first: a shared 
 the conversations hanging off it.
 
 Positions start at 0 in every stored sequence, so one cache serves one model only: each owner of
-a runner (the target's, the drafter's, the Saguaro worker's) keeps its own, and `weights_version`
-empties it when that model's weights change in place (a training step, load_state_dict) or are
-replaced (`.to(dtype)`). Not thread-safe: the generator that owns it serialises its calls.
+a runner (the target's, the drafter's, the Saguaro worker's) keeps its own, and
+`weights_version` empties it when that model's weights change, by any route `weights.observe`
+sees (in place, a new tensor or module, a write through `.data`). Not thread-safe: the
+generator that owns it serialises its calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from itertools import count
 
 import torch
 
+from . import weights
 from .faults import logger
 
 DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB per model: ~37k tokens of Qwen2.5-1.5B's bf16 KV
@@ -32,10 +34,10 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, 
 
 
 def weights_version(model) -> tuple:
-    """Changes whenever the weights may have: each parameter's storage and its version counter,
-    which every in-place torch op bumps. Writes through `param.data` bypass the counter and go
-    unseen, which is why the docs ask for a new generator after such writes."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """Changes whenever the weights may have: the weight epoch of the model (or of the user's model
+    it was derived from), which a generate call moves after any change it observes, and each
+    parameter's storage and version counter, which in-place torch ops bump between observations."""
+    return weights.epoch(model), tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 def check_max_bytes(max_bytes) -> None:

@@ -64,8 +64,8 @@ def markdown(results: dict) -> str:
             "## Speed (median over prompts x repeats; quartiles in brackets)",
             "",
             "| method | tok/s | vs HF greedy | vs HF assisted | accepted/round | hit rate | = HF greedy "
-            "| bandwidth used | cost model tok/s (error) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| bandwidth used | cost model tok/s (error) | peak memory |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for method, s in results["summary"].items():
             low, high = s["quartiles_tokens_per_second"]
@@ -76,7 +76,7 @@ def markdown(results: dict) -> str:
                 f"| {_cell(s.get('median_accepted_length'), '.2f')} "
                 f"| {_cell(s.get('median_hit_rate'), '.2f')} "
                 f"| {s.get('outputs_matching_hf_greedy', '-')} | {s['bandwidth_fraction']:.0%} "
-                f"| {_prediction(s)} |"
+                f"| {_prediction(s)} | {_cell(s.get('peak_memory_gib'), '.1f', ' GiB')} |"
             )
         if any(BATCH_MARK in method for method in results["summary"]):
             lines += [

@@ -33,6 +33,9 @@ class GenerationStats:
     # The draft the drafters ran: quantization, vocabulary size, measured step costs and agreement
     # (draft_compression.DraftConfiguration as a dict); None for model-free methods.
     draft_configuration: dict | None = None
+    # Before decoding: checking the weights, auto's choice, building the packed target and the
+    # prepared draft (once per model pair; measurements once per machine, see disk_cache.py).
+    setup_seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0  # the target waiting for drafts
     drafter_busy_seconds: float = 0.0  # drafter compute, overlapped or not (method "saguaro")

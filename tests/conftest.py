@@ -123,6 +123,13 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch):
+    # Each test measures afresh: a verdict stored by an earlier test (or by the developer's own
+    # runs in ~/.cache/saguaro) must not decide what this one checks. test_disk_cache turns it on.
+    monkeypatch.setenv("SAGUARO_CACHE_DIR", "off")
+
+
+@pytest.fixture(autouse=True)
 def _collect_dropped_generators():
     # A generator dropped without close() stops its worker when Python collects it, and one in a
     # reference cycle waits for a garbage-collection pass: collect after each test, so that a test

@@ -177,9 +177,13 @@ def test_bench_reports_rounds_one_thread_variants_and_what_auto_chose(pair_on_di
         ["--target", str(pair_on_disk / "target"), "--draft", str(pair_on_disk / "draft")]
         + tiny_options(pair_on_disk, out)
         + ["--methods", *methods, "--num-prompts", "2", "--max-new-tokens", "20"]
+        # Two threads: a Saguaro generator splits the caller's budget, and one thread has no split.
+        + ["--threads", "2"]
     )
     results = json.loads(out.read_text())
     summary = results["summary"]
+    assert all(r["peak_memory_bytes"] is not None for runs in results["runs"].values() for r in runs)
+    assert "peak memory" in (tmp_path / "results.md").read_text()
     for method in ("speculative+1thread", "saguaro+1thread+constant", "auto"):
         entry = summary[method]
         assert entry["outputs_matching_hf_greedy"] == "2/2"

@@ -302,6 +302,26 @@ def test_saguaro_splits_cpu_threads_and_restores_the_callers(monkeypatch):
     assert ThreadSplit.for_cpu(2).target == 1 and ThreadSplit.for_cpu(16).drafter == 4
 
 
+def test_the_split_stays_within_the_threads_the_caller_gave_torch():
+    """A caller that keeps cores for other work (torch.set_num_threads) gets no more during a call:
+    the target never runs on more threads than it was given, even while the drafter idles."""
+    target = tiny_model("llama", seed=0)
+    seen = []
+    hook = target.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    torch.set_num_threads(1)
+    try:
+        assert ThreadSplit.for_cpu().total == 1
+        with saguaro_generator(target) as generator:
+            out = run(generator, 20)
+        assert torch.get_num_threads() == 1
+    finally:
+        hook.remove()
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert out.sequences.tolist() == hf_greedy(target, 20)
+    assert seen and set(seen) == {1}
+    assert ThreadSplit.for_cpu(2).total == 2  # an explicit budget is the caller's to give
+
+
 def test_thread_split_gives_the_target_every_core_while_the_drafter_idles():
     torch.set_num_threads(1)
     try:
