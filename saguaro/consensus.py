@@ -52,11 +52,23 @@ class Consensus:
         return op, payload
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
-        with self.guard("waiting for the leader's next step" if not self.leads else "sending a step"):
+        if self.topology.failure is not None:  # fail at once, not after another timeout
+            raise DistributedFailure(
+                f"rank {self.topology.rank}: an earlier collective failed ({self.topology.failure})"
+            )
+        if self.leads:
+            guard = self.guard("sending a step")
+        else:  # only the leader can keep a follower waiting here
+            guard = self.guard("waiting for the leader's next step", [self.topology.leader])
+        with guard:
             dist.broadcast(tensor, src=self.topology.leader, group=self.topology.control)
 
-    def guard(self, doing: str):
-        return _Guard(self.topology, doing)
+    def guard(self, doing: str, peers: list[int] | None = None):
+        """Errors of the collectives inside as DistributedFailure; `peers`: the ranks that could have
+        failed to answer (every other target rank by default)."""
+        if peers is None:
+            peers = [rank for rank in self.topology.target_ranks if rank != self.topology.rank]
+        return _Guard(self.topology, doing, peers)
 
     def lead(self, runner) -> LeaderRunner:
         return LeaderRunner(runner, self)
@@ -66,6 +78,10 @@ class Consensus:
 
     def abort(self) -> None:
         """The leader failed mid-generation: release the followers with an error, not a timeout."""
+        if self.topology.failure is not None:
+            # A collective failed: a stalled follower would keep this broadcast waiting out the
+            # timeout once more, and the followers that still answer fail on their own collectives.
+            return
         try:
             self._send(self.ABORT, [])
         except DistributedFailure:
@@ -103,8 +119,8 @@ class Consensus:
 class _Guard:
     """Turns a failed or timed-out collective into a DistributedFailure that says what to check."""
 
-    def __init__(self, topology: Topology, doing: str):
-        self.topology, self.doing = topology, doing
+    def __init__(self, topology: Topology, doing: str, peers: list[int]):
+        self.topology, self.doing, self.peers = topology, doing, peers
 
     def __enter__(self):
         return self
@@ -112,10 +128,14 @@ class _Guard:
     def __exit__(self, kind, error, tb):
         if kind is None or not issubclass(kind, RuntimeError) or isinstance(error, DistributedFailure):
             return False
-        raise DistributedFailure(
+        failure = (
             f"rank {self.topology.rank}: a target rank is gone or stalled past {self.topology.timeout:g}s "
-            f"while {self.doing} ({type(error).__name__}: {error}); restart every rank"
-        ) from error
+            f"while {self.doing}: {self.topology.describe(self.peers)} did not answer "
+            f"({type(error).__name__}: {error}). The process group cannot recover: end the stalled rank, "
+            "then restart every rank"
+        )
+        self.topology.failure = failure  # the ranks are out of step now, for good
+        raise DistributedFailure(failure) from error
 
 
 class LeaderRunner:

@@ -12,8 +12,10 @@ The drafter rank runs the ordinary Saguaro worker loop (`workers._serve`) over a
 target's sharded verification exactly as a drafter process does on one machine, and a dead or
 stalled drafter rank makes the leader draft inline (`DraftWorker` placement "rank"), losing no token.
 
-Faults. Every collective is bounded by the process group's timeout (`init(timeout=)`): a dead or
-stalled target rank raises `DistributedFailure` on the others instead of hanging.
+Faults. Every collective is bounded by the process group's timeout (`init(timeout=)`), the sharded
+model's own all-reduces included (the device mesh's groups are made with it): a dead or stalled
+target rank raises `DistributedFailure` on the others instead of hanging, naming the rank(s) that
+did not answer and, for a rank on this host, whether its process is gone or stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 import weakref
 from dataclasses import dataclass, field
 
@@ -48,6 +51,8 @@ class Topology:
     link: object | None  # gloo group {leader, drafter}: drafts and outcomes
     mesh: object | None = None  # transformers' TransformersDeviceMesh over the target ranks
     channel: RankChannel | None = field(default=None, repr=False)
+    processes: list = field(default_factory=list, repr=False)  # (host, pid) of every rank, by rank
+    failure: str | None = None  # why a collective of the target ranks failed: none can run after it
 
     @property
     def rank(self) -> int:
@@ -64,6 +69,21 @@ class Topology:
     @property
     def is_drafter(self) -> bool:
         return self.rank == self.drafter_rank
+
+    def describe(self, ranks) -> str:
+        """`ranks` (that did not answer) by pid and, where this host can tell, what became of them."""
+        described = []
+        for rank in ranks:
+            if rank >= len(self.processes):
+                described.append(f"rank {rank}")
+                continue
+            host, pid = self.processes[rank]
+            if host != socket.gethostname():
+                described.append(f"rank {rank} (pid {pid} on {host})")
+                continue
+            state = _process_state(pid)
+            described.append(f"rank {rank} (pid {pid}{', ' + state if state else ''})")
+        return " or ".join(described) or "no other rank"
 
     def drafter_channel(self) -> RankChannel | None:
         """The leader's one channel to the drafter rank (None without one, or once it failed)."""
@@ -111,19 +131,56 @@ def init(
     forever = datetime.timedelta(days=365)
     link = dist.new_group([0, drafter], backend="gloo", timeout=forever) if drafter is not None else None
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = _target_mesh(device_type, tp)
-    _topology = Topology(targets, drafter, timeout, control, link, mesh)
+    mesh = _target_mesh(device_type, tp, seconds)
+    _topology = Topology(targets, drafter, timeout, control, link, mesh, processes=_processes())
     return _topology
 
 
-def _target_mesh(device_type: str, tp: int):
+def _processes() -> list[tuple[str, int]]:
+    """(host, pid) of every rank, so that a failure can say which process did not answer."""
+    processes = [None] * dist.get_world_size()
+    dist.all_gather_object(processes, (socket.gethostname(), os.getpid()))
+    return processes
+
+
+def _process_state(pid: int) -> str | None:
+    """What became of a process on this host: "gone", "stopped (...)", "running"; None: cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone" if os.path.isdir("/proc/self") else None
+    except (OSError, IndexError):
+        return None
+    if state in ("Z", "X"):
+        return "gone"
+    if state in ("T", "t"):
+        return f"stopped (SIGSTOP or a debugger: `kill -CONT {pid}` resumes it, `kill -9 {pid}` ends it)"
+    return "running"
+
+
+def _target_mesh(device_type: str, tp: int, timeout: datetime.timedelta):
     """transformers' device meshes (dense and expert views) over the target ranks only."""
     from torch.distributed.device_mesh import DeviceMesh
     from transformers.distributed.utils import TransformersDeviceMesh
 
+    # The sharded model's all-reduces run on these groups, inside transformers' forward, where only
+    # the group's own timeout can end a wait for a stalled rank: a group made without one waits
+    # torch's default (30 min), so each is made with the run's timeout.
+    if dist.get_backend() == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False
+    else:
+        options = dist.ProcessGroupGloo._Options()
+    options._timeout = timeout  # DeviceMesh passes it on as new_group's timeout
+    overrides = ((None, options),) * 4
     ranks = torch.arange(tp).reshape(1, 1, 1, tp)
-    dense = DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "dp_replicate", "fsdp", "tp"))
-    expert = DeviceMesh(device_type, ranks, mesh_dim_names=("pp", "dp_replicate", "efsdp", "ep"))
+    dense = DeviceMesh(
+        device_type, ranks, mesh_dim_names=("pp", "dp_replicate", "fsdp", "tp"), backend_override=overrides
+    )
+    expert = DeviceMesh(
+        device_type, ranks, mesh_dim_names=("pp", "dp_replicate", "efsdp", "ep"), backend_override=overrides
+    )
     return TransformersDeviceMesh(dense, expert)
 
 
@@ -164,8 +221,10 @@ def tensor_parallel_target(model) -> Topology | None:
         return None
     if _topology is None:
         ranks = list(range(dist.get_world_size()))
-        control = dist.new_group(ranks, backend="gloo")
-        _topology = Topology(ranks, None, DEFAULT_TIMEOUT, control, None)
+        # Bounded as init's groups are (new_group's default is torch's 30 min).
+        seconds = datetime.timedelta(seconds=DEFAULT_TIMEOUT)
+        control = dist.new_group(ranks, backend="gloo", timeout=seconds)
+        _topology = Topology(ranks, None, DEFAULT_TIMEOUT, control, None, processes=_processes())
     if _topology.is_drafter:
         raise RuntimeError("the drafter rank holds no target: call serve_drafter(draft_model) there")
     return _topology

@@ -393,12 +393,17 @@ class DraftWorker(DraftStream):
     def _fail(self, what: str) -> WorkerFailed:
         """Stop the worker now (kill, never wait), switch to inline drafting, schedule a restart."""
         self.failures += 1
+        where = self.placement
         if self.placement == "rank" and self._conn is not None:
             self._conn.failed = True  # a dead or stalled rank: its late replies must not be read
+            from .distributed import topology
+
+            found = topology()  # which rank, and whether its process is gone or stopped
+            where = found.describe([self._conn.peer]) if found is not None else where
         self._stop(grace=0.0)
         self._inline = PreSpeculator(self.model, **self._speculator_kwargs)
         self._calls_until_restart = min(MAX_RESTART_BACKOFF, 2 ** (self.failures - 1) - 1)
-        failed = WorkerFailed(f"the drafter worker ({self.placement}) {what}")
+        failed = WorkerFailed(f"the drafter worker ({where}) {what}")
         failed.remote_traceback = None
         return failed
 

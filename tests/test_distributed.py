@@ -1,10 +1,12 @@
 """A tensor-parallel target (2 ranks, transformers' tp_plan) with the drafter on a third rank, on CPU
 over gloo: greedy equals the unsharded target's own greedy generate, sampling with a different
 seed per rank gives one agreed output, a chi-square test (which fails on a planted bug), and no
-process left behind, even after the drafter rank is killed. The ranks run tests/tp_ranks.py.
+process left behind, even after the drafter rank is killed; a target rank that dies or stops
+(SIGSTOP) mid-call makes rank 0 raise DistributedFailure, never hang. The ranks run tests/tp_ranks.py.
 """
 
 import os
+import time
 
 import pytest
 import torch
@@ -94,6 +96,59 @@ def test_dead_target_rank_gives_a_clear_error_not_a_hang(run):
     assert codes == [0, -9, 0] and saved[2].get("served")
     assert not mp.active_children()
     assert not any(_alive(result["pid"]) for result in saved)
+
+
+def test_stalled_target_rank_mid_call_raises_within_the_timeout_not_a_hang(tmp_path):
+    # A rank that stops (SIGSTOP) inside a forward leaves rank 0 in the model's own all-reduce, which
+    # is bounded only by the timeout of the mesh's process groups (transformers' tensor parallelism).
+    target = tiny_model("llama", seed=0, hidden=16)
+    target.save_pretrained(tmp_path / "target")
+    perturbed_copy(target, 0.003).save_pretrained(tmp_path / "draft")
+    timeout = tp_ranks.COLLECTIVE_TIMEOUT["stalled_target_rank"]
+    start = time.monotonic()
+    saved, codes = tp_ranks.launch("stalled_target_rank", str(tmp_path), timeout=60 + 4 * timeout)
+    elapsed = time.monotonic() - start
+    leader = saved[0]
+    assert leader is not None, f"rank 0 hung and was killed after {elapsed:.0f}s; exit codes {codes}"
+    assert "error" not in leader, leader["error"]
+    error = leader["stall_error"]
+    assert error is not None and "rank 1" in error and "stopped" in error, error
+    # Raised about the timeout after rank 1 stopped, not after torch's default of 30 min.
+    assert timeout - 0.5 < leader["failed_at"] - saved[1]["stopped_at"] < timeout + 5
+    # Resumed, rank 1 learns its call failed; every rank exits by itself, none is left behind.
+    assert saved[1] is not None and saved[1].get("stall_error"), saved[1]
+    assert codes == [0, 0, 0], (codes, [s and s.get("error") for s in saved])
+    assert not mp.active_children()
+    assert not any(_alive(pid) for pid in leader["pids"])
+
+
+def test_a_failure_says_which_rank_is_stopped_or_gone():
+    import signal
+    import socket
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        host = socket.gethostname()
+        topology = distributed.Topology([0, 1, 2], None, 5.0, None, None, processes=[(host, os.getpid())] * 2)
+        topology.processes.append((host, child.pid))
+        assert topology.describe([1]) == f"rank 1 (pid {os.getpid()}, running)"
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10  # the signal is delivered asynchronously
+        while "running" in (child_state := topology.describe([2])) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert child_state.startswith(f"rank 2 (pid {child.pid}, stopped") and "kill -CONT" in child_state
+        child.kill()
+        child.wait()
+        assert (
+            topology.describe([1, 2])
+            == f"rank 1 (pid {os.getpid()}, running) or rank 2 (pid {child.pid}, gone)"
+        )
+        topology.processes[1] = ("another-host", 7)
+        assert topology.describe([1, 3]) == "rank 1 (pid 7 on another-host) or rank 3"
+    finally:
+        child.kill()
+        child.wait()
 
 
 def _exact_first_two(target) -> torch.Tensor:

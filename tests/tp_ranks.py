@@ -7,6 +7,7 @@ inside the ranks, the assertions in tests/test_distributed.py.
 import os
 import socket
 import tempfile
+import time
 import traceback
 
 import torch
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 PROMPT = [1, 4, 9, 16, 25, 36, 7]
 CHI_PROMPT = [1, 4, 3]
 TP, WORLD = 2, 3  # ranks 0-1 hold the target, rank 2 the draft
+COLLECTIVE_TIMEOUT = {"stalled_target_rank": 5.0}  # init(timeout=) per scenario; 30 s for the others
 
 
 def free_port() -> int:
@@ -39,11 +41,12 @@ def _launch_once(scenario: str, models: str, timeout: float):
     ranks = [ctx.Process(target=_rank_main, args=(r, port, scenario, models, out)) for r in range(WORLD)]
     for process in ranks:
         process.start()
+    deadline = time.monotonic() + timeout  # one deadline for all: hung ranks must not add up
     for process in ranks:
-        process.join(timeout)
+        process.join(max(0.0, deadline - time.monotonic()))
     for process in ranks:
         if process.is_alive():
-            process.kill()
+            process.kill()  # SIGKILL: also ends a stopped (SIGSTOP) rank
             process.join()
     results = []
     for r in range(WORLD):
@@ -63,10 +66,11 @@ def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> No
     saved: dict = {"pid": os.getpid()}
     os.environ["SAGUARO_TEST_SAVE_TO"] = os.path.join(out, f"rank{rank}.pt")
     try:
-        topology = distributed.init(tp=TP, drafter_rank=True, timeout=30)
+        topology = distributed.init(tp=TP, drafter_rank=True, timeout=COLLECTIVE_TIMEOUT.get(scenario, 30.0))
         pids = [None] * WORLD
         torch.distributed.all_gather_object(pids, os.getpid())
         os.environ["SAGUARO_TEST_DRAFTER_PID"] = str(pids[TP])
+        saved["pids"] = pids
         draft_path = os.path.join(models, "draft")
         draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=torch.float32).eval()
         if topology.is_drafter:
@@ -189,9 +193,45 @@ def dead_target_rank(target, draft, rank, saved) -> None:
     saved["dead_target_seconds"] = time.monotonic() - start
 
 
+def stalled_target_rank(target, draft, rank, saved) -> None:
+    """Target rank 1 stops (SIGSTOP) mid-call, inside its sharded forward: rank 0, waiting in the
+    model's tensor-parallel all-reduce, raises DistributedFailure within about the timeout; then it
+    resumes rank 1 (SIGCONT), whose call fails too, and every rank exits."""
+    import signal
+
+    import saguaro
+    from saguaro import distributed
+
+    forwards = 0
+
+    def stop_at_the_tenth_forward(module, args):
+        nonlocal forwards
+        forwards += 1
+        if forwards == 10:
+            saved["stopped_at"] = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process
+            torch.save(saved, os.environ["SAGUARO_TEST_SAVE_TO"])  # in case it never resumes
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    if rank == 1:  # before its last layer: rank 0 waits in that layer's all-reduce
+        target.model.layers[-1].register_forward_pre_hook(stop_at_the_tenth_forward)
+    start = time.monotonic()
+    try:
+        saguaro.generate(
+            target, torch.tensor([PROMPT]), draft, method="speculative", max_new_tokens=400, eos_token_id=[]
+        )
+        saved["stall_error"] = None
+    except distributed.DistributedFailure as error:
+        saved["stall_error"] = str(error)
+    saved["failed_at"] = time.monotonic()
+    saved["stall_seconds"] = saved["failed_at"] - start
+    if rank == 0:
+        os.kill(saved["pids"][1], signal.SIGCONT)
+
+
 SCENARIOS = {
     "exactness": exactness,
     "dead_target_rank": dead_target_rank,
+    "stalled_target_rank": stalled_target_rank,
     "lifecycle": lifecycle,
     "chi_square": chi_square,
 }
