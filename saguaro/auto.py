@@ -119,9 +119,11 @@ def _measured_calibration(target, draft, lookahead, split, compiled, entry) -> C
     chain = [1, lookahead + 1]
     beside = split.target if split.drafter else split.total
     branches = 3 * (lookahead + 1)  # the paper's default budget
+    target_alone = _timed(target, chain, split.total, compiled)
     calibration = Calibration(
-        target_alone=_timed(target, chain, split.total, compiled),
-        target_beside=_timed(target, chain, beside, compiled),
+        target_alone=target_alone,
+        # Without a split the target runs "beside" on all threads: the same forwards, timed once.
+        target_beside=_timed(target, chain, beside, compiled) if beside != split.total else target_alone,
         draft_alone=_timed(draft, [1, 2, 4], split.total),
         draft_beside=_timed(draft, [1, 2, branches], max(1, split.drafter)),
         draft_chain=_timed(draft, [1, 2], split.total, compiled) if compiled else None,

@@ -52,7 +52,8 @@ class _Watch:
 
     def _snapshot(self, model: nn.Module) -> None:
         self._structure = _structure(model)
-        self._tensors = [p for p in model.parameters()]
+        # A tensor-parallel target's DTensors: each rank samples its own shard.
+        self._tensors = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
         self._positions = [_sample_positions(p) for p in self._tensors]
         self._values = self._sample()
 
