@@ -408,7 +408,7 @@ def benchmark(args) -> dict:
         print("shared-prefix scenarios (time to first token, warm vs cold generator) ...", flush=True)
         torch.set_num_threads(args.threads)
         measured["shared_prefix"] = shared_prefix_benchmark(target, draft, tokenizer, args.repeats_prefix)
-    peak = memory.stop()
+    peak, own_peak = memory.stop(), memory.tree_peak_over_baseline()
     weights_bytes = sum(p.nbytes for m in (target, draft) for p in m.parameters())
     # The keys in the order of earlier results files (docs/results), so runs diff cleanly.
     return {
@@ -417,7 +417,10 @@ def benchmark(args) -> dict:
             "weights_gib": round(weights_bytes / 2**30, 2),
             "peak_memory_over_baseline": None
             if peak is None
-            else f"{peak / 2**30:.2f} GiB ({peak / weights_bytes:.2f}x the weights)",
+            else f"{peak / 2**30:.2f} GiB ({peak / weights_bytes:.2f}x the weights; machine-wide)",
+            "peak_memory_of_this_run": None
+            if own_peak is None
+            else f"{own_peak / 2**30:.2f} GiB ({own_peak / weights_bytes:.2f}x; bench and workers alone)",
         },
         "summary": summarize(rows, target_bytes, bandwidth),
         **measured,
