@@ -631,7 +631,7 @@ def choose_draft_configuration(
             acceptance = record.target_agreement * agreement
             return variant_score(acceptance, seconds, record.verify_seconds, lookahead, concurrent)
 
-        baseline, *others = variants
+        baseline, *others = [variant for variant in variants if variant in estimates]
         bar = (1 + min_gain) * score(baseline)
         choice, model = baseline, None
         for variant in sorted(others, key=score, reverse=True)[:MAX_BUILDS]:
@@ -685,6 +685,13 @@ def _estimated_variants(
     plain = costs[(None, None)]
     estimates = {}
     for quantization, vocab in variants:
+        if isinstance(costs[(quantization, vocab)], DraftCompressionUnavailable):
+            if (quantization, vocab) == variants[0]:
+                raise costs[(quantization, vocab)]  # the baseline: nothing to fall back to
+            _warn(
+                f"draft variant {variant_label(quantization, vocab)} skipped: {costs[(quantization, vocab)]}"
+            )
+            continue
         kept = set(default_draft_vocabulary(draft, vocab).tolist()) if vocab is not None else None
         covered = sum(kept is None or token in kept for token in reference) / len(reference)
         if on_cpu:  # linear seconds swapped in, the rest of the step (attention, norms, Python) kept
@@ -709,10 +716,11 @@ def _linear_bytes(body: list[nn.Linear], head: nn.Linear | None, variants) -> di
 
 def _timed_linears(
     body: list[nn.Linear], head: nn.Linear | None, variants, kept_rows, epoch: int, held: list
-) -> dict[tuple, float]:
+) -> dict[tuple, float | DraftCompressionUnavailable]:
     """Seconds of one row through the draft's linears, per variant (and the plain draft's), timed
     on slices (see _estimated_variants): quantizing a slice takes a fraction of the whole. The
-    quantized slices go to `held`, so that building the chosen variant reuses them."""
+    quantized slices go to `held`, so that building the chosen variant reuses them. A variant
+    this platform cannot run gets its error instead."""
     sliced = _streaming_slice(body)
     scale = sum(m.weight.nbytes for m in body) / max(sum(m.weight.nbytes for m in sliced), 1)
     dtype = (head or body[0]).weight.dtype
@@ -728,21 +736,25 @@ def _timed_linears(
         return part
 
     body_cost, head_cost, costs = {}, {}, {}
-    for quantization, vocab in {(None, None), *variants}:
-        if quantization not in body_cost:
-            modules = [
-                _cpu_quantized(m, quantization, INT4_GROUP_SIZE, _QUANTIZED, epoch) if quantization else m
-                for m in sliced
-            ]
-            body_cost[quantization] = seconds(modules) * scale
-            held += modules
+    for quantization, vocab in dict.fromkeys([(None, None), *variants]):
         rows = kept_rows[vocab] if head is not None else 0
-        if head is not None and (quantization, rows) not in head_cost:
-            timed_rows = rows if quantization is None else min(rows, AUTO_VOCAB_SIZE)
-            part = head_rows(timed_rows)
-            if quantization:
-                part = _build_cpu_quantized(part, quantization, INT4_GROUP_SIZE)
-            head_cost[(quantization, rows)] = seconds([part]) * rows / timed_rows
+        try:
+            if quantization not in body_cost:
+                modules = [
+                    _cpu_quantized(m, quantization, INT4_GROUP_SIZE, _QUANTIZED, epoch) if quantization else m
+                    for m in sliced
+                ]
+                body_cost[quantization] = seconds(modules) * scale
+                held += modules
+            if head is not None and (quantization, rows) not in head_cost:
+                timed_rows = rows if quantization is None else min(rows, AUTO_VOCAB_SIZE)
+                part = head_rows(timed_rows)
+                if quantization:
+                    part = _build_cpu_quantized(part, quantization, INT4_GROUP_SIZE)
+                head_cost[(quantization, rows)] = seconds([part]) * rows / timed_rows
+        except DraftCompressionUnavailable as error:  # this platform cannot run the variant
+            costs[(quantization, vocab)] = error
+            continue
         costs[(quantization, vocab)] = body_cost[quantization] + head_cost.get((quantization, rows), 0.0)
     return costs
 
