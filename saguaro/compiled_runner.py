@@ -12,12 +12,19 @@ on GPU - but only for shapes it has seen. So every step here has a fixed shape:
     which is made once per tree shape; no O(L^2) mask exists anywhere: a step's is [T, capacity].
 A forward over more tokens than the largest bucket (a prefill) runs the same step function eagerly:
 compiling one graph per prompt length would cost more than it saves.
+The capacity is part of every graph's shape, so it changes seldom: a runner starts at a static
+capacity (256 by default), sized before a prefill for the prompt plus up to PRESIZED_NEW_TOKENS new
+tokens, and doubles whenever a forward's tokens would not fit (mid-call too: never an allocation
+for what max_new_tokens allows but the sequence never reaches). Each growth keeps the entries,
+recompiles the runner's buckets and chains once at the new shape (seconds to minutes on a CPU), and
+is logged; graphs are kept per capacity, so a size compiles once per process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import types
 
 import torch
@@ -31,9 +38,14 @@ from .tree import TokenTree
 # near torch's default limit of 8), times each capacity and draft length a process uses. A process
 # comparing configurations (a benchmark, the test suite under --compile) passed 64.
 RECOMPILE_LIMIT = 256
-# Static caches hold at least this many entries and grow by doubling: a call that fits the current
-# capacity reuses its graphs (a capacity is part of a graph's shape).
+# Static caches hold at least this many entries (SpeculativeGenerator's static_capacity) and grow by
+# doubling: a call that fits the current capacity reuses its graphs (a capacity is part of a graph's
+# shape), and a sequence of L tokens costs at most log2(L / 256) growths, each compiled once a process.
 STATIC_CAPACITY = 256
+# New tokens a prefill sizes the static cache for at most (when max_new_tokens asks for more, the
+# cache grows during the call as the sequence does): a long answer costs one growth up front rather
+# than one per doubling, and max_new_tokens=10**9 allocates nothing huge.
+PRESIZED_NEW_TOKENS = 1024
 # Greedy tokens per compiled call in autoregressive decoding: the call's fixed cost (guards,
 # launching the graph, the engine's bookkeeping) is shared by this many tokens.
 GREEDY_BLOCK = 8
@@ -42,6 +54,24 @@ GREEDY_BLOCK = 8
 # Autoregressive blocks always start from one token, and feed exactly one: a one-row first step
 # takes inductor's one-row products, where two rows would call BLAS (15% of a token's time).
 CHAIN_FEED = 2
+
+logger = logging.getLogger("saguaro")
+# Growths of any static cache in this process: a round during which one happened (its time is
+# mostly compiling) is left out of the draft-length controller's measurements (engines.py).
+_growths = 0
+
+
+def growth_count() -> int:
+    """Static-cache growths so far in this process (each one recompiles a runner's graphs)."""
+    return _growths
+
+
+def grown_capacity(capacity: int, needed: int) -> int:
+    """`capacity` doubled until `needed` entries fit: capacities stay on one lattice (256, 512, ...),
+    so runners and calls share each size's graphs and a sequence of L tokens meets log2(L) sizes."""
+    while capacity < needed:
+        capacity *= 2
+    return capacity
 
 
 def check_compilable(*models) -> None:
@@ -52,6 +82,15 @@ def check_compilable(*models) -> None:
                 f"compile=True does not support sliding-window attention ({type(model).__name__} has "
                 f"sliding_window={model.config.sliding_window}); pass compile=False for this model"
             )
+
+
+def check_static_capacity(capacity) -> None:
+    """A clear error for a static_capacity that cannot size a static KV cache."""
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(
+            f"static_capacity (compile=True's first static KV cache size, in tokens; it doubles as a "
+            f"sequence needs) must be a positive int, got {capacity!r}"
+        )
 
 
 # A pointwise value whose body has more ops than this is stored once, not recomputed where it is
@@ -182,7 +221,11 @@ def tree_layout(parents: tuple[int, ...], cached_nodes: int, rows: int, device) 
 
 class CompiledRunner(ModelRunner):
     """A ModelRunner over a `StaticKVCache` whose forwards of up to max(buckets) tokens on top of
-    the committed context run as compiled graphs, one per bucket."""
+    the committed context run as compiled graphs, one per bucket.
+
+    `capacity` is the static cache's first size; it doubles as the sequence needs (`reserve`).
+    `most` (set per call by its owner) is the most entries the call may hold: a prefill sizes the
+    cache for min(most, prompt + PRESIZED_NEW_TOKENS). `role` names the runner in the growth log."""
 
     def __init__(
         self,
@@ -191,10 +234,13 @@ class CompiledRunner(ModelRunner):
         prefix_cache: PrefixCache | None = None,
         buckets: tuple[int, ...] = (1,),
         chains: tuple[tuple[int, int], ...] = (),
+        role: str = "model",
     ):
         check_compilable(model)
         super().__init__(model, capacity, prefix_cache)
         self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
+        self.role = role
+        self.most: int | None = None
         self.buckets = tuple(sorted(set(buckets)))
         self.chains = tuple(sorted(set(chains)))  # greedy_chain (steps, width) to compile at once
         signature = model_signature(model)
@@ -206,12 +252,40 @@ class CompiledRunner(ModelRunner):
         if model.device.type == "cuda":
             torch._dynamo.mark_static_address(self._tree_start, guard=False)
 
-    def feed(self, tokens: list[int]) -> tuple[torch.Tensor, int]:
-        """As `ModelRunner.feed`; the first feed also compiles every bucket's graph, so that compile
-        time never lands in a round that the draft-length controller measures."""
-        result = super().feed(tokens)
+    def reserve(self, needed: int) -> bool:
+        """Room for `needed` entries: the static cache doubles until they fit, keeping its entries
+        (whether it grew). A capacity is part of every graph's shape, so each bucket and chain then
+        compiles again at the new one (the next feed, or `_warm_up`), once per size and process."""
+        old = self.cache.capacity
+        if needed <= old:
+            return False
+        global _growths
+        _growths += 1
+        new = grown_capacity(old, needed)
+        if self._compiled_buckets or self._compiled_chains:
+            # Worth a warning: on a CPU this stalls the call for seconds to minutes.
+            logger.warning(
+                "saguaro: compile=True: the %s's static KV cache grows from %d to %d slots (%d needed); "
+                "its compiled steps recompile for the new shape now (%d graphs, once per size and "
+                "process). To compile at a large enough size from the start, pass static_capacity=%d "
+                "to SpeculativeGenerator (saguaro.generate, saguaro.enable)",
+                self.role,
+                old,
+                new,
+                needed,
+                len(set(self.buckets)) + len(set(self.chains)),
+                new,
+            )
+        self.cache.grow(new)
+        self._compiled_buckets.clear()
+        self._compiled_chains.clear()
+        return True
+
+    def _warm_up(self) -> None:
+        """Compile every bucket's and chain's graph not yet compiled at this capacity, by running
+        each past the committed entries (then dropped), so that compile time lands here, not in a
+        round that the draft-length controller measures."""
         length = self.length
-        # Written past the committed entries, then dropped.
         for bucket in sorted(set(self.buckets) - self._compiled_buckets):
             if length + bucket <= self.cache.capacity:
                 self.forward([0] * bucket)
@@ -221,6 +295,16 @@ class CompiledRunner(ModelRunner):
             if self.greedy_chain([0], steps, width=width) is not None:
                 self.rollback(length)
                 self._compiled_chains.add((steps, width))
+
+    def feed(self, tokens: list[int]) -> tuple[torch.Tensor, int]:
+        """As `ModelRunner.feed`; a prefill first sizes the cache for the prompt and what the call is
+        likely to add (min(most, prompt + PRESIZED_NEW_TOKENS): one growth now rather than one per
+        doubling later), and the first feed at a capacity compiles every bucket's graph."""
+        if self.length == 0:
+            most = len(tokens) if self.most is None else self.most
+            self.reserve(max(len(tokens), min(most, len(tokens) + PRESIZED_NEW_TOKENS)))
+        result = super().feed(tokens)
+        self._warm_up()
         return result
 
     @torch.no_grad()
@@ -233,10 +317,17 @@ class CompiledRunner(ModelRunner):
         tree = tree or TokenTree.chain(count)
         if len(tree) != cached_nodes + count:
             raise ValueError(f"{cached_nodes} cached + {count} new tokens but a tree of {len(tree)} nodes")
+        if self.reserve(self.length + count) and self.cache.layers[0].is_initialized:
+            # Grown mid-call: every graph compiles now at the new size, rather than one in each of
+            # the next rounds.
+            self._warm_up()
         # The buffers take their shapes from the first forward: it runs eagerly, so no graph ever
         # initialises them.
         compilable = cached_nodes == 0 and self.cache.layers[0].is_initialized
         bucket = next((b for b in self.buckets if b >= count), None) if compilable else None
+        if bucket is not None and self.length + bucket > self.cache.capacity:
+            # The tokens fit but their padding would not: one eager step rather than a growth.
+            bucket = None
         rows = bucket or count
         # Built on the model's device: tokens drafted there (a tensor) are padded without a host read.
         ids = torch.zeros(1, rows, dtype=torch.long, device=self.device)
@@ -261,7 +352,8 @@ class CompiledRunner(ModelRunner):
         """The `steps` greedy tokens after `tokens` (at most `width`, appended, not yet in the
         cache; padded to `width`), in one compiled call; the cache then holds `tokens` and all the
         new ones but the last. None where no graph applies (the first forward, more tokens, no
-        room): the caller steps instead."""
+        room): the caller steps instead, and its forward grows the cache once a token needs it
+        (a chain's padding and its steps past a stop never do)."""
         if (
             not self.cache.layers[0].is_initialized
             or not 0 < len(tokens) <= width

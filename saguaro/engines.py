@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from .compiled_runner import growth_count
 from .cost_model import LookaheadController
 from .draft_stream import Draft, DraftSource, DraftStream
 from .faults import warn
@@ -226,6 +227,7 @@ def speculative(
         if draft.source == DraftSource.OFF:
             draft = collect(request("catch_up", prompt + generated, depth), depth)
         waited += time.perf_counter() - tick  # a drafter prefill outlasting the target's is waited for
+    grown = growth_count()  # a static cache growing (compile=True) recompiles within a round
     while not stop.finished(generated):
         # The worker pre-speculates during this verification, or is still finishing the last one
         # before a plain step: beside it, the target keeps to the cores it leaves (taking them back
@@ -252,10 +254,13 @@ def speculative(
             draft.prepared_branches,
             depth=max(draft.tree.depths(), default=-1) + 1,
         )
-        if lookahead:
+        if lookahead and growth_count() == grown:
             # Only a resolved round's wait is a usual round's drafting: a first draft after the
             # prefill or a run of plain steps (reset, catch_up) also fed what the drafter lacked.
+            # A round in which a static cache grew (its draft or its verification) timed mostly
+            # compiling: measured, it would hold speculation off for long after.
             lookahead.observe(len(draft.tokens), len(path), verify_seconds, waited if resolved else None)
+        grown = growth_count()
         generated += [draft.tokens[node] for node in path] + [next_token]
         # The next round's depth is chosen now, so that a worker prepares drafts of that depth.
         depth = 0

@@ -2,9 +2,11 @@
 
 `SpeculativeCache` hands HF views of the entries so far, whose length changes every step: a
 compiled graph would be specialised to each length. Here every layer's keys and values are one
-[1, kv_heads, capacity, head_dim] buffer allocated once; a forward writes its T new entries at
-slots start, ..., start + T - 1 (`start` is a 0-d tensor updated in place, so the graph reads it
-instead of baking it in) and attends over the whole buffer, the mask hiding what is not context.
+[1, kv_heads, capacity, head_dim] buffer, reallocated only when the cache grows (`grow`: a new
+shape, which compiled steps recompile for; compiled_runner.py doubles it seldom); a forward writes
+its T new entries at slots start, ..., start + T - 1 (`start` is a 0-d tensor updated in place, so
+the graph reads it instead of baking it in) and attends over the whole buffer, the mask hiding what
+is not context.
 The same operations as `SpeculativeCache` keep speculation cheap: rollback moves a length,
 an accepted chain commits by length, `commit_path` moves only a tree path's entries.
 Buffers start zeroed: a masked slot still enters the attention product, and stale memory could
@@ -37,12 +39,26 @@ class StaticSlotLayer(CacheLayerMixin):
         heads = key_states.shape[1]
         self.keys = key_states.new_zeros(1, heads, self.capacity, key_states.shape[-1])
         self.values = value_states.new_zeros(1, heads, self.capacity, value_states.shape[-1])
-        if key_states.device.type == "cuda":
+        self._mark_static()
+        self.is_initialized = True
+
+    def _mark_static(self) -> None:
+        if self.keys.device.type == "cuda":
             # Fixed addresses let CUDA graphs read the buffers in place instead of copying them in;
             # guard=False: another cache of the same shape reuses the captured graphs.
             for buffer in (self.keys, self.values, self.start):
                 torch._dynamo.mark_static_address(buffer, guard=False)
-        self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        """Buffers of `capacity` slots, holding the old ones' entries at the same slots."""
+        if self.is_initialized:
+            old_keys, old_values = self.keys, self.values
+            self.keys = old_keys.new_zeros(*old_keys.shape[:2], capacity, old_keys.shape[-1])
+            self.values = old_values.new_zeros(*old_values.shape[:2], capacity, old_values.shape[-1])
+            self.keys[:, :, : self.capacity] = old_keys
+            self.values[:, :, : self.capacity] = old_values
+            self._mark_static()
+        self.capacity = capacity
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -81,6 +97,15 @@ class StaticKVCache(Cache):
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` entries (no fewer than now), every entry kept in its slot. The
+        buffers are reallocated: graphs compiled for the old shape no longer apply."""
+        if capacity < self.capacity:
+            raise ValueError(f"a static KV cache only grows: {capacity} slots asked, {self.capacity} held")
+        for layer in self.layers:
+            layer.grow(capacity)
+        self.capacity = capacity
 
     def begin_write(self, start: int, count: int) -> None:
         """The next forward writes `count` entries from slot `start` on."""
