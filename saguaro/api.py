@@ -15,7 +15,14 @@ from transformers.generation.logits_process import LogitsProcessorList
 from . import auto, distributed, weights
 from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
 from .batched_runner import BatchedRunner
-from .compiled_runner import CHAIN_FEED, GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner, check_compilable
+from .compiled_runner import (
+    CHAIN_FEED,
+    GREEDY_BLOCK,
+    STATIC_CAPACITY,
+    CompiledRunner,
+    check_compilable,
+    check_static_capacity,
+)
 from .consensus import Consensus
 from .cost_model import BatchLookaheads, LookaheadController, TreeDepthController
 from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
@@ -272,6 +279,7 @@ class SpeculativeGenerator:
         prefix_cache_bytes: int = DEFAULT_MAX_BYTES,
         compile: bool = False,
         pack_target_weights: bool = True,
+        static_capacity: int = STATIC_CAPACITY,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -339,12 +347,14 @@ class SpeculativeGenerator:
             )
         if compile:
             check_compilable(target, draft_model if method not in MODEL_FREE else None)
+        check_static_capacity(static_capacity)
         if not isinstance(pack_target_weights, bool):
             raise ValueError(f"pack_target_weights must be True or False, got {pack_target_weights!r}")
         self.target, self.draft_model = target, draft_model
         # compile=True: the target's and the chain drafter's steps run as compiled graphs on static
         # caches (compiled_runner.py), kept across calls so the graphs compiled at warm-up serve them.
         self.compile = compile
+        self.static_capacity = static_capacity  # a static cache's first size; it doubles as needed
         self._static_runners: dict[str, CompiledRunner] = {}
         # The target as the runners run it (packed_linear.py), built on the first call. Compiled
         # graphs pack weights their own way; a sharded target's other ranks run the plain model.
@@ -815,15 +825,19 @@ class SpeculativeGenerator:
         return InlineDrafts(drafter)
 
     def _runner(self, role: str, model, capacity: int, prefixes, buckets, chains=()) -> ModelRunner:
-        """A fresh eager runner, or with compile=True this role's compiled runner: reused while its
-        static cache is large enough (its graphs stay valid), else replaced by one twice as large."""
+        """A fresh eager runner, or with compile=True this role's compiled runner, kept across calls.
+        Its static cache starts at static_capacity slots and doubles as a sequence needs it
+        (`CompiledRunner.reserve`: a logged recompile, once per size), the prefill sizing it for at
+        most PRESIZED_NEW_TOKENS of the call's `capacity` (the most it may hold), never all of it."""
         if not self.compile:
             return ModelRunner(model, capacity, prefixes)
         runner = self._static_runners.get(role)
-        if runner is None or runner.cache.capacity < capacity or runner.model is not model:
-            size = max(STATIC_CAPACITY, 1 << (capacity - 1).bit_length())
-            runner = CompiledRunner(model, size, prefixes, buckets, chains)
+        if runner is None or runner.model is not model:
+            # Another model (weights rebuilt) keeps the size reached, whose graphs its shape shares.
+            size = self.static_capacity if runner is None else runner.cache.capacity
+            runner = CompiledRunner(model, size, prefixes, buckets, chains, role)
             self._static_runners[role] = runner
+        runner.most = capacity
         runner.prefix_cache = prefixes
         runner.buckets = tuple(sorted(set(runner.buckets) | set(buckets)))
         runner.chains = tuple(sorted(set(runner.chains) | set(chains)))
@@ -885,7 +899,11 @@ def generate(
     on static KV caches (inductor on CPU, CUDA graphs on GPU; compiled_runner.py): the first calls
     compile (seconds to minutes per shape), later ones are faster. Off by default: it pays on long
     or many generations with one generator, not on a single short call. Sliding-window models
-    cannot use it.
+    cannot use it. A static cache starts at static_capacity slots (256; a positive int), a prefill
+    sizes it for the prompt plus at most 1024 new tokens, and it doubles whenever the sequence needs
+    more (mid-call too); each growth recompiles that runner's graphs once at the new size (seconds
+    to minutes on a CPU; a size compiled before in the process is reused) and is logged as a warning
+    on the "saguaro" logger. A static_capacity holding the longest prompt + answer avoids them.
     pack_target_weights=True (default): on CPU in bf16 the target runs with oneDNN-prepacked
     linears (packed_linear.py), the same products without re-laying every weight out on each call
     (~1.5x a forward on the demo target), at the memory of one copy of its linear weights; used
