@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import saguaro
-from saguaro import demo_models
-from saguaro.benchmark import plain_greedy_config
+from saguaro.bench import demo_models
+from saguaro.bench.benchmark import plain_greedy_config
 
 HELDOUT = Path(__file__).resolve().parent / "heldout.jsonl"
 
@@ -89,7 +89,7 @@ def main() -> None:
     ratio = statistics.median(h / s for h, s in zip(hf_seconds, saguaro_seconds))
     saguaro.disable(target)
     print(f"median speedup over HF batched greedy: {ratio:.2f}x (batch {args.batch_size}, {args.method})")
-    # What saguaro's runners gain without drafting (prepacked linears on CPU in bf16, packed_linear.py):
+    # What saguaro's runners gain without drafting (prepacked linears on CPU in bf16, model/packed_linear.py):
     # the same batch as plain batched steps, so the speculation's own share can be read off.
     saguaro.enable(target, method="autoregressive", prefix_cache=False)
     target.generate(**batch, max_new_tokens=2, do_sample=False)

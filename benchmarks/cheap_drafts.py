@@ -1,4 +1,4 @@
-"""Cost and agreement of the draft's cheap variants (saguaro.draft_compression) on the machine at hand.
+"""Cost and agreement of the draft's cheap variants (saguaro.draft.compression) on the machine at hand.
 
 Per variant (quantization none / int8 / int4 x full / reduced vocabulary): the median forward over
 T new tokens on a 200-token context per thread count, and the teacher-forced top-1 agreement with
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from saguaro import step_costs
-from saguaro.draft_compression import compress_draft, prepare_draft
+from saguaro.draft.compression import compress_draft, prepare_draft
+from saguaro.tune import step_costs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from saguaro.memory_sampler import MemorySampler
+from saguaro.bench.memory_sampler import MemorySampler
 
 HERE = Path(__file__).resolve().parent
 
@@ -138,6 +138,9 @@ SCENARIOS = {
 
 
 def run_scenario(name: str, args, env: dict | None = None) -> dict:
+    # A finished scenario's drafter worker may outlive it by a second (it notices its parent's
+    # exit by polling): let it go, so that it is not in the next scenario's memory baseline.
+    time.sleep(3)
     command = [sys.executable, __file__, "--scenario", name, "--target", args.target, "--draft", args.draft]
     command += ["--max-new-tokens", str(args.max_new_tokens)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -173,10 +176,10 @@ def main() -> None:
         print(json.dumps(SCENARIOS[args.scenario](args)))
         return
     if not args.target:
-        from saguaro import demo_models
+        from saguaro.bench import demo_models
 
         args.target, args.draft = map(str, demo_models.fetch_demo_pair())
-    from saguaro.benchmark import cpu_model
+    from saguaro.bench.benchmark import cpu_model
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as cache:

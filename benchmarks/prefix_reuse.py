@@ -1,6 +1,6 @@
 """Prefix reuse across calls: time to the first token of a chat's second turn, and of another
 request behind the same system prompt, on a warm generator vs a cold one, with the same output
-(the logic lives in saguaro/prefix_benchmark.py, which `saguaro bench --shared-prefix` also runs).
+(the logic lives in saguaro/bench/prefix_scenarios.py, which `saguaro bench --shared-prefix` also runs).
 
     python benchmarks/prefix_reuse.py [--target DIR --draft DIR] [--repeats 3]
 """
@@ -10,8 +10,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from saguaro import demo_models
-from saguaro.prefix_benchmark import shared_prefix_benchmark
+from saguaro.bench import demo_models
+from saguaro.bench.prefix_scenarios import shared_prefix_benchmark
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM
 
-from saguaro import step_costs
+from saguaro.tune import step_costs
 
 
 def main() -> None:

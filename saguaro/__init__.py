@@ -1,13 +1,13 @@
 """saguaro: lossless speculative (and speculative speculative) decoding for Hugging Face causal LMs."""
 
-from .api import METHODS, GenerateOutput, SpeculativeGenerator, generate
-from .faults import SaguaroWarning
-from .hf_generate import UnsupportedGenerateCall, disable, enable
-from .kernels import TREE_BACKENDS
-from .kernels.hf_attention import TREE_ATTENTION, register_hf_attention
-from .stats import GenerationStats
-from .tree import DynamicTree
-from .weights import weights_changed
+from saguaro.api import METHODS, GenerateOutput, SpeculativeGenerator, generate
+from saguaro.decode.stats import GenerationStats
+from saguaro.faults import SaguaroWarning
+from saguaro.hf.drop_in import UnsupportedGenerateCall, disable, enable
+from saguaro.kernels import TREE_ATTENTION, TREE_BACKENDS
+from saguaro.kernels.hf_attention import register_hf_attention
+from saguaro.model.tree import DynamicTree
+from saguaro.model.weights import weights_changed
 
 # Makes attn_implementation="saguaro_tree" (and "saguaro_tree_triton" / "_cuda" / "_sdpa", one
 # backend each) available to from_pretrained once saguaro is imported.

@@ -7,15 +7,24 @@ import numbers
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
-from . import auto, distributed, weights
-from .batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
-from .batched_runner import BatchedRunner
-from .compiled_runner import (
+from saguaro import distributed
+from saguaro.decode.batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
+from saguaro.decode.engines import StopRule, autoregressive, speculative
+from saguaro.decode.sampling import SamplingConfig, TokenSampler
+from saguaro.decode.stats import GenerationStats
+from saguaro.distributed.consensus import Consensus
+from saguaro.draft.compression import DraftConfiguration, check_draft_options, prepare_draft
+from saguaro.draft.drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
+from saguaro.draft.stream import DraftStream
+from saguaro.faults import WorkerFailed, logger, warn
+from saguaro.model import weights
+from saguaro.model.batched_runner import BatchedRunner
+from saguaro.model.compiled_runner import (
     CHAIN_FEED,
     GREEDY_BLOCK,
     STATIC_CAPACITY,
@@ -23,21 +32,14 @@ from .compiled_runner import (
     check_compilable,
     check_static_capacity,
 )
-from .consensus import Consensus
-from .cost_model import BatchLookaheads, LookaheadController, TreeDepthController
-from .draft_compression import DraftConfiguration, check_draft_options, prepare_draft
-from .draft_stream import DraftStream
-from .drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
-from .engines import StopRule, autoregressive, speculative
-from .faults import logger, warn
-from .packed_linear import runnable_target
-from .placement import NoSplit, ThreadSplit
-from .prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
-from .runner import ModelRunner
-from .sampling import SamplingConfig, TokenSampler
-from .stats import GenerationStats
-from .tree import DynamicTree, static_tree
-from .workers import PLACEMENTS, DraftWorker, WorkerFailed
+from saguaro.model.packed_linear import runnable_target
+from saguaro.model.placement import NoSplit, ThreadSplit
+from saguaro.model.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, check_max_bytes
+from saguaro.model.runner import ModelRunner
+from saguaro.model.tree import DynamicTree, static_tree
+from saguaro.ssd.worker import PLACEMENTS, DraftWorker
+from saguaro.tune import auto
+from saguaro.tune.cost_model import BatchLookaheads, LookaheadController, TreeDepthController
 
 METHODS = ("autoregressive", "speculative", "tree", "saguaro", "prompt_lookup", "auto")
 SCHEDULES = ("adaptive", "constant")
@@ -51,7 +53,7 @@ ADAPTIVE_DRAFT_COST = {
     "tree": "per_token",
 }
 MODEL_FREE = ("autoregressive", "prompt_lookup")
-# Methods whose batches run as one (batched.py); a tree's batch runs row after row.
+# Methods whose batches run as one (decode/batched.py); a tree's batch runs row after row.
 BATCHED_METHODS = ("autoregressive", "speculative", "saguaro", "prompt_lookup")
 DEFAULT_TREE = (2, 2, 1, 1)
 # num_speculative_tokens=None: the deepest draft per round, by method. Saguaro's drafting is hidden
@@ -283,7 +285,7 @@ class SpeculativeGenerator:
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        # A target sharded over several ranks: rank 0 decodes, the others follow (distributed.py).
+        # A target sharded over several ranks: rank 0 decodes, the others follow (distributed/__init__.py).
         self._tp = distributed.tensor_parallel_target(target)
         if self._tp is not None:
             method, placement, draft_quantization, draft_vocab_size = distributed.settle_options(
@@ -352,11 +354,11 @@ class SpeculativeGenerator:
             raise ValueError(f"pack_target_weights must be True or False, got {pack_target_weights!r}")
         self.target, self.draft_model = target, draft_model
         # compile=True: the target's and the chain drafter's steps run as compiled graphs on static
-        # caches (compiled_runner.py), kept across calls so the graphs compiled at warm-up serve them.
+        # caches (model/compiled_runner.py), kept across calls so the graphs compiled at warm-up serve them.
         self.compile = compile
         self.static_capacity = static_capacity  # a static cache's first size; it doubles as needed
         self._static_runners: dict[str, CompiledRunner] = {}
-        # The target as the runners run it (packed_linear.py), built on the first call. Compiled
+        # The target as the runners run it (model/packed_linear.py), built on the first call. Compiled
         # graphs pack weights their own way; a sharded target's other ranks run the plain model.
         self._pack_target = pack_target_weights and not compile and self._tp is None
         # Each model's prefix cache (None: off) holds the KV of earlier calls' sequences; the Saguaro
@@ -408,7 +410,7 @@ class SpeculativeGenerator:
         if method == "tree":
             branching = self._tree_branching
             self.tree_shape = branching if isinstance(branching, DynamicTree) else list(branching)
-        # On CPU the worker process and the target share the cores: split them (placement.py).
+        # On CPU the worker process and the target share the cores: split them (model/placement.py).
         cpu_worker = method == "saguaro" and self.placement == "process" and self.target.device.type == "cpu"
         self.threads = ThreadSplit.for_cpu() if cpu_worker else NoSplit()
         # Kept across calls: what a step costs on this machine carries over from one prompt to the next.
@@ -480,7 +482,7 @@ class SpeculativeGenerator:
 
     def _runnable_target(self):
         """The target the runners run: on CPU in bf16, a view with prepacked linears (the same
-        products, faster: packed_linear.py), else the model itself. One per model and weight epoch,
+        products, faster: model/packed_linear.py), else the model itself. One per model and weight epoch,
         shared with every other generator of the model."""
         return runnable_target(self.target, self._pack_target, self._memory_reserve())
 
@@ -493,18 +495,19 @@ class SpeculativeGenerator:
     def _prepared_draft(self, sample: list[int]):
         """The draft the drafters run, shared with every generator of the same pair and options
         (draft_compression.prepare_draft): measured once, rebuilt when the draft's weights move."""
-        # Measured as it will run: a CPU Saguaro worker drafts on its own threads while the
-        # target verifies on the rest.
-        split = self.threads.drafter > 0
-        self._draft, self.draft_configuration = prepare_draft(
+        # One choice per pair and options, whatever the method, measured on the caller's threads:
+        # a variant's step cost against another's is alike on a worker's thread, and auto's method
+        # may move between calls, which must not measure the draft again (~20 s on the demo pair).
+        self._draft, record = prepare_draft(
             self.draft_model,
             self._runnable_target(),
             *self._draft_options,
             sample,
-            self.threads.drafter if split else None,
+            None,
             self.num_speculative_tokens,
-            self.threads.target if split else None,
         )
+        # The threads it drafts on in this generator: a CPU Saguaro worker's own, else the caller's.
+        self.draft_configuration = replace(record, threads=self.threads.drafter or None)
         return self._draft
 
     def _draft_worker(self) -> DraftWorker:
@@ -601,7 +604,7 @@ class SpeculativeGenerator:
         streamer=None,
     ):
         """See `saguaro.generate`. Rows of a batch (left-padded, per `attention_mask`) are generated
-        together (batched.py: one target forward per round for all live rows, each accepting its
+        together (decode/batched.py: one target forward per round for all live rows, each accepting its
         own count; "saguaro" and an auto-chosen tree run batched chains), except for method="tree",
         whose rows run one after another; each row exactly as alone, finished rows padded with
         pad_token_id.
@@ -629,7 +632,7 @@ class SpeculativeGenerator:
             )
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         # Whatever was built from the weights (packed target, compressed draft, prefix caches, the
-        # worker's copy) is rebuilt below if they moved since the last call, by any route (weights.py).
+        # worker's copy) is rebuilt below if they moved since the last call, by any route (model/weights.py).
         call_start, self._decode_start = time.perf_counter(), None
         weights.observe(self.target)
         weights.observe(self.draft_model)
@@ -684,7 +687,7 @@ class SpeculativeGenerator:
     def _generate_batch(
         self, prompts: list[list[int]], samplers: list[TokenSampler], stops: list[StopRule]
     ) -> list[tuple[list[int], GenerationStats]]:
-        """All rows at once (batched.py): one target forward per round for every live row.
+        """All rows at once (decode/batched.py): one target forward per round for every live row.
 
         Saguaro's pre-speculation of every row's outcomes would multiply the drafter's work by the
         batch, and a tree (which "auto" may choose) has no batched loop: both serve a batch with
@@ -896,7 +899,7 @@ def generate(
     is used, so torch.manual_seed makes runs reproducible for a fixed method with
     speculation_schedule="constant" (auto's choices and adaptive lengths follow measured timings).
     compile=True runs the target's steps, and the chain drafter's, as compiled graphs of fixed shape
-    on static KV caches (inductor on CPU, CUDA graphs on GPU; compiled_runner.py): the first calls
+    on static KV caches (inductor on CPU, CUDA graphs on GPU; model/compiled_runner.py): the first calls
     compile (seconds to minutes per shape), later ones are faster. Off by default: it pays on long
     or many generations with one generator, not on a single short call. Sliding-window models
     cannot use it. A static cache starts at static_capacity slots (256; a positive int), a prefill
@@ -905,7 +908,7 @@ def generate(
     to minutes on a CPU; a size compiled before in the process is reused) and is logged as a warning
     on the "saguaro" logger. A static_capacity holding the longest prompt + answer avoids them.
     pack_target_weights=True (default): on CPU in bf16 the target runs with oneDNN-prepacked
-    linears (packed_linear.py), the same products without re-laying every weight out on each call
+    linears (model/packed_linear.py), the same products without re-laying every weight out on each call
     (~1.5x a forward on the demo target), at the memory of one copy of its linear weights; used
     only where that copy fits in half the free memory and the model's own layers give the same
     bits and are slower. False keeps the model's own linears.

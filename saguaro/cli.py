@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import benchmark, demo_models, launch
-from .api import METHODS
+from saguaro import launch
+from saguaro.api import METHODS
+from saguaro.bench import benchmark, demo_models
 
 
 def generate_main(argv) -> None:
@@ -80,8 +81,7 @@ def _generate(topology, args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     import saguaro
-
-    from . import distributed
+    from saguaro import distributed
 
     if args.seed is not None:
         torch.manual_seed(args.seed)

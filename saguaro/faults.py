@@ -19,3 +19,7 @@ def warn(message: str, stacklevel: int = 2) -> None:
     """warnings.warn(message, SaguaroWarning) pointing at the caller's caller, and logger.warning."""
     warnings.warn(message, SaguaroWarning, stacklevel=stacklevel + 1)
     logger.warning(message)
+
+
+class WorkerFailed(RuntimeError):
+    """The drafter worker died, raised, or did not answer within its timeout."""

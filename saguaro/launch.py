@@ -93,7 +93,8 @@ def _spawned_rank(rank, world, port, main, tp, draft_path, dtype, args) -> None:
 def _rank_main(rank, main, tp, draft_path, dtype, args) -> None:
     from transformers import AutoModelForCausalLM
 
-    from . import distributed
+    from saguaro import distributed
+    from saguaro.ssd.worker import serve_drafter
 
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank's process
@@ -106,7 +107,7 @@ def _rank_main(rank, main, tp, draft_path, dtype, args) -> None:
             draft = AutoModelForCausalLM.from_pretrained(draft_path, dtype=getattr(torch, dtype))
             if torch.cuda.is_available():
                 draft = draft.to(f"cuda:{torch.cuda.current_device()}")
-            distributed.serve_drafter(draft.eval())
+            serve_drafter(draft.eval())
         else:
             main(topology, *args)
     finally:

@@ -143,7 +143,7 @@ def _collect_dropped_generators():
 def slow_verification(monkeypatch, seconds: float = 0.03):
     """Make each verification last `seconds`, as a large target's does: pre-speculation, which the
     outcome interrupts, then has the time to reach full depth (tiny models verify in ~1 ms)."""
-    from saguaro import engines
+    from saguaro.decode import engines
 
     real_verify = engines.verify_proposal
 

@@ -29,7 +29,7 @@ def chi_square_pvalue(
 
 
 def reference_probs(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, written out plainly (independent of saguaro.sampling)."""
+    """Temperature, then top-k, then top-p, written out plainly (independent of saguaro.decode.sampling)."""
     logits = logits.double() / temperature
     if top_k:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]

@@ -10,7 +10,7 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
-from saguaro.cost_model import LookaheadController, TreeDepthController
+from saguaro.tune.cost_model import LookaheadController, TreeDepthController
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 EOS_PROMPT = torch.tensor([[1, 13, 51, 16, 20, 79, 45, 71, 17]])  # the target emits EOS (2) after it

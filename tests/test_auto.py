@@ -5,9 +5,9 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
-from saguaro import auto
-from saguaro.cost_model import CostCurve
-from saguaro.placement import ThreadSplit
+from saguaro.model.placement import ThreadSplit
+from saguaro.tune import auto
+from saguaro.tune.cost_model import CostCurve
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 pytestmark = pytest.mark.timeout(180)

@@ -8,9 +8,9 @@ from stats_helpers import argmax_with_sampled_q, chi_square_pvalue
 from test_sampling_exact import exact_joint
 
 import saguaro
-from saguaro import batched_runner
-from saguaro.batched import BatchedModelDrafter
-from saguaro.stats import GenerationStats
+from saguaro.decode.batched import BatchedModelDrafter
+from saguaro.decode.stats import GenerationStats
+from saguaro.model import batched_runner
 
 PROMPTS = [[1, 17, 33, 5, 80, 42, 9, 64, 23], [1, 5, 6], [1, 44, 45, 46, 47, 48], [1, 90, 12, 13, 14, 15, 16]]
 

@@ -6,7 +6,9 @@ import statistics
 import pytest
 from conftest import WORDS, perturbed_copy, slow_verification, tiny_model, word_tokenizer
 
-from saguaro import benchmark, cli, demo_models, prefix_benchmark
+from saguaro import cli
+from saguaro.bench import benchmark, demo_models
+from saguaro.bench import prefix_scenarios as prefix_benchmark
 
 
 @pytest.fixture(scope="module")

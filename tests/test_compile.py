@@ -12,12 +12,13 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
-from saguaro import compiled_runner, engines
-from saguaro.compiled_runner import CompiledRunner, decode_step, tree_layout
-from saguaro.cost_model import LookaheadController
-from saguaro.runner import ModelRunner
-from saguaro.static_cache import StaticKVCache
-from saguaro.tree import TokenTree
+from saguaro.decode import engines
+from saguaro.model import compiled_runner
+from saguaro.model.compiled_runner import CompiledRunner, decode_step, tree_layout
+from saguaro.model.runner import ModelRunner
+from saguaro.model.static_cache import StaticKVCache
+from saguaro.model.tree import TokenTree
+from saguaro.tune.cost_model import LookaheadController
 
 PROMPTS = [[1, 17, 33, 5, 80, 42, 9, 64, 23], [1, 7, 7, 8, 9, 7, 7, 8, 9, 7, 7, 8, 40, 41]]
 
@@ -158,7 +159,7 @@ def test_auto_times_the_compiled_steps_and_stays_exact(pair):
         out = generator.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=30, eos_token_id=[])
         assert out.tolist() == hf_greedy(target, PROMPTS[0], 30).tolist()
         predicted = generator.auto_choice.predicted_tokens_per_second
-    calibration = next(c for key, c in saguaro.auto._calibrations[target].items() if key[-1])
+    calibration = next(c for key, c in saguaro.tune.auto._calibrations[target].items() if key[-1])
     assert calibration.greedy_token is not None and calibration.draft_chain is not None
     assert predicted["autoregressive"] == pytest.approx(1 / calibration.greedy_token)
 

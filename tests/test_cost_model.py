@@ -5,8 +5,8 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
-from saguaro import auto
-from saguaro.cost_model import AcceptanceCounter, CostCurve, LookaheadController, expected_tokens
+from saguaro.tune import auto
+from saguaro.tune.cost_model import AcceptanceCounter, CostCurve, LookaheadController, expected_tokens
 
 
 def test_expected_tokens_is_one_plus_the_chance_of_reaching_each_position():

@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
-from saguaro import demo_models
-from saguaro.demo_models import DemoFetchError, DemoModel, HubUnavailable, Part, fetch_demo_pair
+from saguaro.bench import demo_models
+from saguaro.bench.demo_models import DemoFetchError, DemoModel, HubUnavailable, Part, fetch_demo_pair
 
 
 def sha(data: bytes) -> str:

@@ -1,13 +1,15 @@
-"""Measurements kept on disk (disk_cache.py): a later process (here: emptied in-process caches)
+"""Measurements kept on disk (model/disk_cache.py): a later process (here: emptied in-process caches)
 reads auto's step costs, the draft choice and the packing verdict instead of measuring again."""
 
 import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
 
-from saguaro import auto, disk_cache, draft_compression, packed_linear
-from saguaro.draft_compression import _PREPARED, prepare_draft
-from saguaro.placement import ThreadSplit
+from saguaro.draft import compression as draft_compression
+from saguaro.draft.compression import _PREPARED, prepare_draft
+from saguaro.model import disk_cache, packed_linear
+from saguaro.model.placement import ThreadSplit
+from saguaro.tune import auto
 
 PROMPT = [1, 17, 33, 5, 80, 42, 9, 64, 23]
 

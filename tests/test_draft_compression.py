@@ -1,4 +1,4 @@
-"""Cheap drafts (saguaro.draft_compression): quantized and reduced-vocabulary drafts stay exact."""
+"""Cheap drafts (saguaro.draft.compression): quantized and reduced-vocabulary drafts stay exact."""
 
 import dataclasses
 
@@ -9,8 +9,9 @@ from stats_helpers import chi_square_pvalue
 from test_sampling_exact import FAIL_P, PASS_P, VOCAB, exact_joint, sample_counts
 
 import saguaro
-from saguaro import draft_compression, verify
-from saguaro.draft_compression import (
+from saguaro.decode import verify
+from saguaro.draft import compression as draft_compression
+from saguaro.draft.compression import (
     DraftCompressionUnavailable,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
@@ -23,7 +24,7 @@ from saguaro.draft_compression import (
     restrict_draft_vocabulary,
     variant_score,
 )
-from saguaro.drafters import ModelDrafter
+from saguaro.draft.drafters import ModelDrafter
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 LINEARS = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear}

@@ -1,4 +1,4 @@
-"""The one draft protocol (saguaro.draft_stream): speculative, tree and saguaro all get their drafts
+"""The one draft protocol (saguaro.draft.stream): speculative, tree and saguaro all get their drafts
 through it, and what a stream hands over is exactly what the target verifies."""
 
 import pytest
@@ -6,12 +6,13 @@ import torch
 from conftest import perturbed_copy, slow_verification, tiny_model
 
 import saguaro
-from saguaro import api, engines
-from saguaro.compiled_runner import CompiledRunner
-from saguaro.cost_model import TreeDepthController
-from saguaro.draft_stream import Draft, DraftSource, DraftStream
-from saguaro.runner import ModelRunner
-from saguaro.tree import TokenTree, static_tree
+from saguaro import api
+from saguaro.decode import engines
+from saguaro.draft.stream import Draft, DraftSource, DraftStream
+from saguaro.model.compiled_runner import CompiledRunner
+from saguaro.model.runner import ModelRunner
+from saguaro.model.tree import TokenTree, static_tree
+from saguaro.tune.cost_model import TreeDepthController
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 METHODS = ["speculative", "tree", "saguaro"]

@@ -135,7 +135,7 @@ def test_tree_with_tree_attention_kernel_matches_target(arch):
 
 
 def test_best_prefixes_keeps_siblings_in_draw_order():
-    from saguaro.drafters import best_prefixes
+    from saguaro.draft.drafters import best_prefixes
 
     offers = [[(10, None, 0.2), (11, None, 0.7)], [(20, None, 0.5), (21, None, 0.4)]]
     # Sibling 11 scores best but comes after 10 in draw order: it can only follow 10.
@@ -163,7 +163,7 @@ def test_prompt_lookup_greedy_matches_target(arch):
 
 
 def test_lookup_continuation_prefers_the_longest_latest_match():
-    from saguaro.drafters import lookup_continuation
+    from saguaro.draft.drafters import lookup_continuation
 
     tokens = [5, 6, 7, 1, 5, 6, 8, 2, 6, 7, 3, 5, 6]
     assert lookup_continuation(tokens, 3) == [8, 2, 6]  # "5 6" last seen before "8 2 6"

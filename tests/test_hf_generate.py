@@ -9,7 +9,7 @@ from conftest import WORDS, perturbed_copy, tiny_model, word_tokenizer
 from stats_helpers import chi_square_pvalue
 
 import saguaro
-from saguaro import batched, engines
+from saguaro.decode import batched, engines
 
 pytestmark = pytest.mark.timeout(300)
 

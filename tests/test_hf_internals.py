@@ -1,7 +1,7 @@
 """The private transformers API saguaro's drop-in generate relies on, one test per method/attribute.
 
 If a transformers upgrade removes or changes one, its test here fails, naming it; see
-saguaro/hf_internals.py for the contract each wrapper states.
+saguaro/hf/internals.py for the contract each wrapper states.
 """
 
 import pytest
@@ -16,7 +16,7 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
-from saguaro import hf_internals as hf
+from saguaro.hf import internals as hf
 
 IDS = torch.tensor([[0, 0, 1, 17, 33]])  # left padding with pad id 0
 

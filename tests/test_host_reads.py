@@ -14,11 +14,11 @@ import torch
 from conftest import tiny_model
 
 import saguaro
-from saguaro.drafters import ModelDrafter
-from saguaro.prespeculation import PreSpeculator
-from saguaro.sampling import SamplingConfig, TokenSampler
-from saguaro.tree import DynamicTree, static_tree
-from saguaro.verify import verify_tree_greedy, verify_tree_sampled
+from saguaro.decode.sampling import SamplingConfig, TokenSampler
+from saguaro.decode.verify import verify_tree_greedy, verify_tree_sampled
+from saguaro.draft.drafters import ModelDrafter
+from saguaro.model.tree import DynamicTree, static_tree
+from saguaro.ssd.prespeculation import PreSpeculator
 
 PACKAGE = str(Path(saguaro.__file__).parent)
 READS = ("__int__", "__float__", "__bool__", "__index__", "item", "tolist", "cpu")

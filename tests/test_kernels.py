@@ -328,13 +328,13 @@ def test_register_hf_attention_is_idempotent():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    assert kernels.register_hf_attention() == kernels.register_hf_attention() == "saguaro_tree"
+    assert hf_attention.register_hf_attention() == hf_attention.register_hf_attention() == "saguaro_tree"
     assert AttentionInterface()["saguaro_tree"] is hf_attention.saguaro_tree_attention_forward
     assert AttentionMaskInterface()["saguaro_tree"] is sdpa_mask
-    assert kernels.register_hf_attention("cuda") == "saguaro_tree_cuda"
+    assert hf_attention.register_hf_attention("cuda") == "saguaro_tree_cuda"
     assert AttentionInterface()["saguaro_tree_cuda"] is hf_attention.attention_forward("cuda")
     with pytest.raises(ValueError, match="one of"):
-        kernels.register_hf_attention("flash")
+        hf_attention.register_hf_attention("flash")
 
 
 # ---- backend choice ----
@@ -405,19 +405,19 @@ def test_cuda_extension_builds_from_the_checkout_sources(fresh_extension_load, m
 
 
 def test_runner_rejects_the_cuda_backend_on_cpu():
-    from saguaro.runner import ModelRunner
+    from saguaro.model.runner import ModelRunner
 
-    model = tiny_llama(kernels.register_hf_attention("cuda"))
+    model = tiny_llama(hf_attention.register_hf_attention("cuda"))
     with pytest.raises(kernels.TreeBackendUnavailable, match="saguaro_tree_sdpa"):
         ModelRunner(model, 32)
-    assert ModelRunner(tiny_llama(kernels.register_hf_attention("sdpa")), 32)._tree_kernel
+    assert ModelRunner(tiny_llama(hf_attention.register_hf_attention("sdpa")), 32)._tree_kernel
 
 
 def check_hf_tree_step_matches_sdpa(chain: bool, backend: str = "auto") -> None:
     """A left-padded prompt, then one tree step: logits equal sdpa's given the same mask densely."""
     from transformers import DynamicCache
 
-    tree_model = tiny_llama(kernels.register_hf_attention(backend))
+    tree_model = tiny_llama(hf_attention.register_hf_attention(backend))
     sdpa_model = tiny_llama("sdpa", tree_model.state_dict())
 
     generator = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""Prepacked bf16 linears (packed_linear.py): the same bits as the model's own forward, new weights
+"""Prepacked bf16 linears (model/packed_linear.py): the same bits as the model's own forward, new weights
 followed, and the plain model kept wherever packing does not serve."""
 
 import logging
@@ -9,9 +9,9 @@ from conftest import perturbed_copy, tiny_model
 from test_batched import PROMPTS, alone, left_padded
 
 import saguaro
-from saguaro import packed_linear
 from saguaro.api import SpeculativeGenerator
-from saguaro.packed_linear import PackedLinear, packed_view
+from saguaro.model import packed_linear
+from saguaro.model.packed_linear import PackedLinear, packed_view
 
 pytestmark = pytest.mark.skipif(not packed_linear.packing_available(), reason="torch without oneDNN packing")
 

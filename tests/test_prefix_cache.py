@@ -9,10 +9,10 @@ import torch
 from conftest import ARCHITECTURES, perturbed_copy, tiny_model
 
 import saguaro
-from saguaro.prefix_cache import PrefixCache
-from saguaro.prespeculation import PreSpeculator
-from saguaro.runner import ModelRunner
-from saguaro.sampling import SamplingConfig
+from saguaro.decode.sampling import SamplingConfig
+from saguaro.model.prefix_cache import PrefixCache
+from saguaro.model.runner import ModelRunner
+from saguaro.ssd.prespeculation import PreSpeculator
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -15,8 +15,8 @@ from transformers import StoppingCriteria
 
 import saguaro
 from saguaro import distributed
-from saguaro.prespeculation import PreSpeculator
-from saguaro.workers import DraftWorker, WorkerFailed
+from saguaro.ssd.prespeculation import PreSpeculator
+from saguaro.ssd.worker import DraftWorker, WorkerFailed
 
 PROMPT = torch.tensor([[1, 17, 50, 5]])
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import ARCHITECTURES, tiny_model
 
-from saguaro.runner import ModelRunner
-from saguaro.tree import TokenTree
+from saguaro.model.runner import ModelRunner
+from saguaro.model.tree import TokenTree
 
 PROMPT = [1, 17, 33, 5, 80, 42, 9, 64, 23, 11, 7]
 

@@ -10,10 +10,10 @@ import torch
 from conftest import perturbed_copy, slow_verification, tiny_model
 
 import saguaro
-from saguaro import engines
-from saguaro.draft_stream import DraftSource
-from saguaro.ssd import ConfidenceCalibration, draft_confidence, predict_outcomes
-from saguaro.workers import WorkerFailed
+from saguaro.decode import engines
+from saguaro.draft.stream import DraftSource
+from saguaro.ssd.outcomes import ConfidenceCalibration, draft_confidence, predict_outcomes
+from saguaro.ssd.worker import WorkerFailed
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 pytestmark = pytest.mark.timeout(180)

@@ -10,19 +10,19 @@ from conftest import tiny_model
 from stats_helpers import argmax_with_sampled_q, chi_square_pvalue, reference_probs
 
 import saguaro
-from saguaro import engines
-from saguaro.drafters import ModelDrafter
-from saguaro.prespeculation import PreSpeculator
-from saguaro.sampling import SamplingConfig, TokenSampler
-from saguaro.tree import TokenTree
-from saguaro.verify import verify_chain_sampled, verify_tree_sampled
-from saguaro.verify_reference import verify_tree_sampled_reference
+from saguaro.decode import engines
+from saguaro.decode.sampling import SamplingConfig, TokenSampler
+from saguaro.decode.verify import verify_chain_sampled, verify_tree_sampled
+from saguaro.decode.verify_walk import verify_tree_sampled_walk
+from saguaro.draft.drafters import ModelDrafter
+from saguaro.model.tree import TokenTree
+from saguaro.ssd.prespeculation import PreSpeculator
 
 PASS_P = 1e-3  # a correct sampler fails this once in a thousand seeds; our seeds are fixed
 FAIL_P = 1e-6
 
 
-TREE_VERIFIERS = {"tree_walk": verify_tree_sampled_reference, "tree_tensor": verify_tree_sampled}
+TREE_VERIFIERS = {"tree_walk": verify_tree_sampled_walk, "tree_tensor": verify_tree_sampled}
 VERIFIERS = {
     # The per-node walk and the tree tensor version over a tree that is a chain, and the chain's own.
     **{

@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from saguaro.sampling import SamplingConfig, TokenSampler
-from saguaro.tree import TokenTree, static_tree
-from saguaro.verify import (
+from saguaro.decode.sampling import SamplingConfig, TokenSampler
+from saguaro.decode.verify import (
     tree_greedy_outcome,
     tree_layout,
     tree_rejection_outcome,
     verify_tree_greedy,
     verify_tree_sampled,
 )
-from saguaro.verify_reference import verify_tree_greedy_reference, verify_tree_sampled_reference
+from saguaro.decode.verify_walk import verify_tree_greedy_walk, verify_tree_sampled_walk
+from saguaro.model.tree import TokenTree, static_tree
 
 VOCAB = 5  # small, so that drafts often match and siblings repeat tokens
 REQUIRES_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,7 +44,7 @@ def test_tree_greedy_matches_the_walk(device):
         noise = torch.randint(0, VOCAB, (len(tree),), generator=generator)
         tokens = torch.where(torch.rand(len(tree), generator=generator) < 0.6, tokens, noise)
         scores, tokens = scores.to(device), tokens.to(device)
-        expected = verify_tree_greedy_reference(scores, tokens, tree)
+        expected = verify_tree_greedy_walk(scores, tokens, tree)
         assert verify_tree_greedy(scores, tokens, tree) == expected
         depths.append(len(expected[0]))
     # Both outcomes and deep paths were exercised.
@@ -66,7 +66,7 @@ def test_tree_sampled_matches_the_walk(deterministic, device):
         if deterministic:  # top-k children / prompt lookup: verified as q = one-hot(x)
             draft = torch.nn.functional.one_hot(tokens, VOCAB).float()
         results = []
-        for verify in (verify_tree_sampled_reference, verify_tree_sampled):
+        for verify in (verify_tree_sampled_walk, verify_tree_sampled):
             generator = torch.Generator(device).manual_seed(seed)
             sampler = TokenSampler(SamplingConfig(do_sample=True), generator)
             results.append(verify(target.to(device), draft.to(device), tokens.to(device), tree, sampler))

@@ -1,4 +1,4 @@
-"""Weight changes by every route reach everything saguaro built from the weights (weights.py):
+"""Weight changes by every route reach everything saguaro built from the weights (model/weights.py):
 the packed target, the compressed draft, the prefix caches and the Saguaro worker's copy; and
 one-shot `saguaro.generate` calls share one prepared state per model pair."""
 
@@ -11,9 +11,9 @@ from conftest import perturbed_copy, tiny_model
 from torch import nn
 
 import saguaro
-from saguaro import packed_linear, weights
-from saguaro.draft_compression import _PREPARED
-from saguaro.packed_linear import PackedLinear
+from saguaro.draft.compression import _PREPARED
+from saguaro.model import packed_linear, weights
+from saguaro.model.packed_linear import PackedLinear
 
 SYSTEM = [1, 17, 33, 5, 80, 42, 9, 64, 23, 18, 66, 63, 23, 10, 15, 54, 87, 67, 15, 40]
 NEW = 16

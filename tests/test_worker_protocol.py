@@ -1,5 +1,5 @@
 """The Saguaro worker protocol: numbered requests that cannot desynchronise, faults that come back
-visible, restarts, interruptible pre-speculation, and the pure pieces of ssd.py."""
+visible, restarts, interruptible pre-speculation, and the pure pieces of ssd/outcomes.py."""
 
 import logging
 import multiprocessing
@@ -14,12 +14,18 @@ from conftest import perturbed_copy, slow_verification, tiny_model
 from test_saguaro import PROMPT, hf_greedy, saguaro_generator, worker_process
 
 import saguaro
-from saguaro import prespeculation
-from saguaro.draft_stream import DraftSource
-from saguaro.placement import ThreadSplit
-from saguaro.prespeculation import PreSpeculator
-from saguaro.sampling import SamplingConfig
-from saguaro.ssd import SpeculationCache, branch_node, draft_confidence, predict_outcomes, saguaro_reshape
+from saguaro.decode.sampling import SamplingConfig
+from saguaro.draft.stream import DraftSource
+from saguaro.model.placement import ThreadSplit
+from saguaro.ssd import prespeculation
+from saguaro.ssd.outcomes import (
+    SpeculationCache,
+    branch_node,
+    draft_confidence,
+    predict_outcomes,
+    saguaro_reshape,
+)
+from saguaro.ssd.prespeculation import PreSpeculator
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -112,7 +118,7 @@ def test_a_stalled_worker_is_killed_at_its_timeout_not_waited_on():
 
 def test_backoff_grows_with_repeated_failures():
     target = tiny_model("llama", seed=0)
-    worker = saguaro.workers.DraftWorker(target, "thread", lookahead=2)
+    worker = saguaro.ssd.worker.DraftWorker(target, "thread", lookahead=2)
     try:
         for failures, skipped in [(1, 0), (2, 1), (3, 3)]:
             worker._fail("planted")
@@ -198,7 +204,7 @@ def test_a_deep_enough_hit_is_answered_mid_step(monkeypatch):
         model.model.layers[0].register_forward_pre_hook(until_sent),
         model.model.layers[-1].register_forward_hook(until_answered),
     ]
-    worker = saguaro.workers.DraftWorker(model, "thread", lookahead=2)
+    worker = saguaro.ssd.worker.DraftWorker(model, "thread", lookahead=2)
     try:
         prompt = PROMPT[0].tolist()
         draft = worker.reset(prompt, 2)
@@ -271,7 +277,7 @@ def test_branch_layout_matches_the_drafter_tree():
 
 def test_saguaro_splits_cpu_threads_and_restores_the_callers(monkeypatch):
     seen, generators = [], []
-    real_forward = saguaro.runner.ModelRunner.forward
+    real_forward = saguaro.model.runner.ModelRunner.forward
 
     def forward(self, tokens, *args, **kwargs):
         worker = generators[0]._worker if generators else None
@@ -279,7 +285,7 @@ def test_saguaro_splits_cpu_threads_and_restores_the_callers(monkeypatch):
         seen.append((torch.get_num_threads(), len(tokens), working))
         return real_forward(self, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(saguaro.runner.ModelRunner, "forward", forward)
+    monkeypatch.setattr(saguaro.model.runner.ModelRunner, "forward", forward)
     target = tiny_model("llama", seed=0)
     torch.set_num_threads(1)
     try:
@@ -391,7 +397,7 @@ def test_a_pause_ends_the_prespeculation_of_an_outcome_that_will_not_come(monkey
 
     monkeypatch.setattr(PreSpeculator, "prespeculate", held)
     target = tiny_model("llama", seed=0)
-    worker = saguaro.workers.DraftWorker(perturbed_copy(target, 0.05, seed=1), "thread", lookahead=3)
+    worker = saguaro.ssd.worker.DraftWorker(perturbed_copy(target, 0.05, seed=1), "thread", lookahead=3)
     try:
         committed = PROMPT[0].tolist()
         assert len(worker.reset(committed, 3).tokens) == 3
@@ -409,8 +415,10 @@ def test_the_engine_pauses_the_worker_after_each_drafted_round_with_no_outcome_t
     # A drafted round followed by a plain step, or by the end of the call, sends no outcome: the
     # worker must hear a pause there, and only there.
     pauses = []
-    original = saguaro.workers.DraftWorker.pause
-    monkeypatch.setattr(saguaro.workers.DraftWorker, "pause", lambda self: pauses.append(1) or original(self))
+    original = saguaro.ssd.worker.DraftWorker.pause
+    monkeypatch.setattr(
+        saguaro.ssd.worker.DraftWorker, "pause", lambda self: pauses.append(1) or original(self)
+    )
     target = tiny_model("llama", seed=0)
     with saguaro_generator(target) as generator:
         for tokens in (40, 13):
@@ -426,7 +434,7 @@ def test_a_worker_process_flags_its_work(monkeypatch):
     # and down once the request and the pre-speculation after it are done.
     target = tiny_model("llama", seed=0)
     draft = perturbed_copy(target, 0.05, seed=1)
-    worker = saguaro.workers.DraftWorker(draft, "process", lookahead=3)
+    worker = saguaro.ssd.worker.DraftWorker(draft, "process", lookahead=3)
     try:
         os.kill(worker._process.pid, signal.SIGSTOP)  # the worker cannot start before we look
         ticket = worker.begin("reset", [1, 5, 9, 2, 7, 3], 3, True)

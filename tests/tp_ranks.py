@@ -62,6 +62,7 @@ def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> No
     from transformers import AutoModelForCausalLM
 
     from saguaro import distributed
+    from saguaro.ssd.worker import serve_drafter
 
     saved: dict = {"pid": os.getpid()}
     os.environ["SAGUARO_TEST_SAVE_TO"] = os.path.join(out, f"rank{rank}.pt")
@@ -76,7 +77,7 @@ def _rank_main(rank: int, port: int, scenario: str, models: str, out: str) -> No
         if topology.is_drafter:
             saved["drafter_pid"] = os.getpid()
             torch.save(saved, os.environ["SAGUARO_TEST_SAVE_TO"])  # before serving: it may be killed
-            distributed.serve_drafter(draft)
+            serve_drafter(draft)
             saved["served"] = True
         else:
             target = distributed.load_target(os.path.join(models, "target"), dtype=torch.float32).eval()
@@ -148,7 +149,7 @@ def chi_square(target, draft, rank, saved, samples: int = 400) -> None:
     from stats_helpers import argmax_with_sampled_q
 
     import saguaro
-    from saguaro.drafters import ModelDrafter
+    from saguaro.draft.drafters import ModelDrafter
 
     def counts(method):
         table = torch.zeros(6, 6)

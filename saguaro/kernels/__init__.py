@@ -10,11 +10,16 @@ attention over the unpacked mask) and "auto": Triton where it runs, else SDPA.
 
 import torch
 
-from .reference import dense_attention_mask, pack_tree_mask, tree_attention_reference, unpack_tree_mask
+from saguaro.kernels.reference import (
+    dense_attention_mask,
+    pack_tree_mask,
+    tree_attention_reference,
+    unpack_tree_mask,
+)
 
 try:
-    from .triton_tree_attention import INTERPRETED as _TRITON_INTERPRETED
-    from .triton_tree_attention import tree_attention_triton
+    from saguaro.kernels.triton_tree_attention import INTERPRETED as _TRITON_INTERPRETED
+    from saguaro.kernels.triton_tree_attention import tree_attention_triton
 
     HAS_TRITON = True
 except (ImportError, AttributeError):  # no Triton, or one older than 3.4 (no triton.knobs)
@@ -22,6 +27,12 @@ except (ImportError, AttributeError):  # no Triton, or one older than 3.4 (no tr
     _TRITON_INTERPRETED = False
 
 TREE_BACKENDS = ("auto", "triton", "cuda", "sdpa")
+TREE_ATTENTION = "saguaro_tree"
+# attn_implementation name -> tree-attention backend.
+TREE_ATTENTION_NAMES = {
+    TREE_ATTENTION: "auto",
+    **{f"{TREE_ATTENTION}_{backend}": backend for backend in TREE_BACKENDS if backend != "auto"},
+}
 
 
 class TreeBackendUnavailable(ValueError):
@@ -35,7 +46,6 @@ __all__ = [
     "choose_tree_backend",
     "dense_attention_mask",
     "pack_tree_mask",
-    "register_hf_attention",
     "tree_attention",
     "tree_attention_reference",
     "unpack_tree_mask",
@@ -73,7 +83,7 @@ def choose_tree_backend(backend: str, device: torch.device) -> str:
                 "it to a GPU, or use the 'auto' or 'sdpa' backend (attn_implementation='saguaro_tree' or "
                 "'saguaro_tree_sdpa')"
             )
-        from .build import CudaExtensionUnavailable, load_cuda_extension
+        from saguaro.kernels.build import CudaExtensionUnavailable, load_cuda_extension
 
         try:
             load_cuda_extension()
@@ -94,12 +104,3 @@ def tree_attention(
     if uses_triton(q):
         return tree_attention_triton(q, k, v, tree_mask, scale, kv_start)
     return tree_attention_reference(q, k, v, tree_mask, scale, kv_start)
-
-
-def __getattr__(name: str):
-    # Resolved lazily so that importing the kernels does not import transformers.
-    if name == "register_hf_attention":
-        from .hf_attention import register_hf_attention
-
-        return register_hf_attention
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

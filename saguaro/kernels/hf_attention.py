@@ -18,17 +18,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import TREE_BACKENDS, choose_tree_backend, tree_attention
-from .build import load_cuda_extension
-from .reference import dense_attention_mask
+from saguaro.kernels import (
+    TREE_ATTENTION_NAMES,
+    TREE_BACKENDS,
+    choose_tree_backend,
+    tree_attention,
+)
+from saguaro.kernels.build import load_cuda_extension
+from saguaro.kernels.reference import dense_attention_mask
 
 KV_START_KWARG = "saguaro_kv_start"
-TREE_ATTENTION = "saguaro_tree"
-# attn_implementation name -> tree-attention backend.
-TREE_ATTENTION_NAMES = {
-    TREE_ATTENTION: "auto",
-    **{f"{TREE_ATTENTION}_{backend}": backend for backend in TREE_BACKENDS if backend != "auto"},
-}
 
 
 @functools.cache

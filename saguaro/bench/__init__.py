@@ -1,0 +1,1 @@
+"""Tooling: `saguaro bench`, its report, prefix-reuse scenarios, the demo pair, memory sampling."""

@@ -1,0 +1,1 @@
+"""The decoding loops (one row, a batch), stop rules, lossless verification, sampling, stats."""

@@ -1,0 +1,1 @@
+"""Where drafts come from: the Draft/DraftStream protocol, model and lookup drafters, cheap drafts."""

@@ -1,0 +1,1 @@
+"""Running a model: runners, KV caches, the prefix cache, packed linears, weight epochs, trees."""

@@ -1,0 +1,1 @@
+"""Saguaro (speculative speculative decoding): outcome prediction, pre-speculation, the worker."""
