@@ -243,3 +243,9 @@ def test_bench_batch_sizes_and_shared_prefix_scenarios(pair_on_disk, tmp_path, m
         assert scenario["same_output"] and scenario["reused_prompt_tokens"] >= 60
     report = (tmp_path / "results.md").read_text()
     assert "speculative@batch2" in report and "## Prefix reuse across calls" in report
+
+
+def test_the_shipped_prompts_load_without_a_prompts_file():
+    # The bare `saguaro bench` reads the prompt set shipped in the package (a link to benchmarks/).
+    prompts = benchmark.load_prompts(None, 3)
+    assert len(prompts) == 3 and all(p["prompt"] and p["kind"] for p in prompts)

@@ -28,9 +28,9 @@ class RecordingStream(DraftStream):
     def concurrent(self) -> bool:
         return self.inner.concurrent
 
-    def begin(self, kind, *args):
-        self.calls.append(kind)
-        return self.inner.begin(kind, *args)
+    def begin(self, request):
+        self.calls.append(request.kind)
+        return self.inner.begin(request)
 
     def end(self, ticket):
         draft = self.inner.end(ticket)

@@ -15,6 +15,7 @@ from transformers import StoppingCriteria
 
 import saguaro
 from saguaro import distributed
+from saguaro.draft.stream import Reset
 from saguaro.ssd.prespeculation import PreSpeculator
 from saguaro.ssd.worker import DraftWorker, WorkerFailed
 
@@ -186,7 +187,7 @@ def test_a_stalled_drafter_rank_is_reported_unresponsive_not_killed(pair, monkey
     monkeypatch.setattr(distributed, "claim_drafter_rank", lambda worker: SilentRank())
     worker = DraftWorker(pair[1], "rank", timeout=0.2, lookahead=3, vocab_size=96)
     with pytest.raises(WorkerFailed, match="stalled: .* the drafter rank is unresponsive, not killed"):
-        worker.end(worker.begin("reset", [1, 17, 50, 5], 3, True))
+        worker.end(worker.begin(Reset([1, 17, 50, 5], 3, True)))
     assert not worker.concurrent  # drafting inline from now on
 
 

@@ -15,7 +15,7 @@ from test_saguaro import PROMPT, hf_greedy, saguaro_generator, worker_process
 
 import saguaro
 from saguaro.decode.sampling import SamplingConfig
-from saguaro.draft.stream import DraftSource
+from saguaro.draft.stream import DraftSource, Reset, Resolve
 from saguaro.model.placement import ThreadSplit
 from saguaro.ssd import prespeculation
 from saguaro.ssd.outcomes import (
@@ -211,7 +211,7 @@ def test_a_deep_enough_hit_is_answered_mid_step(monkeypatch):
         with torch.no_grad():
             bonus = int(model(torch.tensor([prompt + draft.tokens])).logits[0, -1].argmax())
         assert in_step_two.wait(10)
-        ticket = worker.begin("resolve", list(range(2)), bonus, 0.01, 1)  # all accepted, then the top
+        ticket = worker.begin(Resolve(list(range(2)), bonus, 0.01, 1))  # all accepted, then the top
         sent.set()
         answer = worker.end(ticket)
         answered_mid_step = "timed_out" not in held
@@ -437,7 +437,7 @@ def test_a_worker_process_flags_its_work(monkeypatch):
     worker = saguaro.ssd.worker.DraftWorker(draft, "process", lookahead=3)
     try:
         os.kill(worker._process.pid, signal.SIGSTOP)  # the worker cannot start before we look
-        ticket = worker.begin("reset", [1, 5, 9, 2, 7, 3], 3, True)
+        ticket = worker.begin(Reset([1, 5, 9, 2, 7, 3], 3, True))
         assert worker.working.value == 1  # raised by the sender, before the worker starts
         os.kill(worker._process.pid, signal.SIGCONT)
         worker.end(ticket)

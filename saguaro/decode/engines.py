@@ -28,7 +28,7 @@ from saguaro.decode.verify import (
     verify_tree_sampled,
 )
 from saguaro.decode.verify_walk import verify_tree_sampled_walk
-from saguaro.draft.stream import Draft, DraftSource, DraftStream
+from saguaro.draft.stream import CatchUp, Draft, DraftRequest, DraftSource, DraftStream, Reset, Resolve
 from saguaro.faults import WorkerFailed, warn
 from saguaro.model.compiled_runner import growth_count
 from saguaro.model.placement import NoSplit, ThreadSplit
@@ -111,7 +111,7 @@ def autoregressive(
     generated = [sampler.choose(logits, prompt)]
     stop.stream(generated)
     # A compiled runner decodes plain greedy tokens in blocks (argmax fed back on the device).
-    blocks = hasattr(target, "greedy_block") and sampler.greedy and not sampler.uses_history
+    blocks = target.greedy_steps and sampler.greedy and not sampler.uses_history
     while not stop.finished(generated):
         tick = time.perf_counter()
         if blocks:
@@ -172,10 +172,10 @@ def speculative(
         stats.worker_failures += 1
         drafts = fallback(error)
 
-    def request(kind: str, *args):
+    def request(call: DraftRequest):
         """Send a call to the stream: its ticket, or None if the worker failed."""
         try:
-            return drafts.begin(kind, *args)
+            return drafts.begin(call)
         except WorkerFailed as error:
             replace(error)
             return None
@@ -210,7 +210,7 @@ def speculative(
     waited = 0.0  # the target waiting for the next draft
     if synced:  # the drafter prefills the prompt meanwhile (a worker, on its own cores)
         tick = time.perf_counter()
-        prefill = request("reset", prompt, depth, False)
+        prefill = request(Reset(prompt, depth, False))
         waited = time.perf_counter() - tick
         if drafts.concurrent:
             threads.beside_drafter()
@@ -224,7 +224,7 @@ def speculative(
         tick = time.perf_counter()
         draft = collect(prefill, depth)  # no draft, unless the worker failed meanwhile
         if draft.source == DraftSource.OFF:
-            draft = collect(request("catch_up", prompt + generated, depth), depth)
+            draft = collect(request(CatchUp(prompt + generated, depth)), depth)
         waited += time.perf_counter() - tick  # a drafter prefill outlasting the target's is waited for
     grown = growth_count()  # a static cache growing (compile=True) recompiles within a round
     while not stop.finished(generated):
@@ -275,11 +275,11 @@ def speculative(
         tick = time.perf_counter()
         resolved = draft.source != DraftSource.OFF
         if resolved:
-            ticket = request("resolve", path, next_token, verify_seconds, depth)
+            ticket = request(Resolve(path, next_token, verify_seconds, depth))
         elif synced:
-            ticket = request("catch_up", prompt + generated, depth)
+            ticket = request(CatchUp(prompt + generated, depth))
         else:  # the first draft of this call
-            ticket, synced = request("reset", prompt + generated, depth, True), True
+            ticket, synced = request(Reset(prompt + generated, depth, True)), True
         waited = time.perf_counter() - tick
         stop.stream(generated)  # the caller's streamer runs while the drafter answers
         tick = time.perf_counter()

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from saguaro.decode.sampling import TokenSampler, check_drafted, drawable
-from saguaro.draft.stream import Draft, DraftSource, DraftStream
+from saguaro.draft.stream import CatchUp, Draft, DraftRequest, DraftSource, DraftStream, Reset, Resolve
 from saguaro.model.prefix_cache import PrefixCache
 from saguaro.model.runner import ModelRunner
 from saguaro.model.tree import DynamicTree, TokenTree
@@ -89,7 +89,7 @@ class ModelDrafter(Drafter):
             return self._last
         budget = self.shape.budget if isinstance(self.shape, DynamicTree) else None
         pending = self.committed[self.runner.length :]  # all of it after reset: a prefill
-        if self.shape is None and self.sampler.greedy and hasattr(self.runner, "greedy_chain"):
+        if self.shape is None and self.sampler.greedy and self.runner.greedy_steps:
             # A compiled runner drafts the whole greedy chain in one call, with no wait per token.
             tokens = self.runner.greedy_chain(pending, len(levels), self.vocab_size)
             if tokens is not None:
@@ -262,26 +262,24 @@ class InlineDrafts(DraftStream):
         self.drafter = drafter
         self.known = 0  # committed tokens the drafter has been told of
 
-    def begin(self, kind: str, *args) -> Draft:
+    def begin(self, request: DraftRequest) -> Draft:
         start = time.perf_counter()
-        if kind == "reset":
-            committed, depth, draft = args
-            self.drafter.reset(committed)
-            self.known = len(committed)
-            if not draft:
-                return Draft.off()
-        elif kind == "resolve":
-            path, next_token, _, depth = args
-            self.drafter.commit(path, next_token)
-            self.known += len(path) + 1
-        else:  # catch_up
-            committed, depth = args
-            # The last draft's outcome was never resolved: none of its nodes is kept (the tokens it
-            # got right arrive as committed tokens, which the drafter feeds at its next proposal).
-            for token in committed[self.known :]:
-                self.drafter.commit([], token)
-            self.known = len(committed)
-        draft = self.drafter.propose(depth)
+        match request:
+            case Reset(committed, _, draft):
+                self.drafter.reset(committed)
+                self.known = len(committed)
+                if not draft:
+                    return Draft.off()
+            case Resolve(path, next_token):
+                self.drafter.commit(path, next_token)
+                self.known += len(path) + 1
+            case CatchUp(committed):
+                # The last draft's outcome was never resolved: none of its nodes is kept (the tokens
+                # it got right arrive as committed tokens, which the drafter feeds at its next proposal).
+                for token in committed[self.known :]:
+                    self.drafter.commit([], token)
+                self.known = len(committed)
+        draft = self.drafter.propose(request.depth)
         draft.busy_seconds = time.perf_counter() - start
         return draft
 

@@ -12,12 +12,13 @@ A `DraftStream` follows the committed sequence and hands over the next draft at 
                                     continue from `committed`, which extends the sequence the
                                     stream last saw; the next draft.
 Every draft is cut to `depth` levels, the depth the target will verify. Each call has an
-asynchronous form, `begin(kind, *args)` then `end(ticket)`, so the target works while the drafter
-answers: a stream that drafts `concurrent`ly (the Saguaro worker) answers from what it prepared
-during the verification; an inline one (`drafters.InlineDrafts`) drafts in `begin`.
+asynchronous form, `begin(request)` (a `Reset`, `Resolve` or `CatchUp`) then `end(ticket)`, so
+the target works while the drafter answers: a stream that drafts `concurrent`ly (the Saguaro
+worker) answers from what it prepared during the verification; an inline one
+(`drafters.InlineDrafts`) drafts in `begin`.
 
 Two streams exist: `drafters.InlineDrafts`, a `Drafter` (draft model chain or tree, prompt lookup)
-drafting on request, and `workers.DraftWorker`, the Saguaro worker pre-speculating in a process,
+drafting on request, and `ssd.worker.DraftWorker`, the Saguaro worker pre-speculating in a process,
 a thread, a rank, or inline.
 """
 
@@ -79,11 +80,45 @@ class Draft:
         return self
 
 
+@dataclass(frozen=True)
+class Reset:
+    """A new sequence, all of `committed` final; draft `depth` levels after it (none if not `draft`)."""
+
+    committed: list[int]
+    depth: int
+    draft: bool = True
+    kind = "reset"  # the call's name, on a worker's wire
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """The last draft's nodes `path` (root to leaf) were accepted, then the target emitted
+    `next_token` (verification took `verify_seconds`); draft `depth` levels after it."""
+
+    path: list[int]
+    next_token: int
+    verify_seconds: float
+    depth: int
+    kind = "resolve"
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """The target went on without drafts: `committed` extends the sequence the stream last saw;
+    draft `depth` levels after it."""
+
+    committed: list[int]
+    depth: int
+    kind = "catch_up"
+
+
+DraftRequest = Reset | Resolve | CatchUp
+
+
 class DraftStream(ABC):
     """Hands over drafts for the committed sequence (the calls: see the module docstring).
 
-    A stream implements the asynchronous halves: `begin(kind, *args)` starts call `kind` ("reset",
-    "resolve" or "catch_up", with every argument of that call, defaults included) and returns a
+    A stream implements the asynchronous halves: `begin(request)` starts a call and returns a
     ticket, `end(ticket)` returns that call's draft.
     """
 
@@ -92,19 +127,19 @@ class DraftStream(ABC):
     working = None
 
     @abstractmethod
-    def begin(self, kind: str, *args): ...
+    def begin(self, request: DraftRequest): ...
 
     @abstractmethod
     def end(self, ticket) -> Draft: ...
 
     def reset(self, committed: list[int], depth: int, draft: bool = True) -> Draft:
-        return self.end(self.begin("reset", committed, depth, draft))
+        return self.end(self.begin(Reset(committed, depth, draft)))
 
     def resolve(self, path: list[int], next_token: int, verify_seconds: float, depth: int) -> Draft:
-        return self.end(self.begin("resolve", path, next_token, verify_seconds, depth))
+        return self.end(self.begin(Resolve(path, next_token, verify_seconds, depth)))
 
     def catch_up(self, committed: list[int], depth: int) -> Draft:
-        return self.end(self.begin("catch_up", committed, depth))
+        return self.end(self.begin(CatchUp(committed, depth)))
 
     def pause(self) -> None:
         """No outcome of the last verification will come (plain steps follow, or the call ends):

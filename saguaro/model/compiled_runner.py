@@ -227,6 +227,8 @@ class CompiledRunner(ModelRunner):
     `most` (set per call by its owner) is the most entries the call may hold: a prefill sizes the
     cache for min(most, prompt + PRESIZED_NEW_TOKENS). `role` names the runner in the growth log."""
 
+    greedy_steps = True
+
     def __init__(
         self,
         model,

@@ -35,6 +35,10 @@ def _cache_keyword(model) -> str:
 class ModelRunner:
     """Runs `model` over new tokens on top of the tokens already in its cache."""
 
+    # Optional capability, declared: greedy tokens decoded several per call, argmax fed back on
+    # the device (`greedy_block` for plain decoding, `greedy_chain` for a drafter's chain).
+    greedy_steps = False
+
     def __init__(self, model, capacity: int = 256, prefix_cache: PrefixCache | None = None):
         if getattr(model.config, "is_encoder_decoder", False) or not model.can_generate():
             raise TypeError(

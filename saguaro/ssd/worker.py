@@ -44,7 +44,7 @@ import torch
 from saguaro.decode.sampling import BrokenDraft, SamplingConfig, TokenSampler
 from saguaro.distributed import topology
 from saguaro.distributed.rank_channel import RankChannel
-from saguaro.draft.stream import Draft, DraftStream
+from saguaro.draft.stream import CatchUp, Draft, DraftRequest, DraftStream, Reset, Resolve
 from saguaro.faults import WorkerFailed
 from saguaro.model.placement import before_each_layer
 from saguaro.ssd.prespeculation import PreSpeculator
@@ -330,16 +330,18 @@ class DraftWorker(DraftStream):
         self._sampling = sampler.config
         self._seed = int(torch.randint(0, 2**62, (), generator=sampler.generator))
 
-    def begin(self, kind: str, *args) -> int | Draft:
+    def begin(self, request: DraftRequest) -> int | Draft:
         """Send a call without waiting for its answer; `end` collects it. Lets the caller work
         meanwhile (the target's prefill while the drafter prefills). Drafting inline, the call
         runs now and the ticket is its draft."""
-        if kind == "reset":  # the PreSpeculator's own arguments
-            committed, depth, draft = args
-            args = (committed, self._sampling, self._seed, draft, depth)
-        elif kind == "resolve":  # its drafts are chains: the accepted path is a length
-            path, next_token, verify_seconds, depth = args
-            args = (len(path), next_token, verify_seconds, depth)
+        kind = request.kind  # on the wire: the PreSpeculator method to call, with its own arguments
+        match request:
+            case Reset(committed, depth, draft):
+                args = (committed, self._sampling, self._seed, draft, depth)
+            case Resolve(path, next_token, verify_seconds, depth):  # its drafts are chains: a length
+                args = (len(path), next_token, verify_seconds, depth)
+            case CatchUp(committed, depth):
+                args = (committed, depth)
         if self._inline is not None:
             return getattr(self._inline, kind)(*args)
         if self.working is not None:  # up before the worker starts, so no target reads it down early
