@@ -71,14 +71,25 @@ def scenario_one_shot(args) -> dict:
 
     target, draft, ids = _load(args)
     n = args.max_new_tokens
-    one_shot = []
+    one_shot, chosen = [], []
     for _ in range(3):
-        seconds, out = _timed(lambda: saguaro.generate(target, ids, draft_model=draft, max_new_tokens=n))
+        seconds, out = _timed(
+            lambda: saguaro.generate(
+                target, ids, draft_model=draft, max_new_tokens=n, return_dict_in_generate=True
+            )
+        )
         one_shot.append(seconds)
+        chosen.append(f"{out.stats.method} (setup {out.stats.setup_seconds:.2f} s)")
+    out = out.sequences
     saguaro.enable(target, draft_model=draft)
     kept = [_timed(lambda: target.generate(ids, max_new_tokens=n, do_sample=False))[0] for _ in range(2)]
     saguaro.disable(target)
-    return {"one_shot_seconds": one_shot, "kept_seconds": kept, "new_tokens": out.shape[1] - ids.shape[1]}
+    return {
+        "one_shot_seconds": one_shot,
+        "one_shot_methods": chosen,
+        "kept_seconds": kept,
+        "new_tokens": out.shape[1] - ids.shape[1],
+    }
 
 
 def scenario_first_call(args) -> dict:
@@ -194,6 +205,7 @@ def main() -> None:
     gib = 2**30
     listed = ", ".join(f"{s:.2f}" for s in calls)
     print(f"\none-shot saguaro.generate, {one_shot['new_tokens']} new tokens (s): {listed}")
+    print(f"  auto chose: {', '.join(one_shot['one_shot_methods'])}")
     print(
         f"kept drop-in, warm call: {kept:.2f} s; 2nd and 3rd one-shot calls: {calls[1] / kept:.2f}x", end=""
     )
