@@ -43,17 +43,13 @@ def _load(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from saguaro.bench.benchmark import encode
+
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.bfloat16).eval()
     draft = AutoModelForCausalLM.from_pretrained(args.draft, dtype=torch.bfloat16).eval()
     prompt = json.loads((HERE / "heldout.jsonl").read_text().splitlines()[0])["prompt"]
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
-    return target, draft, ids
+    return target, draft, encode(tokenizer, prompt)
 
 
 def _weights_bytes(*models) -> int:

@@ -26,17 +26,6 @@ def packing_pays(monkeypatch):
     monkeypatch.setattr(packed_linear, "_seconds_per_product", lambda layer, x: 0.0)
 
 
-def hf_greedy(model, ids, max_new_tokens=NEW):
-    return model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=[],
-        pad_token_id=0,
-    ).tolist()
-
-
 def rejected(out, sources=("model", "cache", "lookup")) -> int:
     """Rounds whose draft (from one of `sources`) was cut short by the target."""
     return sum(
@@ -45,15 +34,23 @@ def rejected(out, sources=("model", "cache", "lookup")) -> int:
 
 
 def drop_in(model, ids, max_new_tokens=NEW):
-    """The enabled model's generate, as a user calls it."""
-    return model.generate(
-        ids,
+    """The enabled model's generate, as a user calls it (HF's greedy once disabled)."""
+    return model.generate(**greedy_options(ids, max_new_tokens), return_dict_in_generate=True)
+
+
+def hf_greedy(model, ids, max_new_tokens=NEW):
+    return model.generate(**greedy_options(ids, max_new_tokens)).tolist()
+
+
+def greedy_options(ids, max_new_tokens) -> dict:
+    # An explicit mask: an answer may contain the pad id, 0, which HF would otherwise mask out.
+    return dict(
+        inputs=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         eos_token_id=[],
         pad_token_id=0,
-        return_dict_in_generate=True,
     )
 
 
