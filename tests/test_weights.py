@@ -172,3 +172,16 @@ def test_the_samples_see_broad_writes_and_ignore_nothing_changing():
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     assert weights.observe(model) == start + 3 and weights.observe(model) == start + 3  # NaN is stable
+
+
+def test_an_enabled_models_packed_view_goes_with_the_model(packing_pays):
+    target = tiny_model("qwen2", seed=0, dtype=torch.bfloat16)
+    ids = torch.tensor([SYSTEM])
+    saguaro.enable(target, method="autoregressive")
+    drop_in(target, ids)
+    view = weakref.ref(packed_linear.runnable_target(target, True))
+    assert view() is not target
+    saguaro.disable(target)
+    del target
+    gc.collect()
+    assert view() is None

@@ -157,6 +157,10 @@ def packed_view(model: nn.Module, reserve_bytes: int = 0) -> nn.Module:
         logger.info("saguaro: the target's linears stay unpacked: %s", why)
         return model
     view = clone_module_tree(model, share_hooks=True)
+    # The drop-in's handle and patched generate (hf.drop_in.enable) lead back to the model: a
+    # view holding them would keep its model, the key of the views' registry, alive for good.
+    for name in ("_saguaro", "generate"):
+        view.__dict__.pop(name, None)
     for name, linear in linears:
         if id(linear) not in packed:
             packed[id(linear)] = PackedLinear(linear)
