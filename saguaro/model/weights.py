@@ -76,7 +76,7 @@ class _Watch:
 
     def fingerprint(self) -> str:
         """A short hash of the sampled values: tells two models of one config apart."""
-        return hashlib.sha256(self._values.numpy().tobytes()).hexdigest()[:16]
+        return hashlib.sha256(self._values.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def _structure(model: nn.Module) -> tuple:
