@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import saguaro
 from saguaro.bench import demo_models
-from saguaro.bench.benchmark import plain_greedy_config
+from saguaro.bench.workload import plain_greedy_config
 
 HELDOUT = Path(__file__).resolve().parent / "heldout.jsonl"
 

@@ -43,7 +43,7 @@ def _load(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from saguaro.bench.benchmark import encode
+    from saguaro.bench.workload import encode
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.bfloat16).eval()
@@ -186,7 +186,7 @@ def main() -> None:
         from saguaro.bench import demo_models
 
         args.target, args.draft = map(str, demo_models.fetch_demo_pair())
-    from saguaro.bench.benchmark import cpu_model
+    from saguaro.bench.environment import cpu_model
 
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as cache:

@@ -8,7 +8,7 @@ import sys
 
 from saguaro import launch
 from saguaro.api import METHODS
-from saguaro.bench import benchmark, demo_models
+from saguaro.bench import benchmark, demo_models, workload
 
 
 def generate_main(argv) -> None:
@@ -96,7 +96,7 @@ def _generate(topology, args) -> None:
     ids = (
         tokenizer(args.prompt, return_tensors="pt").input_ids
         if args.raw
-        else benchmark.encode(tokenizer, args.prompt)
+        else workload.encode(tokenizer, args.prompt)
     )
     leader = topology is None or topology.is_leader
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if leader else None

@@ -9,6 +9,8 @@ from conftest import WORDS, perturbed_copy, slow_verification, tiny_model, word_
 from saguaro import cli
 from saguaro.bench import benchmark, demo_models
 from saguaro.bench import prefix_scenarios as prefix_benchmark
+from saguaro.bench.methods import FULL_METHODS, SAGUARO_METHODS
+from saguaro.bench.workload import load_prompts
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def test_bench_full_writes_json_markdown_and_plot_with_every_method(pair_on_disk
     benchmark.main(["--full", *pair, *sizes, *tiny_options(pair_on_disk, out)])
     results = json.loads(out.read_text())
     summary = results["summary"]
-    assert list(summary) == list(benchmark.FULL_METHODS)
+    assert list(summary) == list(FULL_METHODS)
     assert results["setup"]["run"] == "full" and results["setup"]["max_new_tokens"] == 10  # given wins
     for method, entry in summary.items():
         assert entry["runs"] == 4 and entry["median_tokens_per_second"] > 0
@@ -194,7 +196,7 @@ def test_bench_reports_rounds_one_thread_variants_and_what_auto_chose(pair_on_di
         assert 0 <= entry["wait_fraction_of_decode"] < 1
     assert summary["saguaro+1thread+constant"]["drafter_busy_seconds_per_round"] > 0
     assert summary["auto"]["chosen_methods"] and set(summary["auto"]["chosen_methods"]) <= set(
-        benchmark.SAGUARO_METHODS
+        SAGUARO_METHODS
     )
     # The draft each method ran: auto keeps tiny drafts plain, and a Saguaro worker drafts on one thread.
     assert summary["speculative+1thread"]["draft_configuration"]["variant"] == "none/full"
@@ -247,5 +249,5 @@ def test_bench_batch_sizes_and_shared_prefix_scenarios(pair_on_disk, tmp_path, m
 
 def test_the_shipped_prompts_load_without_a_prompts_file():
     # The bare `saguaro bench` reads the prompt set shipped in the package (a link to benchmarks/).
-    prompts = benchmark.load_prompts(None, 3)
+    prompts = load_prompts(None, 3)
     assert len(prompts) == 3 and all(p["prompt"] and p["kind"] for p in prompts)
