@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from saguaro.draft.compression import compress_draft, prepare_draft
+from saguaro.draft.compression import prepare_draft
+from saguaro.draft.quantize import compress_draft
 from saguaro.tune import step_costs
 
 ROOT = Path(__file__).resolve().parent.parent

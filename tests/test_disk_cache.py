@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import perturbed_copy, tiny_model
 
+from saguaro.draft import choice as draft_choice
 from saguaro.draft import compression as draft_compression
 from saguaro.draft.compression import _PREPARED, prepare_draft
 from saguaro.model import disk_cache, packed_linear
@@ -42,7 +43,7 @@ def test_step_costs_are_read_back_instead_of_timed(cache_dir, monkeypatch):
 
 
 def test_the_draft_choice_is_read_back_and_only_the_chosen_variant_is_built(cache_dir, monkeypatch):
-    monkeypatch.setattr(draft_compression, "AUTO_MIN_WEIGHT_BYTES", 0)  # tiny drafts are measured too
+    monkeypatch.setattr(draft_choice, "AUTO_MIN_WEIGHT_BYTES", 0)  # tiny drafts are measured too
     target = tiny_model("llama", seed=0, hidden=128)
     draft = perturbed_copy(target, 0.003)
     model, record = prepare_draft(draft, target, "auto", None, PROMPT, threads=1, lookahead=3)

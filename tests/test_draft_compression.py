@@ -10,21 +10,13 @@ from test_sampling_exact import FAIL_P, PASS_P, VOCAB, exact_joint, sample_count
 
 import saguaro
 from saguaro.decode import verify
-from saguaro.draft import compression as draft_compression
-from saguaro.draft.compression import (
-    DraftCompressionUnavailable,
-    Int4WeightOnlyLinear,
-    Int8WeightOnlyLinear,
-    RestrictedLMHead,
-    choose_draft_configuration,
-    compress_draft,
-    default_draft_vocabulary,
-    dequantized_weight,
-    quantize_draft,
-    restrict_draft_vocabulary,
-    variant_score,
-)
+from saguaro.draft import choice as draft_choice
+from saguaro.draft import quantize
+from saguaro.draft.choice import choose_draft_configuration, variant_score
 from saguaro.draft.drafters import ModelDrafter
+from saguaro.draft.quantize import DraftCompressionUnavailable, compress_draft, quantize_draft
+from saguaro.draft.quantized_linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear, dequantized_weight
+from saguaro.draft.vocabulary import RestrictedLMHead, default_draft_vocabulary, restrict_draft_vocabulary
 
 PROMPT = torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]])
 LINEARS = {"int8": Int8WeightOnlyLinear, "int4": Int4WeightOnlyLinear}
@@ -249,13 +241,13 @@ def test_choose_draft_configuration_estimates_every_variant_and_builds_only_the_
     target = tiny_model("llama", seed=0, hidden=128)
     draft = perturbed_copy(target, 0.003)
     built = []
-    real_compress = draft_compression.compress_draft
+    real_compress = draft_choice.compress_draft
 
     def compress(model, *variant, **kwargs):
         built.append(variant)
         return real_compress(model, *variant, **kwargs)
 
-    monkeypatch.setattr(draft_compression, "compress_draft", compress)
+    monkeypatch.setattr(draft_choice, "compress_draft", compress)
     model, record = choose_draft_configuration(
         draft, target, PROMPT[0].tolist(), threads=1, lookahead=3, vocab_sizes=(None, 48), steps=4
     )
@@ -264,7 +256,7 @@ def test_choose_draft_configuration_estimates_every_variant_and_builds_only_the_
     assert all(s > 0 for s in record.step_seconds.values()) and record.verify_seconds > 0
     assert all(0 <= a <= 1 for a in record.agreement.values()) and record.agreement["none/full"] == 1.0
     # Estimated, not built: at most MAX_BUILDS variants besides the returned one were quantized.
-    assert len(built) <= draft_compression.MAX_BUILDS + 1
+    assert len(built) <= draft_choice.MAX_BUILDS + 1
     # A near copy of the target: agreement with it (Laplace-smoothed over 9 positions) is high.
     assert record.target_agreement >= 8 / 11
     # The decision rule, on the recorded (measured where built) figures: the chosen variant's
@@ -288,15 +280,15 @@ def test_a_variant_whose_measured_agreement_falls_short_is_not_chosen(monkeypatc
     plain draft is kept (at most MAX_BUILDS tries)."""
     target = tiny_model("llama", seed=0, hidden=128)
     draft = perturbed_copy(target, 0.003)
-    monkeypatch.setattr(draft_compression, "PRIOR_AGREEMENT", {None: 1.0, "int8": 1.0, "int4": 1.0})
+    monkeypatch.setattr(draft_choice, "PRIOR_AGREEMENT", {None: 1.0, "int8": 1.0, "int4": 1.0})
     monkeypatch.setattr(
-        draft_compression,
+        draft_choice,
         "_timed_linears",
         lambda body, head, variants, rows, epoch, held: (
             {v: (1.0 if v[0] is None else 0.01) for v in variants} | {(None, None): 1.0}
         ),
     )
-    real_measure = draft_compression._measure
+    real_measure = draft_choice._measure
 
     def measure(model, sample, steps, continuation=None):
         predictions, fed, _ = real_measure(model, sample, steps, continuation)
@@ -304,10 +296,10 @@ def test_a_variant_whose_measured_agreement_falls_short_is_not_chosen(monkeypatc
             predictions = [p + 1 for p in predictions]
         return predictions, fed, 1.0
 
-    monkeypatch.setattr(draft_compression, "_measure", measure)
+    monkeypatch.setattr(draft_choice, "_measure", measure)
     model, record = choose_draft_configuration(draft, target, PROMPT[0].tolist(), threads=1, lookahead=3)
     assert model is draft and record.label == "none/full"
-    assert sum(a == 0.0 for a in record.agreement.values()) == draft_compression.MAX_BUILDS
+    assert sum(a == 0.0 for a in record.agreement.values()) == draft_choice.MAX_BUILDS
 
 
 def test_auto_records_its_choice_and_stays_exact():
@@ -332,8 +324,8 @@ def test_a_draft_is_prepared_once_for_its_target_and_options():
         for q in ("int8", "int8", "int4")
     )
     assert not first.draft_configuration.reused and second.draft_configuration.reused
-    assert second._draft is first._draft  # one quantized copy, however many generate() calls
-    assert not other.draft_configuration.reused and other._draft is not first._draft
+    assert second.drafts.draft is first.drafts.draft  # one quantized copy, however many generate() calls
+    assert not other.draft_configuration.reused and other.drafts.draft is not first.drafts.draft
 
 
 def test_quantization_failure_falls_back_under_auto_and_raises_when_explicit(monkeypatch, caplog):
@@ -342,7 +334,7 @@ def test_quantization_failure_falls_back_under_auto_and_raises_when_explicit(mon
 
     monkeypatch.setattr(torch, "_weight_int8pack_mm", missing_kernel)
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", missing_kernel)
-    monkeypatch.setattr(draft_compression, "AUTO_MIN_WEIGHT_BYTES", 0)  # let auto try the tiny draft
+    monkeypatch.setattr(draft_choice, "AUTO_MIN_WEIGHT_BYTES", 0)  # let auto try the tiny draft
     target = tiny_model("llama", seed=0, hidden=128)
     draft = perturbed_copy(target, 0.003)
     with pytest.warns(RuntimeWarning) as caught:
@@ -391,13 +383,13 @@ def test_dense_crossover_needs_the_float_weight_to_win_from_there_on(monkeypatch
     def timed(call, repeats):
         return next(costs)
 
-    monkeypatch.setattr(draft_compression, "_fastest_of", timed)
+    monkeypatch.setattr(quantize, "fastest_of", timed)
     rows = (2, 4, 8, 16, 32)
     # Measured from the largest size down, (kernel, dense) per size.
     costs = iter([(32, 16), (16, 16), (8, 16), (4, 3)][i // 2][i % 2] for i in range(8))
-    assert draft_compression.measure_dense_crossover([linear], rows) == 16
+    assert quantize.measure_dense_crossover([linear], rows) == 16
     costs = iter([(32, 40)][i // 2][i % 2] for i in range(2))  # the kernel wins even at 32 rows
-    assert draft_compression.measure_dense_crossover([linear], rows) == float("inf")
+    assert quantize.measure_dense_crossover([linear], rows) == float("inf")
 
 
 def test_quantize_draft_times_its_crossover_and_a_prefill_stays_exact():
