@@ -25,4 +25,4 @@ with saguaro.SpeculativeGenerator(target, draft, method="saguaro", placement="pr
             f"target idle {s.target_idle_fraction:.0%}, "
             f"drafter idle {s.drafter_idle_fraction:.0%}"
         )
-print("worker stopped:", generator._worker is None)
+print("worker stopped:", generator.drafts.worker is None)

@@ -1,7 +1,9 @@
 """saguaro: lossless speculative (and speculative speculative) decoding for Hugging Face causal LMs."""
 
-from saguaro.api import METHODS, GenerateOutput, SpeculativeGenerator, generate
+from saguaro.api import GenerateOutput, SpeculativeGenerator, generate
+from saguaro.config import METHODS, Method, Placement, Schedule
 from saguaro.decode.stats import GenerationStats
+from saguaro.engine import AsyncEngine, Engine, EngineClosed, QueueFull
 from saguaro.faults import SaguaroWarning
 from saguaro.hf.drop_in import UnsupportedGenerateCall, disable, enable
 from saguaro.kernels import TREE_ATTENTION, TREE_BACKENDS
@@ -26,6 +28,13 @@ __all__ = [
     "GenerateOutput",
     "GenerationStats",
     "METHODS",
+    "Method",
+    "Placement",
+    "Schedule",
     "weights_changed",
+    "Engine",
+    "AsyncEngine",
+    "QueueFull",
+    "EngineClosed",
 ]
 __version__ = "0.1.0"

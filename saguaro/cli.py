@@ -1,5 +1,5 @@
 """The `saguaro` command: `saguaro bench ...` (speedup benchmark), `saguaro generate ...` (one answer),
-`saguaro fetch-demo [DEST]` (the demo model pair)."""
+`saguaro serve ...` (an OpenAI-compatible server), `saguaro fetch-demo [DEST]` (the demo model pair)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from saguaro import launch
-from saguaro.api import METHODS
+from saguaro.config import METHODS
 from saguaro.bench import benchmark, demo_models, workload
 
 
@@ -124,6 +124,56 @@ def _generate(topology, args) -> None:
         )
 
 
+def serve_main(argv) -> None:
+    parser = argparse.ArgumentParser(
+        prog="saguaro serve",
+        description="Serve a target model over HTTP with OpenAI's API (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /health, /metrics): concurrent requests decoded as one continuously "
+        "batched, speculative batch. SIGTERM or Ctrl+C stops admitting, lets running requests finish, then "
+        "exits.",
+    )
+    parser.add_argument(
+        "--target", help="target model: local folder or hub id (default: the demo pair, fetched on first use)"
+    )
+    parser.add_argument("--draft", help="draft model sharing the target's tokenizer")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--method", default="auto", choices=METHODS, help="decoding method (default: auto)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together")
+    parser.add_argument(
+        "--max-queue", type=int, default=64, help="most requests waiting; beyond, 429 with Retry-After"
+    )
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights' dtype"
+    )
+    parser.add_argument("--name", help="the model name clients ask for (default: the target folder's name)")
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=20.0,
+        help="seconds running requests get to finish after SIGTERM before they are cancelled (default: 20)",
+    )
+    args = parser.parse_args(argv)
+    if args.target is None:
+        if args.draft is not None:
+            parser.error("--draft needs --target (or give neither for the demo pair)")
+        args.target, args.draft = demo_models.demo_pair_paths()
+    from saguaro.server import run
+
+    run.serve(
+        args.target,
+        args.draft,
+        name=args.name,
+        host=args.host,
+        port=args.port,
+        dtype=args.dtype,
+        shutdown_timeout=args.shutdown_timeout,
+        method=args.method,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+    )
+
+
 def fetch_demo_main(argv) -> None:
     parser = argparse.ArgumentParser(
         prog="saguaro fetch-demo",
@@ -143,12 +193,18 @@ def fetch_demo_main(argv) -> None:
     print(f"target: {target}\ndraft:  {draft}")
 
 
-COMMANDS = {"bench": benchmark.main, "generate": generate_main, "fetch-demo": fetch_demo_main}
-USAGE = """usage: saguaro {bench,generate,fetch-demo} [--help]
+COMMANDS = {
+    "bench": benchmark.main,
+    "generate": generate_main,
+    "serve": serve_main,
+    "fetch-demo": fetch_demo_main,
+}
+USAGE = """usage: saguaro {bench,generate,serve,fetch-demo} [--help]
   bench       speedup benchmark: HF greedy, HF assisted and saguaro's methods side by side; quick by
               default (the demo pair, minutes), --full for every method, step costs and the cost-model
               check (JSON + Markdown + PNG; --random-weights for GPU step costs)
   generate    answer one prompt (chat template applied), streaming the text
+  serve       an OpenAI-compatible HTTP server (chat and text completions, streamed or not)
   fetch-demo  fetch the demo pair (Qwen2.5-Coder 1.5B + 0.5B) that bench and generate use by default"""
 
 

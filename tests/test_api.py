@@ -258,8 +258,8 @@ def test_options_are_checked_when_the_generator_is_built(pair):
     for timeout in (0, -1.0, None, True):
         with pytest.raises(ValueError, match="worker_timeout"):
             build(worker_timeout=timeout)
-    assert build(saguaro_budget=2)._speculator_kwargs["budget"] == 2
-    assert build(saguaro_budget=np.int64(96), worker_timeout=0.5).worker_timeout == 0.5
+    assert build(saguaro_budget=2).drafts._speculator_kwargs["budget"] == 2
+    assert build(saguaro_budget=np.int64(96), worker_timeout=0.5).options.worker_timeout == 0.5
 
 
 def test_a_model_on_the_meta_device_gets_a_clear_error(pair):
@@ -276,12 +276,15 @@ def test_tree_adapts_its_depth_and_stays_exact(pair, monkeypatch):
     target, draft = pair
     expected = target.generate(PROMPT, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)
     with saguaro.SpeculativeGenerator(target, draft, method="tree", tree_branching=[2, 2, 1, 1]) as generator:
-        assert isinstance(generator.lookahead, TreeDepthController) and generator.lookahead.max_k == 4
+        assert (
+            isinstance(generator.policy.lookahead, TreeDepthController)
+            and generator.policy.lookahead.max_k == 4
+        )
         out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
         assert out.sequences.tolist() == expected.tolist()
         # The controller booked the rounds under the depths it chose (4 at first: nothing measured).
         assert (
-            generator.lookahead.acceptance.reached[0] > 0
+            generator.policy.lookahead.acceptance.reached[0] > 0
             and out.stats.round_log[0]["drafted"] == 2 + 4 + 4 + 4
         )
         # Whatever depth it chooses, the tree is cut to it: depth 1 is the first level's 2 nodes.
@@ -295,8 +298,8 @@ def test_the_deepest_draft_defaults_per_method(pair):
     target, draft = pair
     # Saguaro drafts behind the verification, so depth costs it only verification tokens.
     with saguaro.SpeculativeGenerator(target, draft, method="saguaro") as generator:
-        assert generator.num_speculative_tokens == 6
+        assert generator.options.num_speculative_tokens == 6
     with saguaro.SpeculativeGenerator(target, draft, method="speculative") as generator:
-        assert generator.num_speculative_tokens == 4
+        assert generator.options.num_speculative_tokens == 4
     with saguaro.SpeculativeGenerator(target, draft, method="saguaro", num_speculative_tokens=3) as generator:
-        assert generator.num_speculative_tokens == 3
+        assert generator.options.num_speculative_tokens == 3

@@ -53,7 +53,7 @@ def test_auto_is_exact_and_says_what_it_chose(monkeypatch):
             assert choice.method == max(
                 choice.predicted_tokens_per_second, key=choice.predicted_tokens_per_second.get
             )
-        assert generator.method != "autoregressive" and generator._auto_counts[0] > 0  # acceptance measured
+        assert generator.method != "autoregressive" and generator.policy.counts[0] > 0  # acceptance measured
 
 
 def test_calibration_is_measured_once_per_model_pair():
@@ -127,4 +127,4 @@ def test_tree_rounds_count_a_rejection_only_where_the_path_stops_short(monkeypat
     drafted = [r for r in out.stats.round_log if r["drafted"]]
     assert all(r["depth"] == 4 < r["drafted"] for r in drafted[:-1])  # the last may be cut short
     assert any(r["accepted"] == r["depth"] for r in drafted)  # full depth accepted: no refusal
-    assert generator._auto_counts[1] == sum(r["accepted"] < r["depth"] for r in drafted) < len(drafted)
+    assert generator.policy.counts[1] == sum(r["accepted"] < r["depth"] for r in drafted) < len(drafted)

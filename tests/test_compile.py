@@ -60,7 +60,7 @@ def test_compiled_methods_match_hf_greedy(pair, method, monkeypatch):
                 drafted = [r for r in out.stats.round_log if r["drafted"]]
                 assert any(r["accepted"] for r in drafted)
                 assert any(r["accepted"] < r["drafted"] for r in drafted)
-        assert type(generator._static_runners["target"]).__name__ == "CompiledRunner"
+        assert type(generator.pool.static_runners["target"]).__name__ == "CompiledRunner"
     # The compiled steps attend through products on CPU; the user's model keeps its attention.
     assert target.config._attn_implementation == "sdpa"
     if method in ("autoregressive", "speculative"):
@@ -100,7 +100,7 @@ def test_padded_bucket_gives_the_unpadded_logits(pair):
     runners = []
     for buckets in ((1,), (1, 5)):
         with saguaro.SpeculativeGenerator(target, method="autoregressive", compile=True) as generator:
-            runner = generator._runner("target", target, 64, None, buckets)
+            runner = generator.pool.runner("target", target, 64, None, buckets)
             runner.feed(PROMPTS[0])
             runners.append(runner.forward([4, 9]))
     torch.testing.assert_close(runners[0], runners[1])
@@ -177,7 +177,7 @@ def test_outgrowing_the_static_cache_recompiles_once_per_size_and_says_so(pair, 
         target, method="autoregressive", compile=True, static_capacity=128
     ) as generator:
         generator.generate(torch.tensor([prompt]), max_new_tokens=20, eos_token_id=[])  # warm-up
-        runner = generator._static_runners["target"]
+        runner = generator.pool.static_runners["target"]
         assert runner.cache.capacity == 128
         graphs = counters["stats"]["unique_graphs"]
         with caplog.at_level(logging.WARNING, logger="saguaro"):
@@ -228,7 +228,7 @@ def test_huge_max_new_tokens_allocates_what_the_sequence_needs(pair, monkeypatch
     with saguaro.SpeculativeGenerator(target, method="autoregressive", compile=True) as generator:
         with pytest.warns(saguaro.SaguaroWarning, match="max_position_embeddings"):  # as eagerly
             out = generator.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=10**9, eos_token_id=eos)
-        assert generator._static_runners["target"].cache.capacity == 256
+        assert generator.pool.static_runners["target"].cache.capacity == 256
     assert out.tolist() == expected.tolist()
     assert sizes and max(sizes) == 256
 

@@ -11,7 +11,7 @@ import torch
 from conftest import perturbed_copy, tiny_model
 
 import saguaro
-from saguaro.api import SpeculativeGenerator
+from saguaro.generator.decoding import Decoder
 
 PROMPTS = [torch.tensor([[1, 17, 33, 5, 80, 42, 9, 64, 23]]), torch.tensor([[1, 13, 51, 16, 20, 79]])]
 pytestmark = pytest.mark.timeout(300)
@@ -54,7 +54,7 @@ def race_two_calls(generator):
 def most_in_flight(monkeypatch):
     """[n]: the most generations (rows) ever running at once on any generator during the test."""
     inside, most, lock = [0], [0], threading.Lock()
-    real_generate_one = SpeculativeGenerator._generate_one
+    real_generate_one = Decoder._one
 
     def counted(self, *args):
         with lock:
@@ -66,7 +66,7 @@ def most_in_flight(monkeypatch):
             with lock:
                 inside[0] -= 1
 
-    monkeypatch.setattr(SpeculativeGenerator, "_generate_one", counted)
+    monkeypatch.setattr(Decoder, "_one", counted)
     return most
 
 
@@ -108,21 +108,21 @@ def test_deepcopy_and_pickle_of_an_enabled_model_leave_the_original_working():
     )
     try:
         assert target.generate(PROMPTS[0], max_new_tokens=16, eos_token_id=None).tolist() == expected
-        worker = handle.generator._worker._process
+        worker = handle.generator.drafts.worker._process
         assert worker.is_alive()
 
         copied = copy.deepcopy(target)
         # The copy's generate is its own: bound to the copy, with a generator of its own and no worker yet.
         assert copied.generate.__self__.model is copied and copied._saguaro.generator.target is copied
-        assert copied._saguaro.generator._worker is None
+        assert copied._saguaro.generator.drafts.worker is None
         assert copied.generate(PROMPTS[0], max_new_tokens=16, eos_token_id=None).tolist() == expected
-        assert copied._saguaro.generator._worker._process.pid != worker.pid
+        assert copied._saguaro.generator.drafts.worker._process.pid != worker.pid
 
         unpickled = pickle.loads(pickle.dumps(target))
         assert unpickled.generate(PROMPTS[0], max_new_tokens=16, eos_token_id=None).tolist() == expected
 
         # The original is untouched: same worker, still exact.
-        assert handle.generator._worker._process is worker and worker.is_alive()
+        assert handle.generator.drafts.worker._process is worker and worker.is_alive()
         assert target.generate(PROMPTS[0], max_new_tokens=16, eos_token_id=None).tolist() == expected
         for model in (copied, unpickled):
             assert saguaro.disable(model)

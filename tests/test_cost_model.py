@@ -118,9 +118,9 @@ def test_adaptive_schedule_stays_exact(method):
         # Plant costs that make speculation lose unless nearly every draft is accepted (kept as
         # planted: the tiny model's real timings do not blend in): the controller must switch it
         # off, probing now and then (saguaro's worker then catches up); the output must not change.
-        generator.lookahead.verify.smoothing = 0.0
+        generator.policy.lookahead.verify.smoothing = 0.0
         for t in range(1, 7):
-            generator.lookahead.verify.observe(t, 1.0 + 0.9 * (t - 1))
+            generator.policy.lookahead.verify.observe(t, 1.0 + 0.9 * (t - 1))
         out = generator.generate(prompt, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
     assert out.sequences.tolist() == expected.tolist()
     drafted = [r["drafted"] for r in out.stats.round_log]

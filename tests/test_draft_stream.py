@@ -6,9 +6,9 @@ import torch
 from conftest import perturbed_copy, slow_verification, tiny_model
 
 import saguaro
-from saguaro import api
 from saguaro.decode import engines
 from saguaro.draft.stream import Draft, DraftSource, DraftStream
+from saguaro.generator import decoding
 from saguaro.model.compiled_runner import CompiledRunner
 from saguaro.model.runner import ModelRunner
 from saguaro.model.tree import TokenTree, static_tree
@@ -69,7 +69,7 @@ def record(monkeypatch, target):
     """Wrap the stream of every engine call; note each draft the target verifies and each tree the
     target's verification forward is given."""
     streams, verified, forwards = [], [], []
-    real_engine, real_verify = api.speculative, engines.verify_proposal
+    real_engine, real_verify = decoding.speculative, engines.verify_proposal
 
     def engine(runner, drafts, *args):
         streams.append(RecordingStream(drafts))
@@ -87,7 +87,7 @@ def record(monkeypatch, target):
 
         return forward
 
-    monkeypatch.setattr(api, "speculative", engine)
+    monkeypatch.setattr(decoding, "speculative", engine)
     monkeypatch.setattr(engines, "verify_proposal", verify)
     for runner in (ModelRunner, CompiledRunner):  # CompiledRunner: pytest --compile
         monkeypatch.setattr(runner, "forward", recording(runner.forward))
@@ -137,8 +137,8 @@ def test_rounds_with_speculation_off_idle_the_stream_then_catch_it_up(pair, monk
     target, _ = pair
     streams, verified, _ = record(monkeypatch, target)
     with generator_for(method, pair) as generator:
-        depth = generator._tree_extent()[0]
-        generator.lookahead = ScriptedDepths(depth, off={1, 4, 5, 8})
+        depth = generator.policy.tree_extent()[0]
+        generator.policy.lookahead = ScriptedDepths(depth, off={1, 4, 5, 8})
         out = generator.generate(PROMPT, max_new_tokens=30, eos_token_id=[], return_dict_in_generate=True)
     assert out.sequences[0, PROMPT.shape[1] :].tolist() == hf_greedy(target, 30)
     sources = [round_["source"] for round_ in out.stats.round_log]
@@ -190,7 +190,7 @@ def test_a_plain_step_keeps_beside_a_worker_that_is_still_working(pair, monkeypa
     # sent: a plain step on every core would then oversubscribe them with it (3.5x as slow on the
     # demo pair), so it keeps to the target's share until the worker's flag drops.
     threads = RecordingThreads()
-    real_engine = api.speculative
+    real_engine = decoding.speculative
 
     def engine(runner, drafts, prompt, sampler, stop, stats, max_depth, lookahead, _threads, fallback):
         stream = BusyWorker(drafts)
@@ -199,9 +199,9 @@ def test_a_plain_step_keeps_beside_a_worker_that_is_still_working(pair, monkeypa
             runner, stream, prompt, sampler, stop, stats, max_depth, lookahead, threads, fallback
         )
 
-    monkeypatch.setattr(api, "speculative", engine)
+    monkeypatch.setattr(decoding, "speculative", engine)
     with generator_for("speculative", pair) as generator:
-        generator.lookahead = ScriptedDepths(3, off={2, 3})
+        generator.policy.lookahead = ScriptedDepths(3, off={2, 3})
         out = generator.generate(PROMPT, max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True)
     sources = [round_["source"] for round_ in out.stats.round_log]
     assert sources[1:3] == [DraftSource.OFF] * 2 and sources[0] != DraftSource.OFF

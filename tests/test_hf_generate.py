@@ -370,6 +370,6 @@ def test_strict_enable_also_raises_worker_failures(pair):
     with saguaro.enable(
         target, draft_model=draft, method="saguaro", placement="inline", strict=True
     ) as handle:
-        assert handle.generator.strict
+        assert handle.generator.options.strict
     with saguaro.enable(target, draft_model=draft, method="saguaro", placement="inline") as handle:
-        assert not handle.generator.strict
+        assert not handle.generator.options.strict

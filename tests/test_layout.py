@@ -7,13 +7,18 @@ from functools import cache
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "saguaro"
-# cli -> bench -> api, hf -> decode, draft, ssd, tune, distributed -> model -> kernels
+# cli -> bench -> server -> engine -> api, hf -> generator, config
+#     -> decode, draft, ssd, tune, distributed -> model -> kernels
 LAYERS = {
-    "cli": 6,
-    "bench": 5,
-    "api": 4,
-    "hf": 4,
-    "launch": 4,
+    "cli": 9,
+    "bench": 8,
+    "server": 7,
+    "engine": 6,
+    "api": 5,
+    "hf": 5,
+    "launch": 5,
+    "generator": 4,
+    "config": 4,
     "decode": 3,
     "draft": 3,
     "ssd": 3,

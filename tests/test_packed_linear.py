@@ -113,7 +113,7 @@ def test_a_generator_runs_the_packed_target_with_the_same_output(packing_pays):
             ),
             generator.generate(ids[:1], max_new_tokens=20, eos_token_id=[], return_dict_in_generate=True),
         ]
-        ran = generator._runnable_target()
+        ran = generator.pool.target()
         assert (ran is not target) == pack
         assert any(type(m) is PackedLinear for m in ran.modules()) == pack
     for packed, plain in zip(outputs[True], outputs[False]):
@@ -132,7 +132,7 @@ def generator_after_a_call():
     )
     prompt = torch.tensor([PROMPTS[0]])
     generator.generate(prompt, max_new_tokens=5, eos_token_id=[])
-    assert generator._runnable_target() is not target
+    assert generator.pool.target() is not target
     return target, draft, generator, prompt
 
 
@@ -141,7 +141,7 @@ def test_a_target_turned_to_float32_runs_as_itself(packing_pays):
     target.float()
     draft.float()
     out = generator.generate(prompt, max_new_tokens=12, eos_token_id=[])
-    assert generator._runnable_target() is target  # no packed bf16 copy computes the float32 model
+    assert generator.pool.target() is target  # no packed bf16 copy computes the float32 model
     assert out[0, prompt.shape[1] :].tolist() == alone(target, PROMPTS[0], 12, eos_token_id=[])
 
 

@@ -154,7 +154,7 @@ def held(generator, sequence: torch.Tensor) -> set[int]:
     never fed; compiled autoregressive decoding (`pytest --compile`) feeds 8 tokens a call, so its
     last block may have fed that token too (with its true KV)."""
     length = sequence.shape[1]
-    blocks = generator.compile and generator.method == "autoregressive"
+    blocks = generator.options.compile and generator.method == "autoregressive"
     return {length - 1, length} if blocks else {length - 1}
 
 
@@ -197,7 +197,7 @@ def test_second_chat_turn_reuses_the_first_and_is_exact(method, feeds):
     if method in ("speculative", "tree"):
         # The in-process drafter reused its own stored prefix, and drafted exactly as a cold one:
         # same drafts, same acceptance, round by round.
-        assert any(model is generator._draft and reused > len(SYSTEM) for model, reused in feeds)
+        assert any(model is generator.drafts.draft and reused > len(SYSTEM) for model, reused in feeds)
         assert accepted_per_round(turn2) == accepted_per_round(cold)
 
 
@@ -251,7 +251,7 @@ def test_lru_eviction_under_a_tiny_budget_keeps_the_output_exact():
         first_b = run(generator, b)  # [1, ...] shares nothing with [3, ...]: a, older, is evicted
         again_b = run(generator, torch.cat([first_b.sequences, torch.tensor([[5]])], dim=1))
         again_a = run(generator, torch.cat([first_a.sequences, torch.tensor([[5]])], dim=1))
-        assert generator._target_prefixes.nbytes <= budget
+        assert generator.pool.target_prefixes.nbytes <= budget
     assert [out.stats.reused_prompt_tokens for out in (first_a, first_b)] == [0, 0]
     assert again_b.stats.reused_prompt_tokens in held(generator, first_b.sequences)
     assert again_a.stats.reused_prompt_tokens == 0
@@ -265,7 +265,7 @@ def test_prefix_cache_false_reuses_nothing():
     ids = torch.tensor([SYSTEM])
     with saguaro.SpeculativeGenerator(target, method="autoregressive", prefix_cache=False) as generator:
         outs = [run(generator, ids) for _ in range(2)]
-        assert generator._target_prefixes is None and generator._draft_prefixes is None
+        assert generator.pool.target_prefixes is None and generator.pool.draft_prefixes is None
     assert [out.stats.reused_prompt_tokens for out in outs] == [0, 0]
     assert outs[0].sequences.tolist() == outs[1].sequences.tolist() == hf_greedy(target, ids)
     # saguaro.generate takes the option too (moot there: each call builds a fresh generator).
@@ -282,11 +282,11 @@ def test_enabled_models_reuse_and_copies_start_empty():
         generator = handle.generator
         pickled_empty = len(pickle.dumps(generator))
         out = target.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-        assert len(generator._target_prefixes) in held(generator, out)  # all it fed: prompt + answer
+        assert len(generator.pool.target_prefixes) in held(generator, out)  # all it fed: prompt + answer
         # A copy carries none of the stored KV.
-        assert len(pickle.dumps(generator)) - pickled_empty < generator._target_prefixes.nbytes / 2
+        assert len(pickle.dumps(generator)) - pickled_empty < generator.pool.target_prefixes.nbytes / 2
         clone = copy.deepcopy(generator)
-        assert len(clone._target_prefixes) == 0 and len(generator._target_prefixes) > 0
+        assert len(clone.pool.target_prefixes) == 0 and len(generator.pool.target_prefixes) > 0
         out = clone.generate(ids, max_new_tokens=NEW, eos_token_id=[], return_dict_in_generate=True)
         assert out.stats.reused_prompt_tokens == 0
         clone.close()

@@ -75,7 +75,7 @@ def test_options_that_would_fail_later_are_rejected_when_the_generator_is_built(
         build(draft_device="meta")
     with pytest.raises(ValueError, match="draft_device='gpu0' is not a device"):
         build(draft_device="gpu0")
-    assert build(worker_timeout=3600.0, draft_device="cpu").worker_timeout == 3600.0
+    assert build(worker_timeout=3600.0, draft_device="cpu").options.worker_timeout == 3600.0
 
 
 def test_prompt_ids_outside_the_vocabulary_are_rejected_not_fed_as_id_0(pair):
@@ -106,7 +106,7 @@ target = tiny_model("llama", seed=0)
 draft = perturbed_copy(target, 0.02)
 generator = saguaro.SpeculativeGenerator(target, draft, method="saguaro", placement="process")
 generator.generate([[1, 17, 50, 5]], max_new_tokens=8)
-print(generator._worker._process.pid, flush=True)
+print(generator.drafts.worker._process.pid, flush=True)
 if {how!r} == "exit":
     os._exit(0)  # no atexit, no finalizers: the worker is never told to stop
 time.sleep(120)  # the test SIGKILLs this process
@@ -255,4 +255,4 @@ def test_a_draft_with_nan_probabilities_costs_speed_not_the_answer(pair, method)
         assert greedy.tolist() == expected.tolist()
         assert batch.shape == (2, PROMPT.shape[1] + 12)
         if method == "saguaro":
-            assert generator._worker.concurrent and generator._worker.failures == 0
+            assert generator.drafts.worker.concurrent and generator.drafts.worker.failures == 0

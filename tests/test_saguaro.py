@@ -26,7 +26,7 @@ def hf_greedy(model, max_new_tokens):
 
 
 def worker_process(generator):
-    return generator._worker._process
+    return generator.drafts.worker._process
 
 
 def saguaro_generator(target, draft=None, **options):
@@ -115,9 +115,9 @@ def test_a_worker_failure_warns_once_per_generator_naming_the_error(caplog):
     target = tiny_model("llama", seed=0)
     generator = saguaro.SpeculativeGenerator(target, target, method="saguaro", placement="inline")
     with pytest.warns(saguaro.SaguaroWarning) as caught, caplog.at_level("WARNING", logger="saguaro"):
-        generator._inline_worker(WorkerFailed("no answer within 60s"))
-        generator._inline_worker(WorkerFailed("gone"))
-        generator._inline_worker()  # an engine that passes no error
+        generator.drafts.draft_inline(WorkerFailed("no answer within 60s"))
+        generator.drafts.draft_inline(WorkerFailed("gone"))
+        generator.drafts.draft_inline()  # an engine that passes no error
     assert len(caught) == 1 and "WorkerFailed: no answer within 60s" in str(caught[0].message)
     # Every failure is logged; only the first is a warning.
     assert [r.name for r in caplog.records] == ["saguaro"] * 3 and "gone" in caplog.records[1].getMessage()
@@ -132,7 +132,7 @@ def test_strict_raises_a_worker_failure_instead_of_drafting_inline(monkeypatch):
             generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[])
         error = WorkerFailed("stalled")
         with pytest.raises(WorkerFailed, match="stalled") as raised:
-            generator._inline_worker(error)
+            generator.drafts.draft_inline(error)
         assert raised.value is error
     assert multiprocessing.active_children() == []
 
@@ -210,13 +210,13 @@ def test_default_adaptive_schedule_runs_through_a_process_worker():
     with saguaro.SpeculativeGenerator(
         target, perturbed_copy(target, 0.005), method="saguaro", placement="process"
     ) as generator:
-        assert generator.lookahead is not None  # the default schedule is the adaptive controller
+        assert generator.policy.lookahead is not None  # the default schedule is the adaptive controller
         out = generator.generate(PROMPT, max_new_tokens=40, eos_token_id=[], return_dict_in_generate=True)
         assert worker_process(generator).is_alive()
     assert out.sequences.tolist() == hf_greedy(target, 40)
     # Speculation ran (the tiny models verify K+1 tokens for about the cost of one).
     assert out.stats.drafted >= 4 and out.stats.accepted > 0 and out.stats.worker_failures == 0
-    assert generator.lookahead.verify  # the controller measured the rounds it chose
+    assert generator.policy.lookahead.verify  # the controller measured the rounds it chose
 
 
 @pytest.mark.parametrize("acceptance", [0.2, 0.9])

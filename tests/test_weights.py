@@ -92,7 +92,7 @@ def test_a_kept_drop_in_answers_with_the_new_weights(route, dtype, method, packi
         assert again.stats.reused_prompt_tokens == len(SYSTEM) - 1
         if dtype == torch.bfloat16:  # the packed view ran, so its staleness is what is tested
             generator = target._saguaro.generator
-            assert any(isinstance(m, PackedLinear) for m in generator._runnable_target().modules())
+            assert any(isinstance(m, PackedLinear) for m in generator.pool.target().modules())
         ROUTES[route](target)
         after = drop_in(target, ids)
     expected = hf_greedy(target, ids)

@@ -39,7 +39,7 @@ def test_ctrl_c_mid_generation_leaves_the_worker_in_step(monkeypatch):
     target = tiny_model("llama", seed=0)
     with saguaro_generator(target) as generator:
         before = run(generator)
-        worker = generator._worker
+        worker = generator.drafts.worker
         connection = worker._conn
 
         class CtrlCWhileWaiting:  # Ctrl-C lands while the generator waits for the worker's answer
@@ -83,7 +83,7 @@ def test_a_worker_exception_comes_back_visible_and_the_worker_restarts(monkeypat
 
     monkeypatch.setattr(prespeculation.PreSpeculator, "resolve", resolve_failing_once)
     with saguaro_generator(target) as generator:
-        first = worker_process(generator) if generator._worker else None
+        first = worker_process(generator) if generator.drafts.worker else None
         assert first is None  # started lazily, on the first call
         with caplog.at_level(logging.WARNING, logger="saguaro"), pytest.warns(Warning) as warned:
             out = run(generator)
@@ -93,7 +93,7 @@ def test_a_worker_exception_comes_back_visible_and_the_worker_restarts(monkeypat
         again = run(generator)  # the next call starts a fresh worker
         restarted = worker_process(generator)
         assert restarted is not None and restarted.is_alive()
-        assert generator._worker.restarts == 1
+        assert generator.drafts.worker.restarts == 1
     assert out.sequences.tolist() == again.sequences.tolist() == hf_greedy(target, 40)
     assert out.stats.worker_failures == 1 and again.stats.worker_failures == 0
     assert again.stats.hits > 0  # pre-speculation is back
@@ -280,7 +280,7 @@ def test_saguaro_splits_cpu_threads_and_restores_the_callers(monkeypatch):
     real_forward = saguaro.model.runner.ModelRunner.forward
 
     def forward(self, tokens, *args, **kwargs):
-        worker = generators[0]._worker if generators else None
+        worker = generators[0].drafts.worker if generators else None
         working = bool(worker and worker.working and worker.working.value)
         seen.append((torch.get_num_threads(), len(tokens), working))
         return real_forward(self, tokens, *args, **kwargs)
@@ -292,7 +292,7 @@ def test_saguaro_splits_cpu_threads_and_restores_the_callers(monkeypatch):
         # Eager runners even under `pytest --compile`: a compiled runner also runs warm-up forwards
         # (right after the prefill, which hands the cores back), and those verify nothing.
         with saguaro_generator(target, compile=False) as generator:
-            generator.threads = ThreadSplit(total=4, drafter=1)  # as on a 4-core machine
+            generator.policy.threads = ThreadSplit(total=4, drafter=1)  # as on a 4-core machine
             generators.append(generator)
             run(generator, 20)
         assert torch.get_num_threads() == 1  # the caller's setting, restored
