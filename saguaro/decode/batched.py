@@ -1,167 +1,240 @@
-"""Batched speculative decoding with ragged acceptance: every live row verified in one target
-forward per round, each row accepting its own count.
+"""Batched speculative decoding with ragged acceptance over a live batch: every live row verified
+in one target forward per round, each row accepting its own count; rows join between rounds and
+leave the moment they finish.
 
 Round structure (rows of a `BatchedRunner`; see decode/engines.py for one row):
     drafts       = drafter.propose(depth per row)             # one batched draft forward per level
     logits       = target.forward([[token_b, *drafts_b]])     # all rows, one forward, [B, 1 + T, V]
     path_b, next = verify_proposal(logits[b], ...)            # per row, as engines.speculative does
     target.keep(1 + len(path_b)) per row: the rest of the row's slots become holes
-Finished rows drop out of both caches. The depth is chosen for the batch by a `LookaheadController`
-per live batch size (verify cost grows with rows x tokens): 0 is a plain batched target step,
-so where speculation loses the loop is HF's batched greedy.
+The depth is chosen for the batch by a `LookaheadController` per live batch size (verify cost
+grows with rows x tokens): 0 is a plain batched target step, so where speculation loses the loop
+is HF's batched greedy.
+
+`LiveBatch.prefill` feeds waiting prompts (packed, in chunks of a token budget if asked, each on
+top of its prefix-cache hit) and joins the complete ones to the running caches; `leave` drops
+finished, failed or cancelled rows from both caches, storing their KV for later prompts that
+start like them. A fixed batch (`batched_speculative`) is one prefill and rounds until every row
+has left; the serving engine (saguaro/engine/) keeps one running as requests come and go. A row's
+own failure (its sampler or stopping rule raising) is its `error`: it leaves, the others go on.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass, field
 
-import torch
-
+from saguaro.decode.batched_drafters import BatchedModelDrafter, PerRowDrafters
 from saguaro.decode.engines import StopRule, verify_proposal, warn_broken_draft
-from saguaro.decode.sampling import BrokenDraft, TokenSampler, check_drafted, drawable, greedy_choice
+from saguaro.decode.sampling import BrokenDraft, TokenSampler
 from saguaro.decode.stats import GenerationStats
-from saguaro.draft.drafters import Drafter
 from saguaro.draft.stream import Draft
 from saguaro.model.batched_runner import BatchedRunner
-from saguaro.model.prefix_cache import PrefixCache
+from saguaro.model.prefix_cache import KV
 from saguaro.tune.cost_model import AcceptanceCounter, BatchLookaheads
 
+# A compaction (every row's entries copied afresh) pays once holes are most of the cache.
+COMPACT_HOLE_SHARE = 0.5
+COMPACT_MIN_SLOTS = 64
 
-class BatchedModelDrafter:
-    """A small causal LM drafting a chain for every row at once, on its own `BatchedRunner`.
 
-    Its cache holds each row's committed tokens up to `fed[row]`; propose() first feeds the rest
-    (ragged: one token after a rejection, two after a fully accepted chain, more after plain
-    steps), then draws one token per row per level. `sampler` (the rows' common drafting sampler)
-    draws each row's token from the q it reports, which keeps sampled verification exact.
-    """
+@dataclass(eq=False)
+class Sequence:
+    """One row's request: its prompt, how it samples and stops, and what it has generated."""
+
+    prompt: list[int]
+    sampler: TokenSampler
+    stop: StopRule
+    stats: GenerationStats
+    generated: list[int] = field(default_factory=list)
+    error: BaseException | None = None  # what failed in this row alone
+    prefilled: int | None = None  # prompt tokens whose target KV exists (None: not looked up yet)
+    entries: KV = field(default_factory=list)  # that KV, while the prompt is not in the batch
+    acceptance: AcceptanceCounter | None = None  # its own: the batch lasts as long as its slowest row
+    started: float = 0.0  # when its prefill began (perf_counter)
+
+    @property
+    def finished(self) -> bool:
+        if self.error is None:
+            try:
+                return self.stop.finished(self.generated)
+            except Exception as error:  # a stopping criterion of this row's failed
+                self.error = error
+        return True
+
+    def output(self) -> list[int]:
+        """The new tokens, trimmed where the sequence ended."""
+        return self.stop.trim(self.generated)
+
+
+class LiveBatch:
+    """The rows decoding together on `target` (a `BatchedRunner`) and `drafter` (a batched
+    drafter from decode/batched.py, or None for plain batched steps)."""
 
     def __init__(
         self,
-        model,
-        sampler: TokenSampler,
-        vocab_size: int | None = None,
-        prefix_cache: PrefixCache | None = None,
+        target: BatchedRunner,
+        drafter: BatchedModelDrafter | PerRowDrafters | None,
+        max_depth: int,
+        lookaheads: BatchLookaheads | None = None,
     ):
-        self.runner = BatchedRunner(model, prefix_cache)
-        self.sampler = sampler
-        self.vocab_size = vocab_size  # the draft never proposes ids the target cannot emit
-        self.committed: list[list[int]] = []
-        self.fed: list[int] = []
-        self._mark = None
-        self._drafted_fed = 0  # draft levels of the last proposal fed to the cache
-        self.round_seconds: float | None = None  # see propose
-        self.catch_up: tuple[int, float] | None = None  # a one-off catch-up: (tokens, seconds)
+        self.target, self.drafter, self.max_depth, self.lookaheads = target, drafter, max_depth, lookaheads
+        self.rows: list[Sequence] = []
+        target.start(0)
+        if drafter is not None:
+            drafter.reset([])
 
-    def reset(self, rows: list[list[int]]) -> None:
-        self.runner.start(len(rows))
-        self.committed = [list(row) for row in rows]
-        self.fed = [0] * len(rows)
-        self._mark, self._drafted_fed = None, 0
+    def prefill(self, waiting: list[Sequence], budget: int | None = None) -> list[Sequence]:
+        """Feed up to `budget` prompt tokens (None: all) of the `waiting` sequences, in order, each
+        on top of what it has (its prefix-cache hit, its earlier chunks), in one packed forward;
+        those whose prompt is complete join the batch with their first token and are returned."""
+        tick = time.perf_counter()
+        for sequence in waiting:
+            if sequence.prefilled is None:
+                sequence.started = tick
+                (sequence.prefilled,), (sequence.entries,) = self.target.lookup([sequence.prompt])
+                sequence.stats.reused_prompt_tokens = sequence.prefilled
+        fed, chunks = [], []
+        for sequence in waiting:
+            take = len(sequence.prompt) - sequence.prefilled
+            if budget is not None:
+                take = min(take, budget - sum(len(chunk) for chunk in chunks))
+            if take <= 0:
+                break
+            fed.append(sequence)
+            chunks.append(sequence.prompt[sequence.prefilled : sequence.prefilled + take])
+        if not fed:
+            return []
+        logits, entries = self.target.extend([sequence.entries for sequence in fed], chunks)
+        seconds = time.perf_counter() - tick
+        joining, first_logits = [], []
+        for sequence, chunk, row_logits, kv in zip(fed, chunks, logits, entries):
+            sequence.prefilled += len(chunk)
+            sequence.entries = kv
+            sequence.stats.prefill_seconds += seconds
+            if sequence.prefilled == len(sequence.prompt):
+                joining.append(sequence)
+                first_logits.append(row_logits)
+        if joining:
+            self._join(joining, first_logits)
+        return joining
 
-    def propose(self, depths: list[int]) -> list[Draft]:
-        pending = [row[fed:] for row, fed in zip(self.committed, self.fed)]
-        # Left-padded, so every row's last token is in the last column, the only one whose logits
-        # are needed: the prompt at first, then one or two tokens per row (more after plain steps).
-        start = time.perf_counter()
-        if any(self.fed):
-            logits = self.runner.forward(pending, align_right=True, last_only=True)[:, -1]
-        else:  # the prompts, from the draft's prefix cache as far as it holds them
-            logits = self.runner.prefill(pending)[0]
-        logits = logits[:, : self.vocab_size]
-        catch_up_seconds = time.perf_counter() - start
-        self.fed = [len(row) for row in self.committed]
-        self._mark = self.runner.mark()
-        tokens, probs, level_seconds, finite = [], [], [], []
-        for level in range(max(depths)):
-            if self.sampler.greedy:  # no q to report: greedy verification compares ids
-                drawn = greedy_choice(self.sampler.scores(logits))
-            else:
-                q, ok = drawable(self.sampler.probs(logits))  # a broken draft must not break the draw
-                probs.append(q)
-                finite.append(ok)
-                drawn = self.sampler.draw(q)
-            tokens.append(drawn)
-            if level + 1 < max(depths):  # the last level is fed next round, if it is kept
-                start = time.perf_counter()
-                logits = self.runner.forward([[int(t)] for t in drawn])[:, -1, : self.vocab_size]
-                level_seconds.append(time.perf_counter() - start)
-        # What drafting these depths costs a round once the drafter keeps up (a catch-up of one or
-        # two tokens per row), for the draft-length controller: a prefill, or a catch-up after
-        # plain steps, is a one-off that must not make every later round look expensive.
-        width = max(len(row) for row in pending)
-        self.catch_up = None if width <= 2 else (width * len(pending), catch_up_seconds)
-        if width <= 2:
-            self.round_seconds = catch_up_seconds + sum(level_seconds)
-        elif level_seconds:
-            self.round_seconds = sum(level_seconds) * (len(level_seconds) + 1) / len(level_seconds)
+    def _join(self, joining: list[Sequence], logits: list) -> None:
+        # The prompts' KV is stored at once: a request arriving meanwhile behind the same system
+        # prompt reuses it.
+        self.target.store([s.prompt for s in joining], [s.entries for s in joining])
+        self.target.join([s.entries for s in joining])
+        for sequence, row_logits in zip(joining, logits):
+            sequence.entries = []
+            sequence.acceptance = AcceptanceCounter(self.max_depth)
+            try:
+                sequence.generated = [sequence.sampler.choose(row_logits, sequence.prompt)]
+                sequence.stop.stream(sequence.generated)
+            except Exception as error:
+                sequence.error = error
+        self.rows += joining
+        if self.drafter is not None:
+            self.drafter.add_rows(
+                [s.prompt + s.generated for s in joining], [s.sampler.drafting() for s in joining]
+            )
+
+    def leave(self, going: set[Sequence] = frozenset()) -> list[Sequence]:
+        """Drop the rows that finished or failed, and those in `going` (cancelled); return them.
+        A row's KV (prompt + what it generated) goes to the prefix caches first, unless it failed."""
+        leaving = [sequence for sequence in self.rows if sequence in going or sequence.finished]
+        if not leaving:
+            return []
+        now = time.perf_counter()
+        for index, sequence in enumerate(self.rows):
+            if sequence not in leaving:
+                continue
+            sequence.stats.total_seconds = now - sequence.started
+            if sequence.error is None:
+                self.target.remember(index, sequence.prompt + sequence.output())
+                if self.drafter is not None:
+                    self.drafter.remember(index)
+        staying = [index for index, sequence in enumerate(self.rows) if sequence not in leaving]
+        self.rows = [self.rows[index] for index in staying]
+        if not self.rows:  # an empty batch starts afresh: no holes carried over
+            self.target.start(0)
+            if self.drafter is not None:
+                self.drafter.reset([])
+            return leaving
+        self.target.keep_rows(staying)
+        if self.drafter is not None:
+            self.drafter.keep_rows(staying)
+        target = self.target
+        if target.slots > COMPACT_MIN_SLOTS and target.holes > COMPACT_HOLE_SHARE * target.visible.numel():
+            target.compact()
+            if self.drafter is not None:
+                self.drafter.compact()
+        return leaving
+
+    def round(self) -> None:
+        """One speculative round (or plain step) over every live row; `leave` drops those it finished."""
+        rows, drafter = self.rows, self.drafter
+        # Never draft past a row's max_new_tokens: its round emits at most depth + 1 tokens.
+        limits = [min(self.max_depth, row.stop.remaining(row.generated) - 1) for row in rows]
+        lookahead = self.lookaheads(len(rows)) if self.lookaheads else None
+        if lookahead:
+            remaining = [(row.stop.remaining(row.generated), row.acceptance) for row in rows]
+            cost = functools.partial(self.lookaheads.round_seconds, current=lookahead)
+            depth = lookahead.choose(max(limits), remaining, cost)
         else:
-            self.round_seconds = None
-        self._drafted_fed = max(max(depths) - 1, 0)
-        check_drafted([], finite)
-        tokens = torch.stack(tokens, 1).tolist()  # [B][levels], one host read
-        probs = None if self.sampler.greedy else torch.stack(probs, 1)  # [B, levels, V]
-        drafts = []
-        for row, depth in enumerate(depths):
-            row_probs = None if probs is None else probs[row, :depth]
-            drafts.append(Draft(tokens[row][:depth], row_probs))
-        return drafts
-
-    def catch_up_tokens(self) -> int:
-        """What the next propose() feeds before it drafts (rows x the widest row's pending tokens)."""
-        return len(self.committed) * max(len(row) - fed for row, fed in zip(self.committed, self.fed))
-
-    def commit(self, accepted: list[list[int]]) -> None:
-        """Each row's accepted drafts, then its next token (the whole of what the round emitted)."""
-        if self._mark is not None:
-            kept = [min(len(emitted) - 1, self._drafted_fed) for emitted in accepted]
-            self.runner.keep(self._mark, kept)
-            self.fed = [fed + k for fed, k in zip(self.fed, kept)]
-        for row, emitted in zip(self.committed, accepted):
-            row += emitted
-        self._mark, self._drafted_fed = None, 0
-
-    def remember(self, index: int) -> None:
-        """Store what the draft's cache holds of row `index` for later calls."""
-        self.runner.remember(index, self.committed[index])
-
-    def keep_rows(self, indices: list[int]) -> None:
-        self.runner.keep_rows(indices)
-        self.committed = [self.committed[i] for i in indices]
-        self.fed = [self.fed[i] for i in indices]
-
-
-class PerRowDrafters:
-    """Model-free drafters (prompt lookup) batched the trivial way: one per row, no forwards."""
-
-    round_seconds = None  # drafting is free: the controller counts no draft cost
-    catch_up = None  # and there is nothing to catch up on
-
-    def catch_up_tokens(self) -> int:
-        return 0
-
-    def __init__(self, make_drafter):
-        self.make_drafter = make_drafter
-        self.drafters: list[Drafter] = []
-
-    def reset(self, rows: list[list[int]]) -> None:
-        self.drafters = [self.make_drafter() for _ in rows]
-        for drafter, row in zip(self.drafters, rows):
-            drafter.reset(row)
-
-    def propose(self, depths: list[int]) -> list[Draft]:
-        return [drafter.propose(depth) for drafter, depth in zip(self.drafters, depths)]
-
-    def commit(self, accepted: list[list[int]]) -> None:
-        for drafter, emitted in zip(self.drafters, accepted):
-            drafter.commit(list(range(len(emitted) - 1)), emitted[-1])
-
-    def remember(self, index: int) -> None:
-        """Nothing to store: no model, no KV."""
-
-    def keep_rows(self, indices: list[int]) -> None:
-        self.drafters = [self.drafters[i] for i in indices]
+            depth = max(limits)
+        if depth and lookahead and drafter is not None:
+            # The drafter first feeds what it lacks (the prompts, the tokens of plain steps): worth
+            # it only if speculation saves more than that over what the longest row has left.
+            longest = max(row.stop.remaining(row.generated) for row in rows)
+            if not lookahead.worth_catching_up(drafter.catch_up_tokens(), longest):
+                depth = 0
+        depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(rows)
+        tick = time.perf_counter()
+        try:
+            proposals = drafter.propose(depths) if max(depths) else [Draft.off()] * len(rows)
+        except BrokenDraft as error:
+            warn_broken_draft(error)
+            self.drafter = drafter = None  # plain batched steps for the rest of the batch
+            lookahead = None
+            proposals = [Draft.off()] * len(rows)
+        tock = time.perf_counter()
+        mark = self.target.mark()
+        fed = [[row.generated[-1], *proposal.tokens] for row, proposal in zip(rows, proposals)]
+        logits = self.target.forward(fed)
+        emitted = []
+        for i, (row, proposal) in enumerate(zip(rows, proposals)):
+            try:
+                path, next_token = verify_proposal(
+                    logits[i, : 1 + len(proposal.tokens)], proposal, row.sampler, row.prompt + row.generated
+                )
+                emitted.append([proposal.tokens[node] for node in path] + [next_token])
+            except Exception as error:  # this row's own (its sampler): it emits nothing and leaves
+                row.error = error
+                emitted.append([])
+        self.target.keep(mark, [len(tokens) for tokens in emitted])
+        if drafter is not None:  # after a plain step it catches up on its next propose
+            drafter.commit(emitted)
+        verify_seconds = time.perf_counter() - tock
+        for row, proposal, tokens in zip(rows, proposals, emitted):
+            row.generated += tokens
+            if proposal.tokens and tokens:
+                row.acceptance.observe(len(proposal.tokens), len(tokens) - 1)
+            row.stats.record_round(
+                len(proposal.tokens), max(len(tokens) - 1, 0), proposal.source, tock - tick, verify_seconds
+            )
+            if row.error is None:
+                try:
+                    row.stop.stream(row.generated)
+                except Exception as error:
+                    row.error = error
+        if lookahead:
+            drafted = [len(proposal.tokens) for proposal in proposals]
+            draft_seconds = drafter.round_seconds if max(depths) else 0.0
+            accepted = [max(len(tokens) - 1, 0) for tokens in emitted]
+            lookahead.observe_rows(drafted, accepted, verify_seconds, draft_seconds)
+            if max(depths) and drafter.catch_up is not None:
+                lookahead.observe_catch_up(*drafter.catch_up)
 
 
 def batched_speculative(
@@ -178,89 +251,17 @@ def batched_speculative(
 
     `drafter` None decodes with plain batched steps. `lookaheads(live rows)` gives the
     `LookaheadController` for a batch of that size (None: every round drafts max_depth), which
-    chooses the depth that finishes every live row soonest.
+    chooses the depth that finishes every live row soonest. A row's own error is raised once
+    the other rows are done.
     """
-    start = time.perf_counter()
-    logits, reused = target.prefill(prompts)
-    prefill_seconds = time.perf_counter() - start
-    generated = [[sampler.choose(row, prompt)] for row, sampler, prompt in zip(logits, samplers, prompts)]
-    for row_stats, row_reused in zip(stats, reused):
-        row_stats.prefill_seconds, row_stats.reused_prompt_tokens = prefill_seconds, row_reused
-    live = list(range(len(prompts)))  # original row numbers of the rows still in the caches
-    # Each row's own acceptance: the batch lasts as long as its slowest row.
-    row_acceptance = [AcceptanceCounter(max_depth) for _ in prompts]
-    if drafter is not None:
-        drafter.reset([prompt + new for prompt, new in zip(prompts, generated)])
-
-    def drop_finished() -> None:
-        nonlocal live
-        going = [i for i, row in enumerate(live) if not stops[row].finished(generated[row])]
-        for i, row in enumerate(live):
-            if i not in going:
-                stats[row].total_seconds = time.perf_counter() - start
-                # Before the row leaves the caches: its KV serves later calls that start like it.
-                target.remember(i, prompts[row] + stops[row].trim(generated[row]))
-                if drafter is not None:
-                    drafter.remember(i)
-        if len(going) < len(live):
-            live = [live[i] for i in going]
-            if live:
-                target.keep_rows(going)
-                if drafter is not None:
-                    drafter.keep_rows(going)
-
-    drop_finished()
-    while live:
-        # Never draft past a row's max_new_tokens: its round emits at most depth + 1 tokens.
-        limits = [min(max_depth, stops[row].remaining(generated[row]) - 1) for row in live]
-        lookahead = lookaheads(len(live)) if lookaheads else None
-        if lookahead:
-            rows = [(stops[row].remaining(generated[row]), row_acceptance[row]) for row in live]
-            cost = functools.partial(lookaheads.round_seconds, current=lookahead)
-            depth = lookahead.choose(max(limits), rows, cost)
-        else:
-            depth = max(limits)
-        if depth and lookahead and drafter is not None:
-            # The drafter first feeds what it lacks (the prompts, the tokens of plain steps): worth
-            # it only if speculation saves more than that over what the longest row has left.
-            remaining = max(stops[row].remaining(generated[row]) for row in live)
-            if not lookahead.worth_catching_up(drafter.catch_up_tokens(), remaining):
-                depth = 0
-        depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(live)
-        tick = time.perf_counter()
-        try:
-            proposals = drafter.propose(depths) if max(depths) else [Draft.off()] * len(live)
-        except BrokenDraft as error:
-            warn_broken_draft(error)
-            drafter, lookahead = None, None  # plain batched steps for the rest of the call
-            proposals = [Draft.off()] * len(live)
-        tock = time.perf_counter()
-        mark = target.mark()
-        fed = [[generated[row][-1], *proposal.tokens] for row, proposal in zip(live, proposals)]
-        logits = target.forward(fed)
-        emitted = []
-        for i, (row, proposal) in enumerate(zip(live, proposals)):
-            width = 1 + len(proposal.tokens)
-            path, next_token = verify_proposal(
-                logits[i, :width], proposal, samplers[row], prompts[row] + generated[row]
-            )
-            emitted.append([proposal.tokens[node] for node in path] + [next_token])
-        target.keep(mark, [len(tokens) for tokens in emitted])
-        if drafter is not None:  # after a plain step it catches up on its next propose
-            drafter.commit(emitted)
-        verify_seconds = time.perf_counter() - tock
-        for row, proposal, tokens in zip(live, proposals, emitted):
-            generated[row] += tokens
-            if proposal.tokens:
-                row_acceptance[row].observe(len(proposal.tokens), len(tokens) - 1)
-            stats[row].record_round(
-                len(proposal.tokens), len(tokens) - 1, proposal.source, tock - tick, verify_seconds
-            )
-        if lookahead:
-            drafted = [len(proposal.tokens) for proposal in proposals]
-            draft_seconds = drafter.round_seconds if max(depths) else 0.0
-            lookahead.observe_rows(drafted, [len(t) - 1 for t in emitted], verify_seconds, draft_seconds)
-            if max(depths) and drafter.catch_up is not None:
-                lookahead.observe_catch_up(*drafter.catch_up)
-        drop_finished()
-    return [stop.trim(new) for stop, new in zip(stops, generated)]
+    batch = LiveBatch(target, drafter, max_depth, lookaheads)
+    sequences = [Sequence(*row) for row in zip(prompts, samplers, stops, stats)]
+    batch.prefill(sequences)
+    batch.leave()
+    while batch.rows:
+        batch.round()
+        batch.leave()
+    for sequence in sequences:
+        if sequence.error is not None:
+            raise sequence.error
+    return [sequence.output() for sequence in sequences]

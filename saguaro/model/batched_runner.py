@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
-from saguaro.model.prefix_cache import PrefixCache, weights_version
+from saguaro.model.prefix_cache import KV, PrefixCache, weights_version
 from saguaro.model.runner import _cache_keyword, additive_masks
 
 
@@ -57,39 +57,70 @@ class BatchedRunner:
         self.next_position = torch.zeros(rows, dtype=torch.long, device=self.device)
 
     def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-        """Start afresh with `prompts`; return each one's last logits [B, V] and how many of its
-        tokens were loaded from the prefix cache instead of computed (never the last one).
+        """Start afresh with `prompts`; see `admit`."""
+        self.start(0)
+        return self.admit(prompts)
 
-        Each row loads the longest stored prefix of its own prompt. The rest of every row is fed
-        packed, the rows one after another in a single sequence (`_prefill_packed`), not
-        left-padded to the longest: the padding of a batch of prompts of different lengths would
-        cost as much as real tokens. The rows' entries are then laid out right-aligned in the
-        batch's cache, holes before the shorter ones.
+    def admit(
+        self, prompts: list[list[int]], rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Add `prompts` as new rows after the running ones (or, `rows`, into running rows that
+        hold nothing yet); return each one's last logits [B, V] and how many of its tokens were
+        loaded from the prefix cache instead of computed (never the last one).
+
+        Each row loads the longest stored prefix of its own prompt and the rest is fed packed
+        (`extend`); the prompts' KV goes into the prefix cache at once, so that a request arriving
+        meanwhile behind the same system prompt reuses it.
         """
-        self.start(len(prompts))
+        reused, stored = self.lookup(prompts)
+        logits, entries = self.extend(stored, [prompt[n:] for prompt, n in zip(prompts, reused)])
+        self.store(prompts, entries)
+        self.join(entries, rows)
+        return logits, reused
+
+    def lookup(self, prompts: list[list[int]]) -> tuple[list[int], list[KV]]:
+        """Each prompt's longest stored prefix (never its last token, whose logits are needed):
+        its length and its entries per layer ([1, heads, n, dim]; [] for none)."""
         reused, stored = [0] * len(prompts), [[] for _ in prompts]
         if self.prefix_cache is not None:
             self.prefix_cache.bind(weights_version(self.model))
             for row, prompt in enumerate(prompts):
                 reused[row], stored[row] = self.prefix_cache.lookup(prompt[:-1])
+        return reused, stored
+
+    def store(self, sequences: list[list[int]], entries: list[KV]) -> None:
+        """Put each sequence's entries (its first ones: see `extend`) into the prefix cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.bind(weights_version(self.model))
+            for sequence, kv in zip(sequences, entries):
+                self.prefix_cache.insert(sequence, kv)
+
+    def extend(self, stored: list[KV], rests: list[list[int]]) -> tuple[torch.Tensor, list[KV]]:
+        """Feed each row's `rests` on top of its `stored` entries, off the batch's cache: returns
+        each row's last logits [B, V] and its entries so far (stored, then fed).
+
+        The rests are fed packed, the rows one after another in a single sequence
+        (`_prefill_packed`), not left-padded to the longest: the padding of a batch of prompts of
+        different lengths would cost as much as real tokens. A prompt fed in chunks (so that
+        decoding rows wait for one chunk at a time) comes back here with its entries so far.
+        """
         logits, entries = [], []
-        for group in _packing_groups([len(prompt) - n for prompt, n in zip(prompts, reused)]):
+        for group in _packing_groups([len(rest) for rest in rests]):
             group_logits, group_entries = self._prefill_packed(
-                [stored[row] for row in group], [prompts[row][reused[row] :] for row in group]
+                [stored[row] for row in group], [rests[row] for row in group]
             )
             logits.append(group_logits)
             entries += group_entries
-        self._lay_out(entries)
-        return torch.cat(logits), reused
+        return torch.cat(logits), entries
 
     @torch.no_grad()
     def _prefill_packed(
         self, stored: list[list[tuple[torch.Tensor, torch.Tensor]]], rests: list[list[int]]
-    ) -> tuple[torch.Tensor, list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    ) -> tuple[torch.Tensor, list[KV]]:
         """One forward over the rows' `rests` packed into one sequence, each on top of its stored
         entries (packed the same way, before them); a token sees only its own row's entries and
         tokens. Returns each row's last logits [rows, V] and its entries per layer, keys and
-        values [heads, n, dim] (stored ones first).
+        values [1, heads, n, dim] (stored ones first).
 
         Rows with nothing stored that start alike (the chat template's system prompt of every
         request, an agent's instructions) feed their common prefix once, first in the sequence and
@@ -144,26 +175,76 @@ class BatchedRunner:
                     torch.arange(int(first_new[row]), int(first_new[row] + fed[row])),
                 ]
             ).to(self.device)
-            entries.append([(layer.keys[0][:, mine], layer.values[0][:, mine]) for layer in cache.layers])
+            entries.append([(layer.keys[:, :, mine], layer.values[:, :, mine]) for layer in cache.layers])
         return out.logits[0], entries
 
-    def _lay_out(self, entries: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
-        """The batch's cache from each row's entries (per layer, [heads, n, dim]), right-aligned."""
-        lengths = torch.tensor([kv[0][0].shape[1] for kv in entries], device=self.device)
-        width = int(lengths.max())
+    def join(self, entries: list[KV], rows: list[int] | None = None) -> None:
+        """Lay rows' entries (per layer [1, heads, n, dim], positions 0..n-1) into the cache,
+        right-aligned: as new rows after the running ones, or (`rows`) into running rows that hold
+        nothing yet. Where a new row is wider than the cache, the cache is padded on the left with
+        holes (invisible slots); a narrower one gets holes before it."""
+        lengths = [kv[0][0].shape[2] for kv in entries]
+        width = max(self.slots, *lengths)
+        pad = width - self.slots
+        total = self.rows if rows is not None else self.rows + len(entries)
+        rows = rows if rows is not None else list(range(self.rows, total))
+        cache = DynamicCache()
         for layer in range(len(entries[0])):
-            ref_keys, ref_values = entries[0][layer]
-            keys = ref_keys.new_zeros(self.rows, ref_keys.shape[0], width, ref_keys.shape[2])
-            values = ref_values.new_zeros(self.rows, ref_values.shape[0], width, ref_values.shape[2])
-            for row, kv in enumerate(entries):
-                row_keys, row_values = kv[layer]
-                keys[row, :, width - row_keys.shape[1] :] = row_keys
-                values[row, :, width - row_values.shape[1] :] = row_values
-            self.cache.update(keys, values, layer)
-        offset = torch.arange(width, device=self.device)[None] - (width - lengths)[:, None]
-        self.visible = offset >= 0
-        self.slot_positions = offset.clamp_min(0)
-        self.next_position = lengths
+            merged = []
+            for side, running in enumerate(self._layer_tensors(layer)):
+                reference = entries[0][layer][side]
+                tensor = reference.new_zeros(total, reference.shape[1], width, reference.shape[3])
+                if running is not None:
+                    tensor[: self.rows, :, pad:] = running
+                for row, kv in zip(rows, entries):
+                    tensor[row, :, width - kv[layer][side].shape[2] :] = kv[layer][side][0]
+                merged.append(tensor)
+            cache.update(*merged, layer)
+        self.cache = cache
+        visible = torch.zeros(total, width, dtype=torch.bool, device=self.device)
+        positions = torch.zeros(total, width, dtype=torch.long, device=self.device)
+        next_position = torch.zeros(total, dtype=torch.long, device=self.device)
+        visible[: self.rows, pad:], positions[: self.rows, pad:] = self.visible, self.slot_positions
+        next_position[: self.rows] = self.next_position
+        for row, length in zip(rows, lengths):
+            visible[row], positions[row] = False, 0
+            visible[row, width - length :] = True
+            positions[row, width - length :] = torch.arange(length, device=self.device)
+            next_position[row] = length
+        self.visible, self.slot_positions, self.next_position = visible, positions, next_position
+
+    def add_empty_rows(self, count: int) -> None:
+        """`count` rows holding nothing yet (a drafter fills them when it first drafts for them)."""
+        cache = DynamicCache()
+        for layer in range(len(self.cache.layers) if self.slots else 0):
+            keys, values = self._layer_tensors(layer)
+            empty = [t.new_zeros(count, *t.shape[1:]) for t in (keys, values)]
+            cache.update(torch.cat([keys, empty[0]]), torch.cat([values, empty[1]]), layer)
+        self.cache = cache
+        self.visible = torch.cat([self.visible, self.visible.new_zeros(count, self.slots)])
+        self.slot_positions = torch.cat(
+            [self.slot_positions, self.slot_positions.new_zeros(count, self.slots)]
+        )
+        self.next_position = torch.cat([self.next_position, self.next_position.new_zeros(count)])
+
+    def compact(self) -> None:
+        """Drop the holes: every row's committed entries laid out afresh, right-aligned. The slots
+        of rows that left and of rejected drafts otherwise stay as long as the cache does, which
+        for a batch that never empties (a serving engine) is forever."""
+        if self.rows and self.slots:
+            entries = [self.row_kv(row) for row in range(self.rows)]
+            self.start(0)
+            self.join(entries)
+
+    @property
+    def holes(self) -> int:
+        """Slots that are no row's committed entry, over all rows."""
+        return self.visible.numel() - int(self.visible.sum())
+
+    def _layer_tensors(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.slots or layer >= len(self.cache.layers):
+            return None, None
+        return self.cache.layers[layer].keys, self.cache.layers[layer].values
 
     def remember(self, row: int, sequence: list[int]) -> None:
         """Store the row's committed KV in the prefix cache, given that its entries are the first

@@ -1,0 +1,210 @@
+"""The drafters of a batch (decode/batched.py): one draft model drafting every row at once, or
+model-free drafters one per row. Rows join (`add_rows`) and leave (`keep_rows`) between rounds."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from saguaro.decode.sampling import TokenSampler, check_drafted, drawable, greedy_choice
+from saguaro.draft.drafters import Drafter
+from saguaro.draft.stream import Draft
+from saguaro.model.batched_runner import BatchedRunner
+from saguaro.model.prefix_cache import PrefixCache
+
+
+class BatchedModelDrafter:
+    """A small causal LM drafting a chain for every row at once, on its own `BatchedRunner`.
+
+    Its cache holds each row's committed tokens up to `fed[row]`; propose() first feeds the rest
+    (ragged: one token after a rejection, two after a fully accepted chain, more after plain
+    steps; a row that joined since, its whole sequence, prefilled packed from the draft's prefix
+    cache), then draws one token per row per level. Each row's drafting sampler (`sampler` for
+    rows given none) draws its token from the q it reports, which keeps sampled verification exact.
+    """
+
+    def __init__(
+        self,
+        model,
+        sampler: TokenSampler,
+        vocab_size: int | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        self.runner = BatchedRunner(model, prefix_cache)
+        self.sampler = sampler
+        self.samplers: list[TokenSampler] = []
+        self.vocab_size = vocab_size  # the draft never proposes ids the target cannot emit
+        self.committed: list[list[int]] = []
+        self.fed: list[int] = []
+        self._mark = None
+        self._drafted_fed = 0  # draft levels of the last proposal fed to the cache
+        self.round_seconds: float | None = None  # see propose
+        self.catch_up: tuple[int, float] | None = None  # a one-off catch-up: (tokens, seconds)
+
+    def reset(self, rows: list[list[int]]) -> None:
+        self.runner.start(0)
+        self.committed, self.fed, self.samplers = [], [], []
+        self._mark, self._drafted_fed = None, 0
+        self.add_rows(rows)
+
+    def add_rows(self, rows: list[list[int]], samplers: list[TokenSampler] | None = None) -> None:
+        """New rows after the running ones; the draft prefills them when it first drafts for them."""
+        self.runner.add_empty_rows(len(rows))
+        self.committed += [list(row) for row in rows]
+        self.fed += [0] * len(rows)
+        self.samplers += samplers or [self.sampler] * len(rows)
+
+    def propose(self, depths: list[int]) -> list[Draft]:
+        pending = [row[fed:] for row, fed in zip(self.committed, self.fed)]
+        start = time.perf_counter()
+        logits = self._catch_up()[:, : self.vocab_size]
+        catch_up_seconds = time.perf_counter() - start
+        self.fed = [len(row) for row in self.committed]
+        self._mark = self.runner.mark()
+        tokens, probs, level_seconds, finite = [], [], [], []
+        for level in range(max(depths)):
+            drawn, q, ok = self._draw(logits)
+            tokens.append(drawn)
+            probs.append(q)
+            finite += ok
+            if level + 1 < max(depths):  # the last level is fed next round, if it is kept
+                start = time.perf_counter()
+                logits = self.runner.forward([[int(t)] for t in drawn])[:, -1, : self.vocab_size]
+                level_seconds.append(time.perf_counter() - start)
+        # What drafting these depths costs a round once the drafter keeps up (a catch-up of one or
+        # two tokens per row), for the draft-length controller: a prefill, or a catch-up after
+        # plain steps, is a one-off that must not make every later round look expensive.
+        width = max(len(row) for row in pending)
+        self.catch_up = None if width <= 2 else (width * len(pending), catch_up_seconds)
+        if width <= 2:
+            self.round_seconds = catch_up_seconds + sum(level_seconds)
+        elif level_seconds:
+            self.round_seconds = sum(level_seconds) * (len(level_seconds) + 1) / len(level_seconds)
+        else:
+            self.round_seconds = None
+        self._drafted_fed = max(max(depths) - 1, 0)
+        check_drafted([], finite)
+        tokens = torch.stack(tokens, 1).tolist()  # [B][levels], one host read
+        drafts = []
+        for row, depth in enumerate(depths):
+            row_probs = [level[row] for level in probs[:depth] if level[row] is not None]
+            drafts.append(Draft(tokens[row][:depth], torch.stack(row_probs) if row_probs else None))
+        return drafts
+
+    def _catch_up(self) -> torch.Tensor:
+        """Feed every row what it lacks; its last logits [B, V].
+
+        Left-padded, so every row's last token is in the last column, the only one whose logits are
+        needed: one or two tokens per row, more after plain steps. Rows new to the draft are
+        prefilled first, packed, from the draft's prefix cache as far as it holds them.
+        """
+        new = [row for row, fed in enumerate(self.fed) if not fed]
+        logits = None
+        if new:
+            prefilled, _ = self.runner.admit([self.committed[row] for row in new], new)
+            for row in new:
+                self.fed[row] = len(self.committed[row])
+            logits = prefilled.new_zeros(self.runner.rows, prefilled.shape[-1])
+            logits[new] = prefilled
+        pending = [row[fed:] for row, fed in zip(self.committed, self.fed)]
+        if any(pending):
+            fed = self.runner.forward(pending, align_right=True, last_only=True)[:, -1]
+            if logits is None:
+                return fed
+            waiting = [row for row, rest in enumerate(pending) if rest]
+            logits[waiting] = fed[waiting]
+        return logits
+
+    def _draw(self, logits: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+        """Each row's draft token [B], its q per row (None where greedy: verification compares
+        ids), and the finiteness flags of the q drawn from (see `drawable`).
+
+        Rows drafting alike (one config and generator: a batch of one call) draw at once."""
+        first = self.samplers[0]
+        alike = all(s.config == first.config and s.generator is first.generator for s in self.samplers)
+        if alike and first.greedy:
+            return greedy_choice(first.scores(logits)), [None] * len(logits), []
+        if alike:
+            q, ok = drawable(first.probs(logits))  # a broken draft must not break the draw
+            return first.draw(q), list(q), [ok]
+        tokens, probs, finite = [], [], []
+        for row_logits, sampler in zip(logits, self.samplers):
+            if sampler.greedy:
+                tokens.append(greedy_choice(sampler.scores(row_logits)))
+                probs.append(None)
+            else:
+                q, ok = drawable(sampler.probs(row_logits))
+                tokens.append(sampler.draw(q))
+                probs.append(q)
+                finite.append(ok)
+        return torch.stack(tokens), probs, finite
+
+    def catch_up_tokens(self) -> int:
+        """What the next propose() feeds before it drafts (rows x the widest row's pending tokens)."""
+        return len(self.committed) * max(len(row) - fed for row, fed in zip(self.committed, self.fed))
+
+    def commit(self, accepted: list[list[int]]) -> None:
+        """Each row's accepted drafts, then its next token (the whole of what the round emitted;
+        nothing for a row that failed and leaves)."""
+        if self._mark is not None:
+            kept = [max(0, min(len(emitted) - 1, self._drafted_fed)) for emitted in accepted]
+            self.runner.keep(self._mark, kept)
+            self.fed = [fed + k for fed, k in zip(self.fed, kept)]
+        for row, emitted in zip(self.committed, accepted):
+            row += emitted
+        self._mark, self._drafted_fed = None, 0
+
+    def remember(self, index: int) -> None:
+        """Store what the draft's cache holds of row `index` for later calls."""
+        self.runner.remember(index, self.committed[index])
+
+    def keep_rows(self, indices: list[int]) -> None:
+        self.runner.keep_rows(indices)
+        self.committed = [self.committed[i] for i in indices]
+        self.fed = [self.fed[i] for i in indices]
+        self.samplers = [self.samplers[i] for i in indices]
+
+    def compact(self) -> None:
+        self.runner.compact()
+
+
+class PerRowDrafters:
+    """Model-free drafters (prompt lookup) batched the trivial way: one per row, no forwards."""
+
+    round_seconds = None  # drafting is free: the controller counts no draft cost
+    catch_up = None  # and there is nothing to catch up on
+
+    def catch_up_tokens(self) -> int:
+        return 0
+
+    def __init__(self, make_drafter):
+        self.make_drafter = make_drafter
+        self.drafters: list[Drafter] = []
+
+    def reset(self, rows: list[list[int]]) -> None:
+        self.drafters = []
+        self.add_rows(rows)
+
+    def add_rows(self, rows: list[list[int]], samplers=None) -> None:
+        """New rows after the running ones (their drafts are greedy copies: `samplers` unused)."""
+        for row in rows:
+            self.drafters.append(self.make_drafter())
+            self.drafters[-1].reset(row)
+
+    def propose(self, depths: list[int]) -> list[Draft]:
+        return [drafter.propose(depth) for drafter, depth in zip(self.drafters, depths)]
+
+    def commit(self, accepted: list[list[int]]) -> None:
+        for drafter, emitted in zip(self.drafters, accepted):
+            if emitted:
+                drafter.commit(list(range(len(emitted) - 1)), emitted[-1])
+
+    def remember(self, index: int) -> None:
+        """Nothing to store: no model, no KV."""
+
+    def keep_rows(self, indices: list[int]) -> None:
+        self.drafters = [self.drafters[i] for i in indices]
+
+    def compact(self) -> None:
+        """Nothing to compact."""

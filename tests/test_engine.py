@@ -1,0 +1,306 @@
+"""The serving engine: concurrent requests decoded as one continuous, speculative batch, each exactly
+as alone; per-request sampling; isolation (bad arguments, failures, cancellation, a full queue,
+shutdown); the asyncio face."""
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+import torch
+from conftest import perturbed_copy, tiny_model, word_tokenizer
+from stats_helpers import argmax_with_sampled_q, chi_square_pvalue
+from test_sampling_exact import VOCAB, exact_joint
+
+import saguaro
+from saguaro.decode.batched import BatchedModelDrafter
+
+pytestmark = pytest.mark.timeout(120)
+
+PLAIN_DRAFT = {"draft_quantization": None, "draft_vocab_size": None}
+# Speculation every round (the adaptive schedule may turn it off on a tiny model): drafting is shown.
+SPECULATING = {"method": "speculative", "speculation_schedule": "constant", **PLAIN_DRAFT}
+SYSTEM = [1, *range(40, 64)]  # a shared "system prompt"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = tiny_model("llama", seed=0)
+    return target, perturbed_copy(target, 0.02)
+
+
+def alone(model, prompt, max_new_tokens, **kwargs):
+    """The target's own greedy generate() on one prompt: the reference for its request."""
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def random_requests(count: int, seed: int):
+    """(prompt, max_new_tokens) pairs: random lengths, half of them behind SYSTEM."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        body = [rng.randrange(4, 96) for _ in range(rng.randrange(1, 30))]
+        prompt = SYSTEM + body if i % 2 else [1, *body]
+        requests.append((prompt, rng.randrange(1, 40)))
+    return requests
+
+
+def test_every_request_equals_its_prompt_alone_under_continuous_batching(pair):
+    target, draft = pair
+    tokenizer = word_tokenizer()
+    requests = random_requests(12, seed=3)
+    # Stop strings: two words the target emits for request 0, as HF judges them.
+    free = alone(target, requests[0][0], 30, eos_token_id=None)
+    stop = tokenizer.decode(free[10:12])
+    requests[0] = (requests[0][0], 30)
+    expected = [alone(target, prompt, n, eos_token_id=None) for prompt, n in requests]
+    expected[0] = alone(target, requests[0][0], 30, eos_token_id=None, stop_strings=stop, tokenizer=tokenizer)
+    assert len(expected[0]) < 30
+    handles, streamed = {}, {}
+    cancelled = {5, 8}
+    with saguaro.Engine(target, draft, max_batch_size=4, prefill_chunk_tokens=16, **SPECULATING) as engine:
+
+        def client(i):
+            time.sleep(random.Random(i).uniform(0, 0.05))  # random arrival times
+            prompt, n = requests[i]
+            extra = {"stop_strings": stop, "tokenizer": tokenizer} if i == 0 else {}
+            handles[i] = engine.submit(torch.tensor([prompt]), max_new_tokens=n, eos_token_id=[], **extra)
+            if i in cancelled:
+                handles[i].cancel()
+            streamed[i] = sum(handles[i], [])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        outputs = {i: handle.result(timeout=60) for i, handle in handles.items()}
+        metrics = engine.metrics()
+    for i, (prompt, _) in enumerate(requests):
+        out = outputs[i]
+        new = out.sequences[0, len(prompt) :].tolist()
+        assert out.sequences[0, : len(prompt)].tolist() == prompt
+        assert streamed[i] == new  # streamed tokens are the final ones, in order
+        if out.stats.finish_reason == "cancelled":
+            assert i in cancelled and new == expected[i][: len(new)]
+        else:
+            assert new == expected[i], i
+            assert out.stats.finish_reason == ("stop" if i == 0 else "length")
+    assert metrics["finished"] + metrics["cancelled"] == len(requests) and metrics["failed"] == 0
+    # Speculation ran, with acceptances and rejections; the shared system prompt was reused.
+    assert 0 < metrics["accepted"] < metrics["drafted"]
+    assert metrics["reused_prompt_tokens"] >= len(SYSTEM) - 1
+    assert metrics["running"] == metrics["queued"] == 0
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(pair):
+    target, draft = pair
+    shapes = []
+    hook = target.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    long_prompt = [1, *[random.Random(7).randrange(4, 96) for _ in range(100)]]
+    try:
+        with saguaro.Engine(
+            target, draft, prefill_chunk_tokens=16, prefix_cache=False, **SPECULATING
+        ) as engine:
+            short = engine.submit([1, 5, 6], max_new_tokens=30, eos_token_id=[])
+            while not short.sequence.generated:
+                time.sleep(0.001)
+            long = engine.submit(long_prompt, max_new_tokens=5, eos_token_id=[])
+            outs = short.result(timeout=60), long.result(timeout=60)
+    finally:
+        hook.remove()
+    assert outs[0].sequences[0, 3:].tolist() == alone(target, [1, 5, 6], 30, eos_token_id=None)
+    assert outs[1].sequences[0, 101:].tolist() == alone(target, long_prompt, 5, eos_token_id=None)
+    # No forward fed more than one chunk of the long prompt (packed prefills are [1, tokens]).
+    assert max(tokens for rows, tokens in shapes if rows == 1) <= 16
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair():
+    target = tiny_model("llama", seed=0, vocab=VOCAB, layers=1, hidden=16, init=0.6)
+    return target, tiny_model("llama", seed=5, vocab=VOCAB, layers=1, hidden=16, init=0.6)
+
+
+SAMPLED_PROMPT = [1, 4, 3]
+
+
+def sampled_counts(target, draft, samples: int) -> tuple[torch.Tensor, int]:
+    """Counts of the first three tokens of `samples` requests, each with its own seed, sampled at
+    temperature 0.9 while greedy requests share their batches."""
+    counts = torch.zeros([VOCAB] * 3)
+    options = {**SPECULATING, "num_speculative_tokens": 2}
+    with saguaro.Engine(target, draft, max_batch_size=8, max_queue=samples * 2, **options) as engine:
+        handles = []
+        for i in range(samples):
+            handles.append(
+                engine.submit(
+                    SAMPLED_PROMPT, max_new_tokens=4, do_sample=True, temperature=0.9, seed=i, eos_token_id=[]
+                )
+            )
+            if i % 4 == 0:
+                engine.submit(SAMPLED_PROMPT, max_new_tokens=6, eos_token_id=[])
+        for handle in handles:
+            tokens = handle.result(timeout=60).sequences[0, 3:6].tolist()
+            counts[tuple(tokens)] += 1
+        drafted = engine.metrics()["drafted"]
+    return counts, drafted
+
+
+def test_sampled_requests_have_the_target_distribution(small_vocab_pair):
+    target, draft = small_vocab_pair
+    counts, drafted = sampled_counts(target, draft, samples=1200)
+    assert drafted > 1200
+    assert chi_square_pvalue(counts, exact_joint(target, 3, prompt=SAMPLED_PROMPT, temperature=0.9)) > 1e-3
+
+
+def test_sampled_requests_test_catches_draft_not_drawn_from_q(small_vocab_pair, monkeypatch):
+    # Planted bug (HF #47932): propose each row's argmax while reporting the q it should be drawn from.
+    real_propose = BatchedModelDrafter.propose
+    monkeypatch.setattr(
+        BatchedModelDrafter,
+        "propose",
+        lambda self, depths: list(map(argmax_with_sampled_q, real_propose(self, depths))),
+    )
+    target, draft = small_vocab_pair
+    counts, _ = sampled_counts(target, draft, samples=1200)
+    assert chi_square_pvalue(counts, exact_joint(target, 3, prompt=SAMPLED_PROMPT, temperature=0.9)) < 1e-6
+
+
+def test_seeded_requests_repeat():
+    target = tiny_model("llama", seed=1)
+    with saguaro.Engine(target, method="autoregressive") as engine:
+        runs = [
+            engine.submit([1, 7, 8], max_new_tokens=12, do_sample=True, seed=seed).result(timeout=60)
+            for seed in (4, 4, 5)
+        ]
+    first, again, other = (run.sequences.tolist() for run in runs)
+    assert first == again and first != other
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_new_tokens=0),
+        dict(do_sample=True, temperature=0.0),
+        dict(top_k=-1, do_sample=True),
+        dict(num_beams=4),
+        dict(stop_strings="w1"),  # without a tokenizer
+        dict(seed="x"),
+    ],
+)
+def test_bad_arguments_fail_at_submit_alone(pair, bad):
+    target, draft = pair
+    with saguaro.Engine(target, draft, **SPECULATING) as engine:
+        good = engine.submit([1, 5, 6], max_new_tokens=8, eos_token_id=[])
+        with pytest.raises(ValueError):
+            engine.submit([1, 5, 6], **bad)
+        assert good.result(timeout=60).sequences[0, 3:].tolist() == alone(
+            target, [1, 5, 6], 8, eos_token_id=None
+        )
+
+
+@pytest.mark.parametrize("ids", [[], [[1, 2], [3, 4]], [1, 500], torch.tensor([[1.0, 2.0]])])
+def test_bad_prompts_fail_at_submit(pair, ids):
+    target, _ = pair
+    with saguaro.Engine(target, method="autoregressive") as engine, pytest.raises(ValueError):
+        engine.submit(ids)
+
+
+class FailAfter:
+    """A logits processor that raises on its `calls`-th call: a failure inside one row."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def __call__(self, input_ids, scores):
+        self.calls -= 1
+        if self.calls <= 0:
+            raise RuntimeError("planted failure")
+        return scores
+
+
+def test_a_failing_request_fails_alone(pair):
+    target, draft = pair
+    prompts = [[1, 5, 6], [1, 9, 10, 11], [1, 30]]
+    with saguaro.Engine(target, draft, **SPECULATING) as engine:
+        handles = [engine.submit(p, max_new_tokens=20, eos_token_id=[]) for p in prompts]
+        failing = engine.submit([1, 7], max_new_tokens=20, logits_processor=[FailAfter(3)])
+        with pytest.raises(RuntimeError, match="planted failure"):
+            failing.result(timeout=60)
+        with pytest.raises(RuntimeError, match="planted failure"):
+            list(failing)
+        for prompt, handle in zip(prompts, handles):
+            assert handle.result(timeout=60).sequences[0, len(prompt) :].tolist() == alone(
+                target, prompt, 20, eos_token_id=None
+            )
+        assert engine.metrics()["failed"] == 1
+
+
+class Gate:
+    """A logits processor that holds the engine's scheduler in its first call until opened."""
+
+    def __init__(self):
+        self.opened = threading.Event()
+
+    def __call__(self, input_ids, scores):
+        assert self.opened.wait(30)
+        return scores
+
+
+def test_cancel_frees_the_slot_and_a_full_queue_refuses(pair):
+    target, _ = pair
+    gate = Gate()
+    with saguaro.Engine(target, method="autoregressive", max_batch_size=1, max_queue=2) as engine:
+        endless = engine.submit([1, 5], max_new_tokens=400, eos_token_id=[], logits_processor=[gate])
+        while engine.metrics()["queued"]:  # the scheduler took it, and waits at the gate
+            time.sleep(0.001)
+        waiting = [engine.submit([1, 6 + i], max_new_tokens=3, eos_token_id=[]) for i in range(2)]
+        with pytest.raises(saguaro.QueueFull, match="retry later"):
+            engine.submit([1, 9], max_new_tokens=3)
+        waiting[1].cancel()  # a waiting request leaves the queue at once
+        assert waiting[1].result(timeout=1).stats.finish_reason == "cancelled"
+        endless.cancel()  # a running one leaves before the next round, freeing its row
+        gate.opened.set()
+        assert waiting[0].result(timeout=60).sequences[0, 2:].tolist() == alone(
+            target, [1, 6], 3, eos_token_id=None
+        )
+        out = endless.result(timeout=60)
+        assert out.stats.finish_reason == "cancelled" and out.sequences.shape[1] < 2 + 400
+        assert engine.metrics()["cancelled"] == 2
+
+
+def test_shutdown_finishes_or_cancels_and_refuses_new_requests(pair):
+    target, _ = pair
+    engine = saguaro.Engine(target, method="autoregressive")
+    quick = engine.submit([1, 5, 6], max_new_tokens=4, eos_token_id=[])
+    endless = engine.submit([1, 7], max_new_tokens=100_000, eos_token_id=[])
+    engine.shutdown(timeout=0.5)
+    assert quick.result(timeout=0).stats.finish_reason == "length"
+    assert endless.result(timeout=0).stats.finish_reason == "cancelled"
+    with pytest.raises(saguaro.EngineClosed):
+        engine.submit([1, 5])
+
+
+def test_async_engine_streams_and_returns_each_request_as_alone(pair):
+    target, draft = pair
+    prompts = [[1, 5, 6], SYSTEM + [7, 8], SYSTEM + [9]]
+
+    async def main():
+        async with saguaro.AsyncEngine(target, draft, **SPECULATING) as engine:
+            handles = [engine.submit(p, max_new_tokens=15, eos_token_id=[]) for p in prompts]
+
+            async def consume(handle):
+                return [token async for tokens in handle for token in tokens], await handle.result()
+
+            return await asyncio.gather(*map(consume, handles))
+
+    for prompt, (streamed, out) in zip(prompts, asyncio.run(main())):
+        new = out.sequences[0, len(prompt) :].tolist()
+        assert streamed == new == alone(target, prompt, 15, eos_token_id=None)
+        assert out.stats.first_token_seconds > 0 and out.stats.queue_seconds >= 0
