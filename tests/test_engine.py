@@ -14,6 +14,7 @@ from stats_helpers import argmax_with_sampled_q, chi_square_pvalue
 from test_sampling_exact import VOCAB, exact_joint
 
 import saguaro
+from saguaro.decode import batched
 from saguaro.decode.batched import BatchedModelDrafter
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,6 +96,22 @@ def test_every_request_equals_its_prompt_alone_under_continuous_batching(pair):
     assert 0 < metrics["accepted"] < metrics["drafted"]
     assert metrics["reused_prompt_tokens"] >= len(SYSTEM) - 1
     assert metrics["running"] == metrics["queued"] == 0
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gpt2"])
+def test_joined_left_and_compacted_caches_stay_exact(arch, monkeypatch):
+    # mistral: a sliding window (24) that slot positions must keep through joins and compactions;
+    # gpt2: learned absolute positions. Every leave compacts the caches.
+    monkeypatch.setattr(batched, "COMPACT_MIN_SLOTS", 0)
+    monkeypatch.setattr(batched, "COMPACT_HOLE_SHARE", 0.0)
+    target = tiny_model(arch, seed=2)
+    draft = perturbed_copy(target, 0.02)
+    requests = random_requests(6, seed=5)
+    with saguaro.Engine(target, draft, max_batch_size=3, prefill_chunk_tokens=8, **SPECULATING) as engine:
+        handles = [engine.submit(prompt, max_new_tokens=n, eos_token_id=[]) for prompt, n in requests]
+        outputs = [handle.result(timeout=60) for handle in handles]
+    for (prompt, n), out in zip(requests, outputs):
+        assert out.sequences[0, len(prompt) :].tolist() == alone(target, prompt, n, eos_token_id=None)
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(pair):

@@ -7,12 +7,15 @@ into holes. Holes never move: a per-row mask hides them from every later query, 
 position ids give each row its true positions, so a hole shifts no rotary or learned position.
 HF's attention code thus runs ragged rows unchanged, with a 4D additive mask [B, 1, T, slots].
 The prompts are prefilled packed into one sequence (no padding to compute), then laid out
-right-aligned, holes before the shorter ones.
+right-aligned, holes before the shorter ones. Rows join a running cache the same way (`admit`:
+the cache or the new rows padded on the left to a common width), and a prompt may be prefilled
+in chunks off the batch first (`extend`), each on top of its entries so far.
 
 The cache is HF's `DynamicCache` without a config (plain layers, no sliding-window truncation:
 the mask does the windowing, as slots are not positions), which also gives `batch_select_indices`
-to drop finished rows. Holes cost attention work but no copies; they are bounded by
-T x rounds, small next to a prompt.
+to drop finished rows. Holes cost attention work but no copies; for one batch they are bounded by
+T x rounds, small next to a prompt. A batch that never empties (rows coming and going) lays its
+rows out afresh when holes are most of the cache (`compact`).
 """
 
 from __future__ import annotations
