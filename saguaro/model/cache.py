@@ -6,35 +6,24 @@ appends a block of guesses each round and then keeps only the accepted ones, so 
   * rollback - forget everything after a length (O(1): just move the length),
   * commit_path - keep a non-contiguous subset of the block just appended (the accepted branch of a
     tree) by moving those few entries down to be contiguous (O(accepted tokens)).
-`prefix` and `load` hand the first entries to and from a `prefix_cache.PrefixCache`.
+`prefix` and `load` hand the first entries to and from a `prefix_cache.PrefixCache`
+(`commit_path`, `prefix` and `load` are `slot_cache.SlotCache`'s, shared with the static cache).
 The buffers start small and double when full, so appends are amortised O(new tokens) as well and
 memory follows the tokens actually held, not the most a call might hold (max_new_tokens=10**9).
-
-This is the only module that touches transformers' cache internals (`Cache`, `CacheLayerMixin`);
-a change in those classes between transformers versions is absorbed here.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-
-def is_chain_prefix(keep: list[int]) -> bool:
-    """Whether the path `keep` (entry indices relative to a commit's start) is 0, 1, ..., i.e.
-    already in place, so committing it only moves a length. Raises unless it is increasing, as a
-    root-to-node path is: moving entries down then never overwrites one still to be read."""
-    if any(b <= a for a, b in zip(keep, keep[1:])):
-        raise ValueError(f"commit_path needs increasing indices, got {keep}")
-    return keep == list(range(len(keep)))
-
+from saguaro.model.slot_cache import BufferLayer, SlotCache
 
 # Slots allocated beyond the first update (a prefill) before the buffers first grow: a caller's
 # capacity is the most a call may hold (prompt + max_new_tokens), often far more than it will.
 INITIAL_HEADROOM = 256
 
 
-class SlotLayer(CacheLayerMixin):
+class SlotLayer(BufferLayer):
     """One attention layer's keys and values in [batch, kv_heads, capacity, head_dim] buffers.
 
     `expected` (the most tokens the caller expects) bounds the first allocation and the doubling
@@ -60,6 +49,9 @@ class SlotLayer(CacheLayerMixin):
         self._value_buf = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
         self.is_initialized = True
         self._refresh_views()
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._key_buf, self._value_buf
 
     def _refresh_views(self) -> None:
         # HF code reads `layer.keys` / `layer.values` as "everything cached so far".
@@ -109,29 +101,15 @@ class SlotLayer(CacheLayerMixin):
         if self.is_initialized:
             self._refresh_views()
 
-    def commit_path(self, start: int, keep: torch.Tensor) -> None:
-        """Keep entries start+keep[i] at slots start+i and drop everything after them."""
-        if self.is_initialized:
-            src = keep + start
-            # index_select copies first, so overlapping source and destination ranges are safe.
-            self._key_buf[:, :, start : start + len(keep)] = self._key_buf.index_select(2, src)
-            self._value_buf[:, :, start : start + len(keep)] = self._value_buf.index_select(2, src)
-        self.length = start + len(keep)
-        if self.is_initialized:
-            self._refresh_views()
-
     def reset(self) -> None:
         self.rollback(0)
 
 
-class SpeculativeCache(Cache):
-    """A transformers `Cache` of SlotLayers that all hold the same number of tokens."""
+class SpeculativeCache(SlotCache):
+    """A transformers `Cache` of SlotLayers, each holding the entries written so far."""
 
     def __init__(self, num_layers: int, capacity: int = 256):
         super().__init__(layers=[SlotLayer(capacity) for _ in range(num_layers)])
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     @property
     def length(self) -> int:
@@ -142,28 +120,9 @@ class SpeculativeCache(Cache):
         for layer in self.layers:
             layer.rollback(length)
 
-    def prefix(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of the first `length` entries, per layer (views into the buffers)."""
-        return [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self.layers]
+    def begin_write(self, start: int, count: int) -> None:
+        """A write appends: from slot `start` on, entries are written over."""
+        self.rollback(start)
 
-    def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Hold exactly `kv` (per layer, keys and values [batch, kv_heads, tokens, head_dim]), e.g. a
-        stored prefix of the sequence about to be fed."""
-        for layer, (keys, values) in zip(self.layers, kv, strict=True):
-            layer.rollback(0)
-            layer.update(keys, values)
-
-    def commit_path(self, start: int, keep) -> None:
-        """Of the entries appended at start, start+1, ..., keep those at start+keep[i], in order.
-
-        `keep` must be increasing (a root-to-node path in a tree is), so moving entries down never
-        overwrites one that is still to be read.
-        """
-        keep = list(keep)
-        if is_chain_prefix(keep):  # an accepted chain prefix is already in place: no copy
-            self.rollback(start + len(keep))
-            return
-        device = next((layer.device for layer in self.layers if layer.is_initialized), "cpu")
-        indices = torch.tensor(keep, dtype=torch.long, device=device)  # one host-to-device copy
-        for layer in self.layers:
-            layer.commit_path(start, indices)
+    def end_write(self, length: int) -> None:
+        """Nothing to do: each layer counts the entries it is given."""

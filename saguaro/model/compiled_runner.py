@@ -29,8 +29,9 @@ import types
 
 import torch
 
+from saguaro.model.hf_call import additive_masks, cache_keyword, logits
 from saguaro.model.prefix_cache import PrefixCache
-from saguaro.model.runner import ModelRunner, _num_layers
+from saguaro.model.runner import ModelRunner
 from saguaro.model.static_cache import StaticKVCache
 from saguaro.model.tree import TokenTree
 
@@ -81,6 +82,12 @@ def check_compilable(*models) -> None:
             raise ValueError(
                 f"compile=True does not support sliding-window attention ({type(model).__name__} has "
                 f"sliding_window={model.config.sliding_window}); pass compile=False for this model"
+            )
+        if model is not None and cache_keyword(model) != "cache":
+            # The compiled steps pass the cache by transformers 5's name (`decode_step`).
+            raise ValueError(
+                f"compile=True needs a model whose forward takes `cache` ({type(model).__name__}'s "
+                "takes only `past_key_values`); pass compile=False for this model"
             )
 
 
@@ -148,19 +155,9 @@ def decode_step(model, cache, ids, depths, ancestors, tree_start, keep_last: int
     relative = slots - tree_start
     in_tree = (relative >= 0) & (relative < width)
     visible = (slots < tree_start)[None, :] | (ancestors[:, relative.clamp(0, width - 1)] & in_tree[None, :])
-    dtype = model.get_input_embeddings().weight.dtype
-    # Additive: eager attention adds the mask to the scores; SDPA takes it as well.
-    mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device)
-    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
-    out = model(
-        input_ids=ids,
-        position_ids=(tree_start + depths)[None],
-        attention_mask=mask,
-        use_cache=True,
-        logits_to_keep=keep_last,
-        cache=cache,
-    )
-    return out.logits[0]
+    mask = additive_masks(visible[None, None], model.get_input_embeddings().weight.dtype)
+    # By its name in transformers 5, which `check_compilable` checks: a graph cannot inspect signatures.
+    return logits(model, "cache", cache, ids, (tree_start + depths)[None], mask, keep_last)[0]
 
 
 def greedy_steps(model, cache, ids, fed, steps: int, vocab: int | None):
@@ -240,7 +237,6 @@ class CompiledRunner(ModelRunner):
     ):
         check_compilable(model)
         super().__init__(model, capacity, prefix_cache)
-        self.cache = StaticKVCache(_num_layers(model.config), capacity, model.device)
         self.role = role
         self.most: int | None = None
         self.buckets = tuple(sorted(set(buckets)))
@@ -253,6 +249,9 @@ class CompiledRunner(ModelRunner):
         self._tree_start = torch.zeros((), dtype=torch.long, device=model.device)
         if model.device.type == "cuda":
             torch._dynamo.mark_static_address(self._tree_start, guard=False)
+
+    def _new_cache(self, layers: int, capacity: int) -> StaticKVCache:
+        return StaticKVCache(layers, capacity, self.device)
 
     def reserve(self, needed: int) -> bool:
         """Room for `needed` entries: the static cache doubles until they fit, keeping its entries
@@ -314,11 +313,8 @@ class CompiledRunner(ModelRunner):
         self, tokens, tree: TokenTree | None = None, cached_nodes: int = 0, last_only: bool = False
     ) -> torch.Tensor:
         """As `ModelRunner.forward`; `last_only` returns [1, V], computed with the rest in a bucket."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        tokens, tree = self._new_nodes(tokens, tree, cached_nodes)
         count = len(tokens)
-        tree = tree or TokenTree.chain(count)
-        if len(tree) != cached_nodes + count:
-            raise ValueError(f"{cached_nodes} cached + {count} new tokens but a tree of {len(tree)} nodes")
         if self.reserve(self.length + count) and self.cache.layers[0].is_initialized:
             # Grown mid-call: every graph compiles now at the new size, rather than one in each of
             # the next rounds.
@@ -333,7 +329,7 @@ class CompiledRunner(ModelRunner):
         rows = bucket or count
         # Built on the model's device: tokens drafted there (a tensor) are padded without a host read.
         ids = torch.zeros(1, rows, dtype=torch.long, device=self.device)
-        ids[0, :count] = tokens.masked_fill(tokens >= self._embedding_rows, 0)
+        ids[0, :count] = self.hf.embeddable(tokens)
         depths, ancestors = tree_layout(tuple(tree.parents), cached_nodes, rows, self.device)
         self._tree_start.fill_(self.length - cached_nodes)
         self.cache.begin_write(self.length, rows)
@@ -363,7 +359,7 @@ class CompiledRunner(ModelRunner):
         ):
             return None
         ids = torch.zeros(1, width, dtype=torch.long)
-        ids[0, : len(tokens)] = torch.tensor([t if t < self._embedding_rows else 0 for t in tokens])
+        ids[0, : len(tokens)] = self.hf.embeddable(torch.tensor(tokens))
         fed = torch.tensor(len(tokens))
         self.cache.begin_write(self.length, width)
         with products_attention(self.model):

@@ -10,26 +10,18 @@ prefix instead of computing it, and `remember` stores what the cache holds for l
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from saguaro.kernels import TREE_ATTENTION_NAMES, choose_tree_backend, pack_tree_mask
 from saguaro.model.cache import SpeculativeCache
+from saguaro.model.hf_call import (
+    HFCall,
+    additive_masks,  # noqa: F401 - batched_runner.py's, until it imports it from hf_call
+    num_layers,
+)
+from saguaro.model.hf_call import cache_keyword as _cache_keyword  # noqa: F401 - the same
 from saguaro.model.prefix_cache import PrefixCache, weights_version
 from saguaro.model.tree import TokenTree
-
-
-def _num_layers(config) -> int:
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise ValueError(f"cannot find the number of layers in config of type {type(config).__name__}")
-
-
-def _cache_keyword(model) -> str:
-    # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated, not gone).
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class ModelRunner:
@@ -49,12 +41,9 @@ class ModelRunner:
         self.config = model.config
         self.device = model.device
         self.dtype = model.dtype
-        self.cache = SpeculativeCache(_num_layers(model.config), capacity)
+        self.hf = HFCall(model)
+        self.cache = self._new_cache(num_layers(model.config), capacity)
         self.prefix_cache = prefix_cache  # this model's own: stored KV is only valid for it
-        self._cache_keyword = _cache_keyword(model)
-        self._sliding_window = getattr(model.config, "sliding_window", None)
-        layer_types = getattr(model.config, "layer_types", None) or []
-        self._layer_types = sorted(set(layer_types))
         # Models loaded with attn_implementation="saguaro_tree" verify trees with our kernel,
         # which does not implement sliding windows: those keep the dense mask.
         # The backend is checked here, so that one this machine lacks ("cuda" on a CPU) fails at once
@@ -62,12 +51,10 @@ class ModelRunner:
         backend = TREE_ATTENTION_NAMES.get(model.config._attn_implementation)
         if backend is not None:
             choose_tree_backend(backend, model.device)
-        self._tree_kernel = backend is not None and not self._sliding_window
-        # A draft whose embedding table is a little smaller than the target's (same tokenizer, padded
-        # differently) is still fed every committed token, some of which it lacks. Any id it has
-        # stands in for them: what the draft proposes after them is only a guess that verification
-        # checks, and it never proposes ids it lacks, as its logits do not cover them.
-        self._embedding_rows = model.get_input_embeddings().num_embeddings
+        self._tree_kernel = backend is not None and not self.hf.sliding_window
+
+    def _new_cache(self, layers: int, capacity: int):
+        return SpeculativeCache(layers, capacity)
 
     @property
     def length(self) -> int:
@@ -118,17 +105,11 @@ class ModelRunner:
         With `last_only`, only the last token's logits are computed ([1, V]): a prefill needs no
         more, and the LM head over a large vocabulary is a sizable share of a forward.
         """
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
-        tokens = tokens.masked_fill(tokens >= self._embedding_rows, 0)
-        tree = tree or TokenTree.chain(len(tokens))
-        if len(tree) != cached_nodes + len(tokens):
-            raise ValueError(
-                f"{cached_nodes} cached + {len(tokens)} new tokens but a tree of {len(tree)} nodes"
-            )
+        tokens, tree = self._new_nodes(tokens, tree, cached_nodes)
         past = self.length - cached_nodes  # committed context
         depths = torch.tensor(tree.depths()[cached_nodes:], device=self.device)
         positions = past + depths
-        if tree.is_chain and not self._sliding_window and (len(tokens) == 1 or past == cached_nodes == 0):
+        if tree.is_chain and not self.hf.sliding_window and (len(tokens) == 1 or past == cached_nodes == 0):
             # One new token sees the whole cache, and a prefill is plain causal attention: no mask
             # at all lets HF pick causal SDPA, which also keeps grouped K/V heads unrepeated.
             mask = None
@@ -137,43 +118,27 @@ class ModelRunner:
             mask = pack_tree_mask(tree.ancestor_mask()).to(self.device)
         else:
             mask = self._attention_mask(past, positions, tree, cached_nodes)
-        out = self.model(
-            input_ids=tokens[None],
-            position_ids=positions[None],
-            attention_mask=mask,
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-            **{self._cache_keyword: self.cache},
-        )
-        return out.logits[0]
+        return self.hf.logits(self.cache, tokens[None], positions[None], mask, int(last_only))[0]
+
+    def _new_nodes(self, tokens, tree: TokenTree | None, cached_nodes: int) -> tuple[torch.Tensor, TokenTree]:
+        """`tokens` as ids [T] on the model's device, and `tree` (a chain if None), whose last nodes
+        they are."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device).reshape(-1)
+        tree = tree or TokenTree.chain(len(tokens))
+        if len(tree) != cached_nodes + len(tokens):
+            raise ValueError(
+                f"{cached_nodes} cached + {len(tokens)} new tokens but a tree of {len(tree)} nodes"
+            )
+        return tokens, tree
 
     def _attention_mask(self, past: int, positions: torch.Tensor, tree: TokenTree, cached_nodes: int):
         """Additive float mask [1, 1, T, past + len(tree)], or a dict of them per HF layer type."""
         visible = torch.ones(len(positions), past + len(tree), dtype=torch.bool, device=self.device)
         visible[:, past:] = tree.ancestor_mask()[cached_nodes:].to(self.device)
-        windowed = None
-        if self._sliding_window and (not self._layer_types or "sliding_attention" in self._layer_types):
+        windowed, window, layer_types = None, self.hf.sliding_window, self.hf.layer_types
+        if window and (not layer_types or "sliding_attention" in layer_types):
             tree_positions = past + torch.tensor(tree.depths(), device=self.device)
             key_positions = torch.cat([torch.arange(past, device=self.device), tree_positions])
-            windowed = visible & (positions[:, None] - key_positions[None, :] < self._sliding_window)
+            windowed = visible & (positions[:, None] - key_positions[None, :] < window)
             windowed = windowed[None, None]
-        return additive_masks(visible[None, None], self.dtype, windowed, self._layer_types)
-
-
-def additive_masks(visible: torch.Tensor, dtype, windowed: torch.Tensor | None = None, layer_types=()):
-    """Additive float mask(s) (0 where `visible`, the most negative float elsewhere) for HF's
-    attention: with a sliding window, `windowed` (visible and within the window) serves the
-    sliding-attention layers, and a model that mixes layer types gets a dict of masks per type.
-
-    Additive rather than boolean because eager attention adds the mask to the scores (SDPA takes both).
-    """
-
-    def additive(allowed: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-
-    if windowed is None:
-        return additive(visible)
-    if not layer_types:
-        return additive(windowed)
-    return {t: additive(windowed if t == "sliding_attention" else visible) for t in layer_types}
+        return self.hf.masks(visible[None, None], windowed)

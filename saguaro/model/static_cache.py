@@ -7,8 +7,9 @@ shape, which compiled steps recompile for; model/compiled_runner.py doubles it s
 its T new entries at slots start, ..., start + T - 1 (`start` is a 0-d tensor updated in place, so
 the graph reads it instead of baking it in) and attends over the whole buffer, the mask hiding what
 is not context.
-The same operations as `SpeculativeCache` keep speculation cheap: rollback moves a length,
-an accepted chain commits by length, `commit_path` moves only a tree path's entries.
+The same operations as `SpeculativeCache` keep speculation cheap (`slot_cache.SlotCache`'s, shared
+with it): rollback moves a length, an accepted chain commits by length, `commit_path` moves only a
+tree path's entries.
 Buffers start zeroed: a masked slot still enters the attention product, and stale memory could
 hold NaN, which a mask does not cancel.
 """
@@ -16,12 +17,11 @@ hold NaN, which a mask does not cancel.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
 
-from saguaro.model.cache import is_chain_prefix
+from saguaro.model.slot_cache import BufferLayer, SlotCache
 
 
-class StaticSlotLayer(CacheLayerMixin):
+class StaticSlotLayer(BufferLayer):
     """One attention layer's keys and values, in buffers whose shape and address never change."""
 
     is_compileable = True
@@ -41,6 +41,9 @@ class StaticSlotLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(1, heads, self.capacity, value_states.shape[-1])
         self._mark_static()
         self.is_initialized = True
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
 
     def _mark_static(self) -> None:
         if self.keys.device.type == "cuda":
@@ -77,15 +80,8 @@ class StaticSlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.capacity
 
-    def move(self, start: int, sources: torch.Tensor) -> None:
-        """Entries at `sources` go to slots start, start + 1, ... (index_select copies first)."""
-        if self.is_initialized:
-            destination = slice(start, start + len(sources))
-            self.keys[:, :, destination] = self.keys.index_select(2, sources)
-            self.values[:, :, destination] = self.values.index_select(2, sources)
 
-
-class StaticKVCache(Cache):
+class StaticKVCache(SlotCache):
     """A transformers `Cache` of StaticSlotLayers; the number of committed entries is kept on the
     host (`length`), where the engines decide it, so reading it never waits for the device."""
 
@@ -94,9 +90,6 @@ class StaticKVCache(Cache):
         super().__init__(layers=[StaticSlotLayer(capacity, self.start) for _ in range(num_layers)])
         self.capacity = capacity
         self.length = 0
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def grow(self, capacity: int) -> None:
         """Room for `capacity` entries (no fewer than now), every entry kept in its slot. The
@@ -108,7 +101,8 @@ class StaticKVCache(Cache):
         self.capacity = capacity
 
     def begin_write(self, start: int, count: int) -> None:
-        """The next forward writes `count` entries from slot `start` on."""
+        """The next forward writes `count` entries from slot `start` on; its owner then moves
+        `length` past those it keeps."""
         if start + count > self.capacity:
             raise RuntimeError(
                 f"static KV cache full: {start + count} entries needed, capacity {self.capacity}"
@@ -119,24 +113,5 @@ class StaticKVCache(Cache):
         """Forget every entry at index >= length (the slots are simply written over later)."""
         self.length = min(self.length, length)
 
-    def commit_path(self, start: int, keep) -> None:
-        """Of the entries written at start, start+1, ..., keep those at start+keep[i], in order
-        (`keep` increasing, as a root-to-node path is). A chain prefix commits by length."""
-        keep = list(keep)
-        if not is_chain_prefix(keep):
-            sources = torch.tensor(keep, dtype=torch.long, device=self.start.device) + start
-            for layer in self.layers:
-                layer.move(start, sources)
-        self.length = start + len(keep)
-
-    def prefix(self, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of the first `length` entries, per layer (views into the buffers)."""
-        return [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in self.layers]
-
-    def load(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Hold exactly `kv` (per layer, keys and values [1, kv_heads, tokens, head_dim])."""
-        tokens = kv[0][0].shape[2]
-        self.begin_write(0, tokens)
-        for layer, (keys, values) in zip(self.layers, kv, strict=True):
-            layer.update(keys, values)
-        self.length = tokens
+    def end_write(self, length: int) -> None:
+        self.length = length
