@@ -182,7 +182,7 @@ def benchmark(args) -> dict:
                 prefix_cache=False,
             )
             if one_thread and name == "saguaro":  # the target on one thread even while the drafter idles
-                generators[key].threads = ThreadSplit(total=1, drafter=0)
+                generators[key].policy.threads = ThreadSplit(total=1, drafter=0)
         generators[method] = generators[key]
 
     warm = encode(tokenizer, prompts[0]["prompt"])
@@ -266,9 +266,8 @@ def benchmark(args) -> dict:
                 continue
             for row in runs:
                 # HF's methods have no generator here; their predictions do not draft K tokens.
-                depth = (
-                    generators[method].num_speculative_tokens if method in generators else DEFAULT_DEPTH[None]
-                )
+                generator = generators.get(method)
+                depth = generator.options.num_speculative_tokens if generator else DEFAULT_DEPTH[None]
                 predicted = predicted_seconds(method, row, curves, args.threads, depth)
                 row["predicted_tokens_per_second"] = row["new_tokens"] / predicted
         measured = {
