@@ -69,8 +69,10 @@ class Sequence:
 
 
 class LiveBatch:
-    """The rows decoding together on `target` (a `BatchedRunner`) and `drafter` (a batched
-    drafter from decode/batched.py, or None for plain batched steps)."""
+    """The rows decoding together on `target` (a `BatchedRunner`) and `drafter` (from
+    decode/batched_drafters.py, or None for plain batched steps). With `eager_draft` a joining
+    row's draft prefill runs as it joins, not when speculation first needs it (see
+    `BatchedModelDrafter.add_rows`)."""
 
     def __init__(
         self,
@@ -78,8 +80,10 @@ class LiveBatch:
         drafter: BatchedModelDrafter | PerRowDrafters | None,
         max_depth: int,
         lookaheads: BatchLookaheads | None = None,
+        eager_draft: bool = False,
     ):
         self.target, self.drafter, self.max_depth, self.lookaheads = target, drafter, max_depth, lookaheads
+        self.eager_draft = eager_draft
         self.rows: list[Sequence] = []
         target.start(0)
         if drafter is not None:
@@ -88,20 +92,25 @@ class LiveBatch:
     def prefill(self, waiting: list[Sequence], budget: int | None = None) -> list[Sequence]:
         """Feed up to `budget` prompt tokens (None: all) of the `waiting` sequences, in order, each
         on top of what it has (its prefix-cache hit, its earlier chunks), in one packed forward;
-        those whose prompt is complete join the batch with their first token and are returned."""
+        those whose prompt is complete join the batch with their first token and are returned.
+
+        Each prompt's KV so far goes into the prefix cache after every chunk, and a prompt looks
+        the cache up whenever it gets its turn: requests behind one system prompt that arrive
+        together compute it once, chunk by chunk, whoever is first."""
         tick = time.perf_counter()
-        for sequence in waiting:
-            if sequence.prefilled is None:
-                sequence.started = tick
-                (sequence.prefilled,), (sequence.entries,) = self.target.lookup([sequence.prompt])
-                sequence.stats.reused_prompt_tokens = sequence.prefilled
         fed, chunks = [], []
         for sequence in waiting:
+            if budget is not None and sum(map(len, chunks)) >= budget:
+                break
+            (hit,), (kv,) = self.target.lookup([sequence.prompt])
+            if sequence.prefilled is None:
+                sequence.started, sequence.prefilled = tick, 0
+            if hit > sequence.prefilled:
+                sequence.stats.reused_prompt_tokens += hit - sequence.prefilled
+                sequence.prefilled, sequence.entries = hit, kv
             take = len(sequence.prompt) - sequence.prefilled
             if budget is not None:
-                take = min(take, budget - sum(len(chunk) for chunk in chunks))
-            if take <= 0:
-                break
+                take = min(take, budget - sum(map(len, chunks)))
             fed.append(sequence)
             chunks.append(sequence.prompt[sequence.prefilled : sequence.prefilled + take])
         if not fed:
@@ -116,14 +125,12 @@ class LiveBatch:
             if sequence.prefilled == len(sequence.prompt):
                 joining.append(sequence)
                 first_logits.append(row_logits)
+        self.target.store([s.prompt[: s.prefilled] for s in fed], [s.entries for s in fed])
         if joining:
             self._join(joining, first_logits)
         return joining
 
     def _join(self, joining: list[Sequence], logits: list) -> None:
-        # The prompts' KV is stored at once: a request arriving meanwhile behind the same system
-        # prompt reuses it.
-        self.target.store([s.prompt for s in joining], [s.entries for s in joining])
         self.target.join([s.entries for s in joining])
         for sequence, row_logits in zip(joining, logits):
             sequence.entries = []
@@ -136,7 +143,9 @@ class LiveBatch:
         self.rows += joining
         if self.drafter is not None:
             self.drafter.add_rows(
-                [s.prompt + s.generated for s in joining], [s.sampler.drafting() for s in joining]
+                [s.prompt + s.generated for s in joining],
+                [s.sampler.drafting() for s in joining],
+                self.eager_draft,
             )
 
     def leave(self, going: set[Sequence] = frozenset()) -> list[Sequence]:

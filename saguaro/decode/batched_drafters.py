@@ -48,11 +48,23 @@ class BatchedModelDrafter:
         self._mark, self._drafted_fed = None, 0
         self.add_rows(rows)
 
-    def add_rows(self, rows: list[list[int]], samplers: list[TokenSampler] | None = None) -> None:
-        """New rows after the running ones; the draft prefills them when it first drafts for them."""
-        self.runner.add_empty_rows(len(rows))
+    def add_rows(
+        self, rows: list[list[int]], samplers: list[TokenSampler] | None = None, prefill: bool = False
+    ) -> None:
+        """New rows after the running ones. The draft prefills them when it first drafts for them,
+        or with `prefill` now, all but their last token (fed with the next draft, as every row's).
+
+        Lazily, a batch whose speculation is off never pays for the draft's prefill; a batch that
+        rows keep joining (a serving engine) would, though, find a new row's whole prompt to catch
+        up on whenever it weighs speculating, and rarely find that worth it."""
+        if prefill:
+            fed = [max(1, len(row) - 1) for row in rows]
+            self.runner.admit([row[:n] for row, n in zip(rows, fed)])
+        else:
+            fed = [0] * len(rows)
+            self.runner.add_empty_rows(len(rows))
         self.committed += [list(row) for row in rows]
-        self.fed += [0] * len(rows)
+        self.fed += fed
         self.samplers += samplers or [self.sampler] * len(rows)
 
     def propose(self, depths: list[int]) -> list[Draft]:
@@ -186,8 +198,8 @@ class PerRowDrafters:
         self.drafters = []
         self.add_rows(rows)
 
-    def add_rows(self, rows: list[list[int]], samplers=None) -> None:
-        """New rows after the running ones (their drafts are greedy copies: `samplers` unused)."""
+    def add_rows(self, rows: list[list[int]], samplers=None, prefill: bool = False) -> None:
+        """New rows after the running ones (drafts are copies: no sampler, nothing to prefill)."""
         for row in rows:
             self.drafters.append(self.make_drafter())
             self.drafters[-1].reset(row)

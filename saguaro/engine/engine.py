@@ -255,7 +255,10 @@ class Engine:
             drafter = PerRowDrafters(PromptLookupDrafter)
         lookaheads = policy.batch_lookaheads if policy.lookahead is not None and drafter else None
         depth = self.generator.options.num_speculative_tokens
-        return LiveBatch(BatchedRunner(target, pool.target_prefixes), drafter, depth, lookaheads)
+        # Rows keep joining: each one's draft prefill runs as it joins (from the draft's prefix cache),
+        # or speculation would weigh a new prompt's whole catch-up at every round.
+        runner = BatchedRunner(target, pool.target_prefixes)
+        return LiveBatch(runner, drafter, depth, lookaheads, eager_draft=True)
 
     def _finish(
         self, handle: RequestHandle, error: BaseException | None = None, cancelled: bool = False
