@@ -1,6 +1,6 @@
 """Where the Saguaro drafter runs, concurrently with the target.
 
-Three placements share one message loop (`_serve`) around a `PreSpeculator`:
+Three placements share one message loop (`ssd.worker_loop.serve`) around a `PreSpeculator`:
   * "process" - a spawned worker process with its own torch threads (CPU: target on one core,
     drafter on the other). The draft weights travel once, as shared-memory tensors.
   * "thread"  - a thread in this process; on CUDA it drafts on its own stream, or on its own
@@ -34,10 +34,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
-from collections import deque
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 
 import torch
 
@@ -46,8 +42,8 @@ from saguaro.distributed import topology
 from saguaro.distributed.rank_channel import RankChannel
 from saguaro.draft.stream import CatchUp, Draft, DraftRequest, DraftStream, Reset, Resolve
 from saguaro.faults import WorkerFailed
-from saguaro.model.placement import before_each_layer
 from saguaro.ssd.prespeculation import PreSpeculator
+from saguaro.ssd.worker_loop import WorkerError, serve
 
 PLACEMENTS = ("process", "thread", "rank", "inline")
 MAX_RESTART_BACKOFF = 16  # calls drafted inline before another restart, at most
@@ -64,106 +60,6 @@ STALLED = {
         "and this process drafts inline from now on"
     ),
 }
-
-
-@dataclass
-class WorkerError:
-    """An exception raised inside the worker, as it travels back to the generator."""
-
-    type_name: str
-    message: str
-    traceback: str
-
-    @classmethod
-    def capture(cls, error: BaseException) -> WorkerError:
-        return cls(type(error).__name__, str(error), traceback.format_exc())
-
-    def __str__(self) -> str:
-        return f"{self.type_name}: {self.message}"
-
-
-def _serve(conn: Connection, make_speculator, before_reply=lambda: None, working=None) -> None:
-    """Worker loop: answer reset/resolve/catch_up requests, pre-speculate while the target verifies.
-
-    A request is (seq, kind, *args); the reply is (seq, Draft | WorkerError). `before_reply` runs
-    before each reply (a drafter on its own CUDA stream: let the reader see finished tensors).
-    An outcome that hits a branch already as deep as the target asked is answered between the
-    drafter's layers, mid-step (`answer_hit_mid_step`); the step then ends and `resolve` does the
-    bookkeeping with the same draft, unanswered a second time.
-    `working` (a shared flag, or None) is raised by the sender with each request
-    (`DraftWorker.begin`) and again before each reply, and lowered once the request and the
-    pre-speculation after it are done: a target that finds it down knows the worker idles.
-    """
-    inbox: deque = deque()
-    failure: WorkerError | None = None
-
-    def next_request():
-        return inbox.popleft() if inbox else conn.recv()
-
-    def request_waiting() -> bool:
-        # Polled between pre-speculation steps: the outcome (or a new sequence) is answered at once.
-        while conn.poll():
-            inbox.append(conn.recv())
-        return bool(inbox)
-
-    answered_early: set[int] = set()  # resolve requests answered mid-step, bookkeeping pending
-
-    def answer_hit_mid_step() -> None:
-        if not request_waiting():
-            return
-        seq, kind, *args = inbox[0]
-        if kind == "resolve" and seq not in answered_early:
-            draft = speculator.answer_early(*args)
-            if draft is not None:
-                before_reply()
-                conn.send((seq, draft))
-                answered_early.add(seq)
-
-    try:
-        speculator: PreSpeculator = make_speculator()
-    except Exception as error:
-        failure = WorkerError.capture(error)
-    try:
-        while True:
-            seq, kind, *args = next_request()
-            if kind == "close":
-                return
-            if kind == "pause":  # it ended the pre-speculation (request_waiting); no reply
-                continue
-            if failure is not None:  # report it on the first request it can answer, then stop
-                conn.send((seq, failure))
-                return
-            answered = seq in answered_early
-            answered_early.discard(seq)
-            try:
-                draft = getattr(speculator, kind)(*args)  # reset, resolve or catch_up
-                if working is not None:
-                    working.value = 1
-                if not answered:
-                    before_reply()
-                    conn.send((seq, draft))
-                    answered = True
-                with before_each_layer(speculator.runner.model, answer_hit_mid_step):
-                    speculator.prespeculate(request_waiting)
-            except (EOFError, BrokenPipeError):
-                raise
-            except BrokenDraft as error:
-                # The draft model is broken, not the worker: say so and serve on (the caller drafts
-                # no more this call; a later call's reset tries again).
-                if not answered:
-                    conn.send((seq, WorkerError.capture(error)))
-            except Exception as error:
-                failure = WorkerError.capture(error)
-                if not answered:
-                    conn.send((seq, failure))
-                    return
-            finally:
-                if working is not None:
-                    working.value = 0
-    except (EOFError, BrokenPipeError, KeyboardInterrupt):
-        return  # the generator is gone
-    finally:
-        conn.close()  # whatever ended the loop, the generator sees EOF at once instead of a timeout
 
 
 def _die_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
@@ -207,7 +103,7 @@ def _process_main(
         model.load_state_dict(state_dict, assign=True, strict=False)
         model.tie_weights()
         model.eval()
-    _serve(conn, lambda: PreSpeculator(model, **speculator_kwargs), working=working)
+    serve(conn, lambda: PreSpeculator(model, **speculator_kwargs), working=working)
 
 
 def _drafter_rank_usable() -> bool:
@@ -298,10 +194,10 @@ class DraftWorker(DraftStream):
 
             def run():
                 if stream is None:
-                    return _serve(child, lambda: PreSpeculator(model, **kwargs))
+                    return serve(child, lambda: PreSpeculator(model, **kwargs))
                 # Drafts made on the drafter's stream are read on the target's: finish them first.
                 with torch.cuda.stream(stream):
-                    _serve(child, lambda: PreSpeculator(model, **kwargs), stream.synchronize)
+                    serve(child, lambda: PreSpeculator(model, **kwargs), stream.synchronize)
 
             self._thread = threading.Thread(target=run, daemon=True, name="saguaro-drafter")
             self._thread.start()
@@ -459,5 +355,5 @@ def serve_drafter(draft_model) -> None:
             return
         if message[0] == "session":
             options = message[1]
-            _serve(channel, lambda options=options: PreSpeculator(draft_model, **options))
+            serve(channel, lambda options=options: PreSpeculator(draft_model, **options))
         # Anything else is a request of a session that was closed meanwhile: it expects no answer.
