@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 
 from saguaro.decode.sampling import TokenSampler, check_drafted, drawable
+from saguaro.draft.chain import draft_chain
 from saguaro.draft.stream import CatchUp, Draft, DraftRequest, DraftSource, DraftStream, Reset, Resolve
 from saguaro.model.prefix_cache import PrefixCache
 from saguaro.model.runner import ModelRunner
@@ -98,7 +99,11 @@ class ModelDrafter(Drafter):
                 return self._last
         level_logits = self.runner.feed(pending)[0][None, : self.vocab_size]
         if self.shape is None:
-            self._last = self._chain(level_logits, len(levels))
+            self._fed_nodes = len(levels) - 1  # the last draft is fed next round, as below
+            chain = draft_chain(
+                self.runner, level_logits, len(levels), self.sampler, self._draw, self.vocab_size
+            )
+            self._last = Draft(chain.tokens, chain.drawn_from)
             return self._last
         # Each level stays on the device: its children are chosen for every frontier node at once,
         # and the host reads a level only where its shape depends on it (a budgeted tree keeps the
@@ -140,23 +145,13 @@ class ModelDrafter(Drafter):
         self._last = Draft(drafted, torch.cat(probs) if probs else None, tree=tree)
         return self._last
 
-    def _chain(self, logits: torch.Tensor, length: int) -> Draft:
-        """A chain of `length` drafts after the committed sequence, whose last logits are [1, V]: each
-        token is chosen on the device and fed back as a tensor, and the host reads the chain once at
-        the end, so a GPU drafts without waiting per token. The same tokens and draws as drafting
-        it as a tree of width 1 (`_offers`): top-1 when greedy, one draw from q when sampling."""
-        tokens, probs, finite = [], [], []
-        for depth in range(length):
-            q, ok = drawable(self.sampler.probs(logits))  # a broken draft must not break the draw
-            finite.append(ok)
-            tokens.append(q.topk(1).indices[:, 0] if self.sampler.greedy else self.sampler.draw(q))
-            probs.append(q[0])
-            if depth + 1 < length:  # the last draft is fed next round, once we know what survived
-                # The newest draft sees the committed context and the drafts before it: a plain step.
-                logits = self.runner.forward(tokens[-1])[:, : self.vocab_size]
-                self._fed_nodes = depth + 1
-        chain = check_drafted(tokens, finite)  # the round's one host read
-        return Draft(chain, None if self.sampler.greedy else torch.stack(probs))
+    def _draw(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A chain's next token from q [1, V] and the q it was drawn from (None when greedy): the
+        same token and draw as drafting it as a tree of width 1 (`_offers`), top-1 when greedy,
+        one draw from q when sampling."""
+        if self.sampler.greedy:
+            return q.topk(1).indices[:, 0], None
+        return self.sampler.draw(q), q
 
     def _offers(
         self, logits: torch.Tensor, width: int

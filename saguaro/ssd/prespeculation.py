@@ -32,6 +32,7 @@ import time
 import torch
 
 from saguaro.decode.sampling import BrokenDraft, SamplingConfig, TokenSampler, check_drafted, drawable
+from saguaro.draft.chain import draft_chain
 from saguaro.draft.drafters import lookup_continuation
 from saguaro.draft.stream import Draft, DraftSource
 from saguaro.model.prefix_cache import PrefixCache
@@ -242,26 +243,19 @@ class PreSpeculator:
         return self._model_draft(steps)
 
     def _model_draft(self, steps: int | None = None) -> Draft:
-        """`steps` tokens (default K), one drafter forward each, continuing the committed sequence.
-        Each token is fed back as a tensor on the drafter's device, and the host reads them once at
-        the end."""
+        """`steps` tokens (default K), one drafter forward each, continuing the committed sequence
+        (draft.chain: read by the host once)."""
         start = time.perf_counter()
         steps = steps or self.lookahead
-        tokens, probs, self._position_probs = [], [], []
         pending = self.committed[self.runner.length :]
-        logits = self.runner.feed(pending)[0]
-        for i in range(steps):
-            shaped = self._shaped(logits)
-            token, drawn_from = self._draw(shaped)
-            tokens.append(token.reshape(1))
-            probs.append(drawn_from)
-            self._position_probs.append(shaped)
-            if i + 1 < steps:
-                logits = self.runner.forward(tokens[-1])[-1]
-        drafted, self._finite = check_drafted(tokens, self._finite), []  # the one host read, timed
+        logits = self.runner.feed(pending)[0][None]
+        chain = draft_chain(
+            self.runner, logits, steps, self.sampler, self._draw, self.vocab_size, self._finite
+        )
+        self._finite, self._position_probs = [], chain.position_probs
         if len(pending) <= 2:  # a backup's feed (t*); a prefill or catch-up says nothing of its steps
             self.model_step_seconds = (time.perf_counter() - start) / steps
-        return Draft(drafted, None if self.sampler.greedy else torch.stack(probs), DraftSource.MODEL)
+        return Draft(chain.tokens, chain.drawn_from, DraftSource.MODEL)
 
     def _distributions_along_draft(self) -> list[torch.Tensor]:
         """The drafter's shaped q at positions 0..len(draft): after the last committed token and
