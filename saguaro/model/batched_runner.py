@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
+from saguaro.model.hf_call import HFCall
 from saguaro.model.prefix_cache import KV, PrefixCache, weights_version
-from saguaro.model.runner import _cache_keyword, additive_masks
 
 
 class BatchedRunner:
@@ -34,11 +34,7 @@ class BatchedRunner:
         self.model = model
         self.prefix_cache = prefix_cache  # this model's own, shared with its single-row runners
         self.device = model.device
-        self.dtype = model.dtype
-        self._cache_keyword = _cache_keyword(model)
-        self._embedding_rows = model.get_input_embeddings().num_embeddings
-        self._sliding_window = getattr(model.config, "sliding_window", None)
-        self._layer_types = sorted(set(getattr(model.config, "layer_types", None) or []))
+        self.call = HFCall(model)
         self.cache = DynamicCache()
         self.visible = torch.zeros(0, 0, dtype=torch.bool)  # [rows, slots]: a committed entry of the row
         self.slot_positions = torch.zeros(0, 0, dtype=torch.long)  # [rows, slots]: its true position
@@ -160,14 +156,12 @@ class BatchedRunner:
         same_row = (owner[past:, None] == owner[None]) | (owner[None] < 0)
         visible = same_row & (slot[None] <= slot[past:, None])
         tokens = torch.tensor(shared + [token for rest in rests for token in rest], device=self.device)
-        tokens = tokens.masked_fill(tokens >= self._embedding_rows, 0)  # as in forward
-        out = self.model(
-            input_ids=tokens[None],
-            position_ids=positions[None],
-            attention_mask=self._mask(visible[None], positions[None], key_positions[None]),
-            use_cache=True,
-            logits_to_keep=first_new - past + fed - 1,  # each row's last token
-            **{self._cache_keyword: cache},
+        logits = self.call.logits(
+            cache,
+            tokens[None],
+            positions[None],
+            self._mask(visible[None], positions[None], key_positions[None]),
+            first_new - past + fed - 1,  # each row's last token
         )
         entries = []
         for row in range(len(rests)):
@@ -179,7 +173,7 @@ class BatchedRunner:
                 ]
             ).to(self.device)
             entries.append([(layer.keys[:, :, mine], layer.values[:, :, mine]) for layer in cache.layers])
-        return out.logits[0], entries
+        return logits[0], entries
 
     def join(self, entries: list[KV], rows: list[int] | None = None) -> None:
         """Lay rows' entries (per layer [1, heads, n, dim], positions 0..n-1) into the cache,
@@ -278,8 +272,6 @@ class BatchedRunner:
         tokens = torch.zeros(self.rows, width, dtype=torch.long, device=self.device)
         for b, row in enumerate(rows):
             tokens[b, int(offsets[b]) : int(offsets[b]) + len(row)] = torch.as_tensor(row, dtype=torch.long)
-        # Ids beyond a draft's smaller embedding table (see ModelRunner) are fed as id 0.
-        tokens = tokens.masked_fill(tokens >= self._embedding_rows, 0)
         columns = torch.arange(width, device=self.device)
         real = (columns[None] >= offsets[:, None]) & (columns[None] < (offsets + lengths)[:, None])
         positions = self.next_position[:, None] + (columns[None] - offsets[:, None]).clamp_min(0)
@@ -291,18 +283,12 @@ class BatchedRunner:
         new_visible |= torch.eye(width, dtype=torch.bool, device=self.device)[None]
         visible = torch.cat([past_visible[:, None, :].expand(-1, width, -1), new_visible], dim=2)
         key_positions = torch.cat([past_positions, positions], dim=1)
-        out = self.model(
-            input_ids=tokens,
-            position_ids=positions,
-            attention_mask=self._mask(visible, positions, key_positions),
-            use_cache=True,
-            logits_to_keep=1 if last_only else 0,
-            **{self._cache_keyword: self.cache},
-        )
+        mask = self._mask(visible, positions, key_positions)
+        logits = self.call.logits(self.cache, tokens, positions, mask, 1 if last_only else 0)
         self.visible = torch.cat([past_visible, real], dim=1)
         self.slot_positions = key_positions
         self.next_position = self.next_position + lengths
-        return out.logits
+        return logits
 
     def mark(self) -> tuple[int, torch.Tensor]:
         """The state to return to with `keep`: the slot count and every row's next position."""
@@ -334,11 +320,10 @@ class BatchedRunner:
 
     def _mask(self, visible: torch.Tensor, positions: torch.Tensor, key_positions: torch.Tensor):
         """Additive float mask [B, 1, T, slots], or a dict of them per HF layer type."""
-        windowed = None
-        if self._sliding_window:
-            windowed = visible & (positions[:, :, None] - key_positions[:, None, :] < self._sliding_window)
-            windowed = windowed[:, None]
-        return additive_masks(visible[:, None], self.dtype, windowed, self._layer_types)
+        window, windowed = self.call.sliding_window, None
+        if window:
+            windowed = (visible & (positions[:, :, None] - key_positions[:, None, :] < window))[:, None]
+        return self.call.masks(visible[:, None], windowed)
 
 
 # Tokens per packed prefill forward, at most (a single longer prompt goes alone): a packed
