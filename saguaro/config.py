@@ -48,11 +48,12 @@ class Method(_Choice):
     TREE = "tree"
     SAGUARO = "saguaro"
     PROMPT_LOOKUP = "prompt_lookup"
+    SUFFIX = "suffix"
     AUTO = "auto"
 
     @property
     def model_free(self) -> bool:
-        return self in (Method.AUTOREGRESSIVE, Method.PROMPT_LOOKUP)
+        return self in (Method.AUTOREGRESSIVE, Method.PROMPT_LOOKUP, Method.SUFFIX)
 
     @property
     def batched(self) -> bool:

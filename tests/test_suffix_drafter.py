@@ -10,7 +10,9 @@ import threading
 import torch
 from conftest import tiny_model
 
-from saguaro.decode.batched import PerRowDrafters, batched_speculative
+import saguaro
+from saguaro.decode.batched import batched_speculative
+from saguaro.decode.batched_drafters import PerRowDrafters
 from saguaro.decode.engines import StopRule, speculative
 from saguaro.decode.sampling import SamplingConfig, TokenSampler
 from saguaro.decode.stats import GenerationStats
@@ -234,3 +236,27 @@ def test_batched_rows_with_suffix_drafters_equal_each_prompt_alone():
     assert stats[0].drafted > stats[0].accepted > NEW_TOKENS // 2
     # Every row published its sequence as it went, to the last token (a batch commits every round).
     assert len(index) == len(expected[0]) + sum(len(row) for row in expected)
+
+
+def test_method_suffix_drafts_from_earlier_calls_of_the_generator():
+    """saguaro.generate's method="suffix": exact, and a kept generator drafts from its earlier
+    calls (one shared index per generator), single rows and batches alike."""
+    target = tiny_model("llama", seed=0)
+    prompts = [[1, 5, 9, 3, 7, 5, 9, 3, 7, 5, 9], [1, 5, 9, 3, 8, 5, 9, 3, 7, 5, 9, 2, 4]]
+    expected = [hf_greedy(target, prompt) for prompt in prompts]
+    with saguaro.SpeculativeGenerator(target, method="suffix", speculation_schedule="constant") as generator:
+
+        def run(*rows):
+            ids = torch.tensor(rows)
+            out = generator.generate(ids, NEW_TOKENS, eos_token_id=[], return_dict_in_generate=True)
+            return out.sequences.tolist(), out.stats
+
+        runs = [run(prompt) for prompt in prompts]
+        again, batch = run(prompts[0]), run(prompts[0], prompts[0])
+    assert [sequences for sequences, _ in runs] == [[row] for row in expected]
+    assert again[0] == [expected[0]] and batch[0] == [expected[0]] * 2
+    # The second prompt drafts from the first call's answer, through its changed token too.
+    assert runs[1][1].drafted > runs[1][1].accepted > 0
+    # Seen before: every draft of the repeat is right, and it takes far fewer rounds.
+    assert again[1].accepted == again[1].drafted > runs[0][1].accepted
+    assert again[1].rounds < runs[0][1].rounds // 2

@@ -3,18 +3,21 @@ row (decode/engines.py; with a tensor-parallel target, rank 0 decodes and the ot
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from saguaro.config import Method
-from saguaro.decode.batched import BatchedModelDrafter, PerRowDrafters, batched_speculative
+from saguaro.decode.batched import batched_speculative
+from saguaro.decode.batched_drafters import BatchedModelDrafter, PerRowDrafters
 from saguaro.decode.engines import StopRule, autoregressive, speculative
 from saguaro.decode.sampling import TokenSampler
 from saguaro.decode.stats import GenerationStats
 from saguaro.distributed.consensus import Consensus
 from saguaro.draft.drafters import InlineDrafts, ModelDrafter, PromptLookupDrafter
 from saguaro.draft.stream import DraftStream
+from saguaro.draft.suffix import SuffixDrafter
 from saguaro.faults import logger
 from saguaro.model.batched_runner import BatchedRunner
 from saguaro.model.compiled_runner import CHAIN_FEED, GREEDY_BLOCK
@@ -65,6 +68,8 @@ class Decoder:
             drafter = BatchedModelDrafter(draft, samplers[0].drafting(), vocab, self.pool.draft_prefixes)
         elif method is Method.PROMPT_LOOKUP:
             drafter = PerRowDrafters(PromptLookupDrafter)
+        elif method is Method.SUFFIX:
+            drafter = PerRowDrafters(functools.partial(SuffixDrafter, self.pool.suffixes))
         target = self.pool.target()
         self.decode_start = time.perf_counter()
         lookaheads = self.policy.batch_lookaheads
@@ -161,6 +166,10 @@ class Decoder:
             return worker
         if policy.method is Method.PROMPT_LOOKUP:
             return InlineDrafts(PromptLookupDrafter())
+        if policy.method is Method.SUFFIX:  # it joins `owners` to publish the call's last tokens
+            drafter = SuffixDrafter(self.pool.suffixes)
+            owners.append(drafter)
+            return InlineDrafts(drafter)
         # A tree is drafted level by level on top of cached levels, shapes no bucket covers.
         draft_runner = None
         if policy.tree_shape is None:

@@ -17,6 +17,7 @@ from saguaro.tune.cost_model import BatchLookaheads, LookaheadController, TreeDe
 ADAPTIVE_DRAFT_COST = {
     Method.SPECULATIVE: "per_token",
     Method.PROMPT_LOOKUP: "free",
+    Method.SUFFIX: "free",
     Method.SAGUARO: "per_round",
     Method.TREE: "per_token",
 }
@@ -35,8 +36,8 @@ class MethodPolicy:
         self.choice: auto.Choice | None = None
         self.counts = [0, 0, 0, 0]  # accepted, rejected, hits, rounds after the first
         first = options.method
-        if self.auto:  # until the first call measures
-            first = Method.SPECULATIVE if has_draft else Method.PROMPT_LOOKUP
+        if self.auto:  # until the first call measures; without a draft, what earlier calls wrote
+            first = Method.SPECULATIVE if has_draft else Method.SUFFIX
         self.configure(first)
 
     def configure(self, method: Method) -> None:
@@ -55,7 +56,7 @@ class MethodPolicy:
         if self.options.speculation_schedule is Schedule.ADAPTIVE and self.method in ADAPTIVE_DRAFT_COST:
             controller = TreeDepthController if self.method is Method.TREE else LookaheadController
             self.lookahead = controller(self.tree_extent()[0], ADAPTIVE_DRAFT_COST[self.method])
-        cost = "free" if self.method is Method.PROMPT_LOOKUP else "per_token"
+        cost = ADAPTIVE_DRAFT_COST.get(self.method, "per_token")
         self.batch_lookaheads = BatchLookaheads(self.options.num_speculative_tokens, cost)
 
     def tree_extent(self) -> tuple[int, int]:

@@ -5,6 +5,7 @@ both models' prefix caches."""
 from __future__ import annotations
 
 from saguaro.config import Options
+from saguaro.draft.suffix import SuffixIndex
 from saguaro.model.compiled_runner import CompiledRunner
 from saguaro.model.packed_linear import runnable_target
 from saguaro.model.prefix_cache import PrefixCache
@@ -30,6 +31,8 @@ class RunnerPool:
         size = self.options.prefix_budget
         self.target_prefixes = PrefixCache(size) if size is not None else None
         self.draft_prefixes = PrefixCache(size) if size is not None else None
+        # What method="suffix" drafts from besides the sequence itself: every earlier call's.
+        self.suffixes = SuffixIndex()
 
     def target(self):
         """The target the runners run: on CPU in bf16, a view with prepacked linears (the same
@@ -63,8 +66,8 @@ class RunnerPool:
 
     def __getstate__(self) -> dict:
         # A copy starts with empty prefix caches (copying stored KV would cost memory for no
-        # exactness) and compiles its own runners.
-        return dict(vars(self), target_prefixes=None, draft_prefixes=None, static_runners={})
+        # exactness) and suffix index, and compiles its own runners.
+        return dict(vars(self), target_prefixes=None, draft_prefixes=None, suffixes=None, static_runners={})
 
     def __setstate__(self, state: dict) -> None:
         vars(self).update(state)
