@@ -138,6 +138,21 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(pair):
     assert max(tokens for rows, tokens in shapes if rows == 1) <= 16
 
 
+def test_without_a_draft_model_requests_draft_from_what_the_engine_has_seen():
+    # Suffix decoding over every request: a repeated request copies the earlier one's answer.
+    target = tiny_model("qwen2", seed=3)
+    prompt = [1, *range(20, 32)]
+    with saguaro.Engine(target, method="prompt_lookup", speculation_schedule="constant") as engine:
+        first, again = (
+            engine.submit(prompt, max_new_tokens=40, eos_token_id=[]).result(timeout=60) for _ in "12"
+        )
+    expected = alone(target, prompt, 40, eos_token_id=None)
+    assert (
+        first.sequences[0, len(prompt) :].tolist() == again.sequences[0, len(prompt) :].tolist() == expected
+    )
+    assert again.stats.accepted > first.stats.accepted and again.stats.accepted >= 30
+
+
 @pytest.fixture(scope="module")
 def small_vocab_pair():
     target = tiny_model("llama", seed=0, vocab=VOCAB, layers=1, hidden=16, init=0.6)

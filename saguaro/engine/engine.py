@@ -13,12 +13,17 @@ thread) into a bounded queue and get a handle back. Between rounds the scheduler
   4. lets finished, cancelled and failed rows leave (their KV into the prefix caches).
 
 All requests share one generator's prefix caches (target and draft) and its measured step costs.
+The method is settled per busy spell (a live batch from idle to idle), as a generate call settles
+it: "saguaro" and "tree" serve the batch with batched chains; without a draft model (or with
+method="prompt_lookup") rows draft by suffix decoding over everything the engine has seen
+(draft/suffix.py).
 A row's own failure fails its request alone; an error no row owns (a forward failing) fails the
 requests in the batch at that moment, and the engine serves on with a fresh batch.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 import threading
 import time
@@ -30,7 +35,7 @@ from saguaro.config import Method
 from saguaro.decode.batched import LiveBatch
 from saguaro.decode.batched_drafters import BatchedModelDrafter, PerRowDrafters
 from saguaro.decode.sampling import SamplingConfig, TokenSampler
-from saguaro.draft.drafters import PromptLookupDrafter
+from saguaro.draft.suffix import SuffixDrafter, SuffixIndex
 from saguaro.engine.admission import Admission
 from saguaro.engine.requests import EngineOutput, RequestHandle, build_sequence, finish_reason, prompt_tokens
 from saguaro.model import weights
@@ -96,6 +101,8 @@ class Engine:
             0,
         )
         self._admission = Admission()
+        # Every prompt and answer, for the model-free drafter (method "prompt_lookup").
+        self.suffixes = SuffixIndex()
         self._thread = threading.Thread(target=self._serve, name="saguaro-engine", daemon=True)
         self._thread.start()
 
@@ -252,7 +259,8 @@ class Engine:
                 pool.draft_prefixes,
             )
         elif self.method is Method.PROMPT_LOOKUP:
-            drafter = PerRowDrafters(PromptLookupDrafter)
+            # Suffix decoding: copies from the row's own sequence and from every other the engine saw.
+            drafter = PerRowDrafters(functools.partial(SuffixDrafter, self.suffixes))
         lookaheads = policy.batch_lookaheads if policy.lookahead is not None and drafter else None
         depth = self.generator.options.num_speculative_tokens
         # Rows keep joining: each one's draft prefill runs as it joins (from the draft's prefix cache),
