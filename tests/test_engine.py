@@ -103,7 +103,7 @@ def test_joined_left_and_compacted_caches_stay_exact(arch, monkeypatch):
     # mistral: a sliding window (24) that slot positions must keep through joins and compactions;
     # gpt2: learned absolute positions. Every leave compacts the caches.
     monkeypatch.setattr(batched, "COMPACT_MIN_SLOTS", 0)
-    monkeypatch.setattr(batched, "COMPACT_HOLE_SHARE", 0.0)
+    monkeypatch.setattr(batched, "COMPACT_SHRINK", 0.0)
     target = tiny_model(arch, seed=2)
     draft = perturbed_copy(target, 0.02)
     requests = random_requests(6, seed=5)

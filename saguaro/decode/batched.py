@@ -34,8 +34,9 @@ from saguaro.model.batched_runner import BatchedRunner
 from saguaro.model.prefix_cache import KV
 from saguaro.tune.cost_model import AcceptanceCounter, BatchLookaheads
 
-# A compaction (every row's entries copied afresh) pays once holes are most of the cache.
-COMPACT_HOLE_SHARE = 0.5
+# A compaction (every row's entries copied afresh, right-aligned) pays once it would cut the cache's
+# width (what every later forward attends over) by more than this share and this many slots.
+COMPACT_SHRINK = 0.5
 COMPACT_MIN_SLOTS = 64
 
 
@@ -174,7 +175,8 @@ class LiveBatch:
         if self.drafter is not None:
             self.drafter.keep_rows(staying)
         target = self.target
-        if target.slots > COMPACT_MIN_SLOTS and target.holes > COMPACT_HOLE_SHARE * target.visible.numel():
+        cut = target.slots - int(target.visible.sum(1).max())  # the width a compaction would save
+        if cut > max(COMPACT_MIN_SLOTS, COMPACT_SHRINK * target.slots):
             target.compact()
             if self.drafter is not None:
                 self.drafter.compact()

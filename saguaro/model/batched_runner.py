@@ -233,11 +233,6 @@ class BatchedRunner:
             self.start(0)
             self.join(entries)
 
-    @property
-    def holes(self) -> int:
-        """Slots that are no row's committed entry, over all rows."""
-        return self.visible.numel() - int(self.visible.sum())
-
     def _layer_tensors(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.slots or layer >= len(self.cache.layers):
             return None, None
