@@ -15,7 +15,7 @@ from enum import Enum
 import torch
 
 from saguaro import distributed
-from saguaro.draft.compression import check_draft_options
+from saguaro.draft.options import check_draft_options
 from saguaro.model.compiled_runner import STATIC_CAPACITY, check_compilable, check_static_capacity
 from saguaro.model.prefix_cache import DEFAULT_MAX_BYTES, check_max_bytes
 from saguaro.model.tree import DynamicTree

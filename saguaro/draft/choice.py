@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from saguaro.draft.options import QUANTIZATIONS
 from saguaro.draft.quantize import (
-    QUANTIZATIONS,
     DraftCompressionUnavailable,
     build_cpu_quantized,
     compress_draft,

@@ -6,7 +6,7 @@ verification divides by, and the drafter hands verification exactly the q its to
 from. So the draft can be made cheap without weakening the guarantee; only acceptance may drop.
 
 `prepare_draft` is what `SpeculativeGenerator` calls, with the `draft_quantization` and
-`draft_vocab_size` options (`check_draft_options`). An explicit value builds that variant
+`draft_vocab_size` options (checked by draft/options.py). An explicit value builds that variant
 (`compress_draft`: a reduced vocabulary, draft/vocabulary.py, then weight-only int8 / int4,
 draft/quantize.py); "auto" chooses among them by measurement (draft/choice.py). A prepared draft
 is shared by every generator of the same pair, and auto's choice is kept on disk.
@@ -22,32 +22,9 @@ from dataclasses import asdict, replace
 from torch import nn
 
 from saguaro.draft.choice import DraftConfiguration, auto_candidates, choose_draft_configuration
-from saguaro.draft.quantize import QUANTIZATIONS, compress_draft, dense_crossover_of
-from saguaro.draft.vocabulary import text_config
+from saguaro.draft.options import check_draft_options
+from saguaro.draft.quantize import compress_draft, dense_crossover_of
 from saguaro.model import disk_cache, weights
-
-
-def check_draft_options(quantization, vocab_size, draft: nn.Module | None = None) -> None:
-    """Specific errors for bad draft_quantization / draft_vocab_size values (for this draft)."""
-    if quantization not in ("auto", None, *QUANTIZATIONS):
-        raise ValueError(
-            f"draft_quantization must be 'auto', 'int8', 'int4' or None (unquantized), got {quantization!r}"
-        )
-    if not (
-        vocab_size is None
-        or (isinstance(vocab_size, str) and vocab_size == "auto")
-        or (isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size >= 1)
-    ):
-        raise ValueError(
-            f"draft_vocab_size must be 'auto', a positive int (the draft scores its lowest ids plus the "
-            f"special ones) or None (the whole vocabulary), got {vocab_size!r}"
-        )
-    vocab = None if draft is None else text_config(draft).vocab_size
-    if isinstance(vocab_size, int) and vocab is not None and vocab_size >= vocab:
-        raise ValueError(
-            f"draft_vocab_size={vocab_size} keeps the draft's whole {vocab}-id vocabulary; pass a smaller "
-            "size, or None"
-        )
 
 
 def prepare_draft(

@@ -22,6 +22,7 @@ import weakref
 import torch
 from torch import nn
 
+from saguaro.draft.options import QUANTIZATIONS
 from saguaro.draft.quantized_linear import (
     INT4_GROUP_SIZE,
     Int4WeightOnlyLinear,
@@ -32,7 +33,6 @@ from saguaro.draft.vocabulary import default_draft_vocabulary, restrict_draft_vo
 from saguaro.model import disk_cache, weights
 from saguaro.model.module_tree import AcceleratedModuleError, clone_module_tree, set_submodule
 
-QUANTIZATIONS = ("int8", "int4")
 # Linears timed as a forward streams them: several times a CPU's last-level cache.
 COST_SLICE_BYTES = 256 * 2**20
 
