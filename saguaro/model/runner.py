@@ -14,12 +14,7 @@ import torch
 
 from saguaro.kernels import TREE_ATTENTION_NAMES, choose_tree_backend, pack_tree_mask
 from saguaro.model.cache import SpeculativeCache
-from saguaro.model.hf_call import (
-    HFCall,
-    additive_masks,  # noqa: F401 - batched_runner.py's, until it imports it from hf_call
-    num_layers,
-)
-from saguaro.model.hf_call import cache_keyword as _cache_keyword  # noqa: F401 - the same
+from saguaro.model.hf_call import HFCall, num_layers
 from saguaro.model.prefix_cache import PrefixCache, weights_version
 from saguaro.model.tree import TokenTree
 
