@@ -5,6 +5,7 @@ a second signal stops at once."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import uvicorn
@@ -12,6 +13,7 @@ import uvicorn
 from saguaro.server.app import Model, ServerState, create_app
 
 DEFAULT_SHUTDOWN_TIMEOUT = 20.0
+logger = logging.getLogger("saguaro.server")
 # After the drain, how long uvicorn waits for the last responses to be written before cutting them.
 FLUSH_SECONDS = 5.0
 
@@ -41,6 +43,11 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def _drain_then_exit(self) -> None:
+        logger.info(
+            "saguaro serve: stopping: new requests get 503; running ones have %.0f s to finish "
+            "(a second signal stops at once)",
+            self.shutdown_timeout,
+        )
         try:
             await self.state.drain(self.shutdown_timeout)
         finally:
@@ -91,6 +98,8 @@ def serve(
 ) -> None:
     """`saguaro serve`: serve `target` (speculating with `draft`) until a signal stops it."""
     name = name or Path(target.rstrip("/")).name
+    # The server's own messages (loaded, stopping, a request's failure) beside uvicorn's.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
 
     def load() -> Model:
         return load_model(target, draft, dtype, **engine_options)
