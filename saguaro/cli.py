@@ -154,12 +154,14 @@ def serve_main(argv) -> None:
         help="seconds running requests get to finish after SIGTERM before they are cancelled (default: 20)",
     )
     args = parser.parse_args(argv)
+    try:
+        from saguaro.server import run
+    except ImportError as error:  # before any download: say what to install
+        parser.error(f"{error}: pip install 'saguaro[serve]' (FastAPI, uvicorn, prometheus_client)")
     if args.target is None:
         if args.draft is not None:
             parser.error("--draft needs --target (or give neither for the demo pair)")
         args.target, args.draft = demo_models.demo_pair_paths()
-    from saguaro.server import run
-
     run.serve(
         args.target,
         args.draft,
