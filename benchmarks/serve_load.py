@@ -8,8 +8,9 @@ saguaro serve with a request running.
     python benchmarks/serve_load.py [--target DIR --draft DIR] [--no-transformers] [--out FILE]
     python benchmarks/serve_load.py --tiny      # a smoke test on tiny random models, minutes
 
-Each server runs one warm-up pass of the agentic workload (other sessions, the same system prompt)
-first. transformers serve is optional: if it does not start, saguaro serve is reported alone.
+The requests are benchmarks/engine_load.py's, which measures the engine without HTTP. Each server
+serves its warm-up session (other questions, the same system prompt) first. transformers serve is
+optional: if it does not start, saguaro serve is reported alone.
 """
 
 import argparse
@@ -27,53 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
+from engine_load import CHAT, SESSIONS, SYSTEM, TURN_TOKENS, WARMUP, cpu_description, tiny_pair
 
-SYSTEM = (
-    "You are a careful senior software engineer working as a coding agent inside a developer's "
-    "repository. You answer in English and write Python 3.11 unless asked otherwise. Rules: "
-    "1. Read the request fully before answering; restate the goal in one sentence. "
-    "2. Prefer the standard library; name any third-party package you use and why. "
-    "3. Code must be complete and runnable: imports, type hints, docstrings, no placeholders. "
-    "4. Keep functions short; one idea per function; names that explain themselves. "
-    "5. Handle errors at the boundary: validate inputs, raise ValueError or TypeError with a message "
-    "that says what was wrong and what was expected. "
-    "6. Tests: give pytest tests for every public function, covering the edge cases (empty input, one "
-    "element, duplicates, large input, invalid input). "
-    "7. Performance: state the time and memory complexity; avoid quadratic loops on inputs that can be "
-    "large; prefer generators for streams. "
-    "8. Security: never evaluate untrusted input, never build shell commands or SQL by string "
-    "concatenation, never log secrets. "
-    "9. When you change existing code, show only the changed functions, with a one-line reason each. "
-    "10. When something is ambiguous, choose the most common interpretation and say which you chose. "
-    "Tools available to you in this session: read_file(path), write_file(path, text), "
-    "run_tests(pattern), search(query). Call them only when the user asks you to act on the repository. "
-    "Format: a short plan, then the code in one fenced block, then the tests in another, then a "
-    "two-sentence summary of trade-offs."
-)
-# Three user turns a session (" | " between turns): the first four are measured, the rest warm up.
-SESSIONS = [
-    turns.split(" | ")
-    for turns in (
-        "Write a function that parses an ISO 8601 duration like P3DT4H into seconds. | Now also accept "
-        "weeks (P2W) and fractional seconds. | Add the tests for the invalid inputs.",
-        "Implement an LRU cache class with get and put in O(1). | Make it thread-safe. | Add a method that "
-        "returns the hit rate.",
-        "Write a function that merges overlapping intervals. | Make it work on a stream of intervals sorted "
-        "by start. | What is the complexity now?",
-        "Write a tokenizer for arithmetic expressions with + - * / and parentheses. | Now write a "
-        "recursive-descent parser on top of it. | Evaluate the parsed tree.",
-        "Write a function that checks whether a string is a valid IPv4 address. | Also support IPv6. | "
-        "Refactor both into one function.",
-        "Write a retry decorator with exponential backoff. | Add jitter. | Make it work for async "
-        "functions too.",
-        "Write a function that flattens a nested dict with dotted keys. | Now write the inverse. | Add tests "
-        "for the round trip.",
-        "Write a breadth-first search over a grid with walls. | Return the path, not only its length. | "
-        "Allow diagonal moves.",
-    )
-]
-MEASURED, WARMUP = SESSIONS[:4], SESSIONS[4:]
-TURN_TOKENS = 48
 REQUEST_SECONDS = 600  # one request's limit; a phase's limit is --phase-seconds
 
 
@@ -161,22 +117,20 @@ async def agentic(client, model: str, sessions: list[list[str]], phase: Phase) -
     await asyncio.gather(*(session(turns) for turns in sessions))
 
 
-async def chat(
-    client, model: str, prompts: list[str], concurrency: int, max_tokens: int, phase: Phase
-) -> None:
+async def chat(client, model: str, concurrency: int, phase: Phase) -> None:
+    """CHAT's questions, `concurrency` at a time."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(prompt: str) -> None:
         async with gate:
             try:
-                _, sample = await stream_chat(
-                    client, model, [{"role": "user", "content": prompt}], max_tokens
-                )
+                messages = [{"role": "user", "content": prompt}]
+                _, sample = await stream_chat(client, model, messages, TURN_TOKENS)
                 phase.samples.append(sample)
             except Exception as error:  # noqa: BLE001
                 phase.errors.append(f"{type(error).__name__}: {error}")
 
-    await asyncio.gather(*(one(p) for p in prompts))
+    await asyncio.gather(*(one(p) for p in CHAT))
 
 
 async def timed(phase: Phase, work, seconds: float) -> Phase:
@@ -189,7 +143,7 @@ async def timed(phase: Phase, work, seconds: float) -> Phase:
     return phase
 
 
-async def load(url: str, model: str, prompts: list[str], args) -> dict:
+async def load(url: str, model: str, args) -> dict:
     results = {}
     async with openai.AsyncOpenAI(
         base_url=url + "/v1", api_key="none", timeout=REQUEST_SECONDS, max_retries=0
@@ -197,12 +151,11 @@ async def load(url: str, model: str, prompts: list[str], args) -> dict:
         warmup = Phase("warm-up")
         await timed(warmup, agentic(client, model, WARMUP, warmup), args.phase_seconds)
         phase = Phase("agentic")
-        work = agentic(client, model, MEASURED, phase)
+        work = agentic(client, model, SESSIONS, phase)
         results["agentic"] = (await timed(phase, work, args.phase_seconds)).summary()
         for concurrency in args.concurrency:
             phase = Phase(f"chat@{concurrency}")
-            batch = prompts[: max(args.chat_requests, concurrency)]
-            work = chat(client, model, batch, concurrency, args.chat_tokens, phase)
+            work = chat(client, model, concurrency, phase)
             results[phase.name] = (await timed(phase, work, args.phase_seconds)).summary()
     return results
 
@@ -287,32 +240,13 @@ def sigterm_with_a_request_running(server: Server, model: str) -> dict:
     return {"sigterm_to_exit_seconds": seconds, "within_30_s": within, "running_request": outcome}
 
 
-def tiny_pair(root: Path) -> tuple[str, str]:
-    """Two tiny random-weight Qwen2 models with the demo target's tokenizer (for --tiny)."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from saguaro.bench import demo_models
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_models.demo_pair_paths()[0])
-    folders = []
-    for name, seed in (("tiny-target", 0), ("tiny-draft", 1)):
-        torch.manual_seed(seed)
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            tie_word_embeddings=True,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(root / name)
+def tiny_folders(root: Path) -> tuple[str, str]:
+    """engine_load's tiny random pair (fp32), saved as two model folders for the servers."""
+    tokenizer, target, draft = tiny_pair()
+    for name, model in (("tiny-target", target), ("tiny-draft", draft)):
+        model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
-        folders.append(str(root / name))
-    return folders[0], folders[1]
+    return str(root / "tiny-target"), str(root / "tiny-draft")
 
 
 def transformers_command(target: str, port: int, dtype: str) -> list[str]:
@@ -369,28 +303,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", help="target model folder (default: the demo pair)")
     parser.add_argument("--draft", help="draft model folder")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models: a smoke test of this script")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (fp32): a smoke test")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--method", default="auto", help="saguaro serve's --method")
     parser.add_argument("--no-transformers", action="store_true", help="measure saguaro serve alone")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--chat-requests", type=int, default=8, help="requests per concurrency level")
-    parser.add_argument("--chat-tokens", type=int, default=64, help="max_tokens of a plain chat request")
     parser.add_argument("--phase-seconds", type=float, default=900, help="limit of one workload")
     parser.add_argument("--ready-seconds", type=float, default=900, help="limit for a server to load")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="serve_load-"))
     if args.tiny:
-        args.target, args.draft = tiny_pair(work)
-        args.chat_requests, args.chat_tokens = min(args.chat_requests, 8), 16
+        args.target, args.draft = tiny_folders(work)
+        args.dtype = "float32"
     elif not args.target:
         from saguaro.bench import demo_models
 
         args.target, args.draft = demo_models.demo_pair_paths()
-    prompts_file = Path(__file__).with_name("prompts.jsonl")
-    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines() if line.strip()]
-    results = {"target": args.target, "draft": args.draft, "dtype": args.dtype, "servers": {}, "notes": []}
+    results = {"cpu": cpu_description(), "target": args.target, "draft": args.draft, "dtype": args.dtype}
+    results.update(servers={}, notes=[])
+    print("CPU:", results["cpu"])
 
     port = free_port()
     command = [
@@ -413,7 +345,7 @@ def main() -> None:
         if not saguaro_server.wait_ready(args.ready_seconds):
             raise SystemExit(f"saguaro serve did not start; its log ends:\n{saguaro_server.tail()}")
         model = Path(args.target).name
-        results["servers"]["saguaro serve"] = asyncio.run(load(saguaro_server.url, model, prompts, args))
+        results["servers"]["saguaro serve"] = asyncio.run(load(saguaro_server.url, model, args))
         stop = sigterm_with_a_request_running(saguaro_server, model)
         results["servers"]["saguaro serve"]["sigterm"] = stop
         results["notes"].append(f"saguaro serve, SIGTERM with a request running: {stop}")
@@ -426,7 +358,7 @@ def main() -> None:
         try:
             if hf_server.wait_ready(args.ready_seconds):
                 results["servers"]["transformers serve --cb"] = asyncio.run(
-                    load(hf_server.url, args.target, prompts, args)
+                    load(hf_server.url, args.target, args)
                 )
             else:
                 results["notes"].append(
