@@ -132,9 +132,7 @@ async def _complete(state: ServerState, request: Request, chat: bool) -> Respons
     except Exception as error:  # a bug or a tokenizer's failure: this request's 500, nothing more
         logger.exception("a %s request failed", endpoint)
         state.metrics.requests.labels(endpoint, "500").inc()
-        return APIError(
-            500, f"The request failed: {type(error).__name__}: {error}", "server_error"
-        ).response()
+        return APIError.failure(error).response()
     generation = Generation(
         handle,
         TextStream(model.tokenizer, stops),

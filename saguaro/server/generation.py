@@ -61,7 +61,7 @@ class Generation:
         except Exception as error:
             status = 500
             logger.exception("request %s failed", self.answer.id)
-            yield event(_server_error(error).body())
+            yield event(APIError.failure(error).body())
         finally:
             self._end(status)
         yield DONE
@@ -84,7 +84,7 @@ class Generation:
         except Exception as error:
             status = 500
             logger.exception("request %s failed", self.answer.id)
-            return _server_error(error).response()
+            return APIError.failure(error).response()
         finally:
             collecting.cancel()
             gone.cancel()
@@ -133,7 +133,3 @@ async def _disconnected(request: Request) -> None:
     """Returns when the client closes the connection (the body is read: what comes now is that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _server_error(error: Exception) -> APIError:
-    return APIError(500, f"The request failed: {type(error).__name__}: {error}", "server_error")

@@ -28,6 +28,11 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
         self.headers = headers
 
+    @classmethod
+    def failure(cls, error: Exception) -> APIError:
+        """A request that failed on the server's side (500): this request's answer, nothing more."""
+        return cls(500, f"The request failed: {type(error).__name__}: {error}", "server_error")
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
