@@ -180,13 +180,21 @@ def test_concurrent_requests_each_equal_hf_greedy_alone(live, models):
             )
             return answer.choices[0].text, answer.usage.completion_tokens, answer.choices[0].finish_reason
         chunks = await client.completions.create(
-            model=NAME, prompt=ids, max_tokens=max_tokens, temperature=0, stream=True
+            model=NAME,
+            prompt=ids,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
-        text, finish = "", None
+        text, finish, used = "", None, None
         async for chunk in chunks:
-            text += chunk.choices[0].text
-            finish = chunk.choices[0].finish_reason or finish
-        return text, None, finish
+            if chunk.usage is not None:
+                used = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+        return text, used, finish
 
     async def everything():
         calls, expected = [], []
@@ -199,10 +207,15 @@ def test_concurrent_requests_each_equal_hf_greedy_alone(live, models):
                 ids = chat_ids(tokenizer, prompt)
                 calls.append(chat(prompt, max_tokens, stream=i % 2 == 0))
             text, count, finish = expect(tokenizer, hf_greedy(target, ids, max_tokens), max_tokens)
-            expected.append((text, count if i % 3 != 2 or i % 2 else None, finish))
+            expected.append((text, count, finish))
         return await asyncio.wait_for(asyncio.gather(*calls), SECONDS), expected
 
-    answers, expected = asyncio.run(everything())
+    slowdown = models[2]
+    slowdown.seconds = 0.01  # every request still running when the last one arrives: one batch
+    try:
+        answers, expected = asyncio.run(everything())
+    finally:
+        slowdown.seconds = 0.0
     assert answers == expected
 
     # The sync client, alone, agrees too.
