@@ -190,9 +190,13 @@ def run_sessions(serve, tokenizer, sessions: list[list[str]], concurrent: bool) 
 
 
 def run_chat(engine, tokenizer, concurrency: int) -> tuple[list[Record], float]:
-    """CHAT's prompts, `concurrency` clients at a time, each sending its share one after another."""
+    """CHAT's prompts, `concurrency` clients at a time, each sending its share one after another.
+    Each level's questions are new to the engine (tagged with the level), or a level would reuse
+    the KV of the same requests at the level before."""
     records: list[Record] = []
-    prompts = [encode(tokenizer, [{"role": "user", "content": question}]) for question in CHAT]
+    prompts = [
+        encode(tokenizer, [{"role": "user", "content": f"({concurrency}) {question}"}]) for question in CHAT
+    ]
 
     def client(share):
         for prompt in share:
