@@ -71,7 +71,11 @@ class LiveServer:
         self.server = make_server(NAME, load, log_level="warning", shutdown_timeout=shutdown_timeout)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [listener]}, daemon=True)
         self.thread.start()
-        wait_for(lambda: get(self.url + "/health")[0] == 200, "the server to load")
+        try:
+            wait_for(lambda: request(self.url + "/health")[0] == 200, "the server to load")
+        except AssertionError:
+            self.stop()
+            raise
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key="none", **{"timeout": SECONDS, **kwargs})
@@ -90,10 +94,6 @@ def wait_for(condition, what: str, seconds: float = SECONDS) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def get(url: str) -> tuple[int, str]:
-    return request(url)
 
 
 def request(url: str, body: bytes | None = None) -> tuple[int, str]:
@@ -399,10 +399,10 @@ def test_openai_parameters_become_generate_keywords(live, monkeypatch):
 
 
 def test_health_models_and_metrics(live):
-    assert get(live.url + "/health") == (200, '{"status":"ok"}')
+    assert request(live.url + "/health") == (200, '{"status":"ok"}')
     assert [m.id for m in live.client().models.list()] == [NAME]
     live.client().completions.create(model=NAME, prompt="w3 w4", max_tokens=3, temperature=0)
-    status, text = get(live.url + "/metrics")
+    status, text = request(live.url + "/metrics")
     assert status == 200
     for metric in (
         'saguaro_http_requests_total{endpoint="completions",status="200"}',
@@ -430,8 +430,8 @@ def test_health_is_503_until_the_models_are_loaded():
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     try:
-        wait_for(lambda: get(url + "/health")[0] == 503, "the server to listen")
-        assert json.loads(get(url + "/health")[1]) == {"status": "loading"}
+        wait_for(lambda: request(url + "/health")[0] == 503, "the server to listen")
+        assert json.loads(request(url + "/health")[1]) == {"status": "loading"}
         status, body = request(url + "/v1/completions", b'{"model": "tiny", "prompt": "w1"}')
         assert status == 503 and json.loads(body)["error"]["message"] == "The model is still loading"
     finally:
@@ -455,7 +455,7 @@ def test_a_drain_refuses_new_work_finishes_what_runs_cancels_past_the_timeout_th
         next(short), next(long)
         started = time.monotonic()
         server.server.request_drain()  # what SIGTERM does
-        wait_for(lambda: get(server.url + "/health")[0] == 503, "the drain to begin")
+        wait_for(lambda: request(server.url + "/health")[0] == 503, "the drain to begin")
         status, body = request(server.url + "/v1/completions", b'{"model": "tiny", "prompt": "w1"}')
         assert status == 503 and "shutting down" in json.loads(body)["error"]["message"]
         assert [c.choices[0].finish_reason for c in short][-1] == "length"
@@ -482,7 +482,9 @@ def test_sigterm_drains_then_exits(tmp_path):
     process = subprocess.Popen(command, env={**os.environ, "SAGUARO_CACHE_DIR": "off"})
     try:
         wait_for(
-            lambda: process.poll() is not None or get(url + "/health")[0] == 200, "the server", seconds=120
+            lambda: process.poll() is not None or request(url + "/health")[0] == 200,
+            "the server",
+            seconds=120,
         )
         assert process.poll() is None, "saguaro serve exited before it was ready"
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=SECONDS, max_retries=0)
@@ -491,7 +493,7 @@ def test_sigterm_drains_then_exits(tmp_path):
         )
         next(iter(stream))
         process.send_signal(signal.SIGTERM)
-        wait_for(lambda: get(url + "/health")[0] in (0, 503), "the drain to begin")
+        wait_for(lambda: request(url + "/health")[0] in (0, 503), "the drain to begin")
         status, _ = request(url + "/v1/completions", b'{"model": "target", "prompt": "w1"}')
         assert status in (0, 503)  # refused: draining, or already closed
         assert [chunk.choices[0].finish_reason for chunk in stream][-1] in ("stop", "length")
