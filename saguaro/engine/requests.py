@@ -9,6 +9,7 @@ import numbers
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,25 @@ def prompt_tokens(input_ids, attention_mask, vocab_size: int) -> tuple[torch.Ten
     return ids, rows[0]
 
 
+_stop_criteria: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {strings: criteria}
+_stop_criteria_lock = threading.Lock()
+STOP_CRITERIA_KEPT = 64  # per tokenizer
+
+
+def stop_string_criteria(tokenizer, stop_strings) -> StopStringCriteria:
+    """HF's StopStringCriteria, built once per tokenizer and stop strings: building one walks the
+    whole vocabulary (0.3-0.7 s for Qwen2.5's, in the submitting thread: a server's event loop),
+    and a built one keeps no state between calls, so requests share it."""
+    key = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    with _stop_criteria_lock:
+        built = _stop_criteria.setdefault(tokenizer, {})
+        if key not in built:
+            if len(built) >= STOP_CRITERIA_KEPT:
+                del built[next(iter(built))]
+            built[key] = StopStringCriteria(tokenizer, list(key))
+        return built[key]
+
+
 def _warpers(sampling: SamplingConfig) -> list:
     """HF's sampling warpers for `sampling`, in HF's order (TokenSampler's own, without processors)."""
     if not sampling.do_sample:
@@ -125,7 +145,7 @@ def build_sequence(target, prompt: list[int], **kwargs) -> Sequence:
     if stop_strings:
         if kwargs.get("tokenizer") is None:
             raise ValueError("stop_strings needs tokenizer= (the target's tokenizer), as HF generate does")
-        criteria.append(StopStringCriteria(kwargs["tokenizer"], stop_strings))
+        criteria.append(stop_string_criteria(kwargs["tokenizer"], stop_strings))
     stop = StopRule(max_new_tokens, eos_ids(kwargs.get("eos_token_id"), target), criteria or None, prompt)
     stats = RequestStats(method="engine", prompt_tokens=len(prompt))
     return Sequence(prompt, sampler, stop, stats)
