@@ -23,6 +23,7 @@ from conftest import perturbed_copy, tiny_model, word_tokenizer
 from saguaro.engine import AsyncEngine
 from saguaro.server.app import Model
 from saguaro.server.run import make_server
+from saguaro.server.text import TextStream
 
 pytestmark = pytest.mark.timeout(180)  # a hung server fails its test instead of the run
 NAME = "tiny"
@@ -396,6 +397,28 @@ def test_openai_parameters_become_generate_keywords(live, monkeypatch):
     }
     assert greedy == {"max_new_tokens": 4, "do_sample": False}
     assert default == {"max_new_tokens": 3, "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+
+
+class ByteTokenizer:
+    """Each id is one byte of UTF-8: a character of several bytes spans several tokens."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_streamed_text_never_takes_anything_back():
+    answer = "héllo wörld 🌵 ends here STOP and more"
+    ids = list(answer.encode())
+    for stops, expected in (
+        ([], answer),
+        (["STOP"], answer[: answer.index("STOP")]),
+        (["🌵"], "héllo wörld "),
+    ):
+        text = TextStream(ByteTokenizer(), stops)
+        pieces = [text.push([i]) for i in ids] + [text.finish()]
+        assert "".join(pieces) == expected
+        assert not any("\ufffd" in piece for piece in pieces)  # half a character is never sent
+        assert text.stopped == bool(stops)
 
 
 def test_health_models_and_metrics(live):
