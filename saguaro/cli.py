@@ -154,6 +154,8 @@ def serve_main(argv) -> None:
         help="seconds running requests get to finish after SIGTERM before they are cancelled (default: 20)",
     )
     args = parser.parse_args(argv)
+    if min(args.max_batch_size, args.max_queue) < 1 or args.shutdown_timeout < 0:
+        parser.error("--max-batch-size and --max-queue must be at least 1, --shutdown-timeout at least 0")
     try:
         from saguaro.server import run
     except ImportError as error:  # before any download: say what to install
