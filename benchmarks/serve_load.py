@@ -118,13 +118,14 @@ async def agentic(client, model: str, sessions: list[list[str]], phase: Phase) -
 
 
 async def chat(client, model: str, concurrency: int, phase: Phase) -> None:
-    """CHAT's questions, `concurrency` at a time."""
+    """CHAT's questions, `concurrency` at a time, tagged with the level as engine_load's are (or a
+    level would reuse the KV of the same requests at the level before)."""
     gate = asyncio.Semaphore(concurrency)
 
     async def one(prompt: str) -> None:
         async with gate:
             try:
-                messages = [{"role": "user", "content": prompt}]
+                messages = [{"role": "user", "content": f"({concurrency}) {prompt}"}]
                 _, sample = await stream_chat(client, model, messages, TURN_TOKENS)
                 phase.samples.append(sample)
             except Exception as error:  # noqa: BLE001
