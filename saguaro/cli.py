@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from saguaro import launch
-from saguaro.config import METHODS
 from saguaro.bench import benchmark, demo_models, workload
+from saguaro.config import METHODS
 
 
 def generate_main(argv) -> None:
