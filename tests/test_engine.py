@@ -153,6 +153,23 @@ def test_without_a_draft_model_requests_draft_from_what_the_engine_has_seen():
     assert again.stats.accepted > first.stats.accepted and again.stats.accepted >= 30
 
 
+def test_beside_the_draft_model_a_repeat_drafts_its_copy():
+    # A draft model that rarely agrees; the second request repeats the first, whose answer the
+    # engine saw: its rounds draft copies (source "lookup") and accept far more.
+    target = tiny_model("qwen2", seed=3)
+    draft = tiny_model("qwen2", seed=4)
+    prompt = [1, *range(20, 32)]
+    with saguaro.Engine(target, draft, **SPECULATING) as engine:
+        first, again = (
+            engine.submit(prompt, max_new_tokens=40, eos_token_id=[]).result(timeout=60) for _ in "12"
+        )
+    expected = alone(target, prompt, 40, eos_token_id=None)
+    assert (
+        first.sequences[0, len(prompt) :].tolist() == again.sequences[0, len(prompt) :].tolist() == expected
+    )
+    assert again.stats.lookup_backups > 0 and again.stats.accepted > first.stats.accepted + 10
+
+
 @pytest.fixture(scope="module")
 def small_vocab_pair():
     target = tiny_model("llama", seed=0, vocab=VOCAB, layers=1, hidden=16, init=0.6)
@@ -202,6 +219,24 @@ def test_sampled_requests_test_catches_draft_not_drawn_from_q(small_vocab_pair, 
     target, draft = small_vocab_pair
     counts, _ = sampled_counts(target, draft, samples=1200)
     assert chi_square_pvalue(counts, exact_joint(target, 3, prompt=SAMPLED_PROMPT, temperature=0.9)) < 1e-6
+
+
+def test_sampled_requests_drafting_copies_have_the_target_distribution(small_vocab_pair):
+    # A prompt long enough that every request's context repeats earlier ones' (prompt, sampled
+    # tokens): rows draft copies of other requests' continuations, verified as q = one-hot.
+    target, draft = small_vocab_pair
+    prompt = [1, 4, 3, 5, 4, 3, 5, 4, 3, 5, 2]
+    counts = torch.zeros([VOCAB] * 3)
+    with saguaro.Engine(target, draft, max_queue=1000, **SPECULATING, num_speculative_tokens=3) as engine:
+        handles = [
+            engine.submit(prompt, max_new_tokens=4, do_sample=True, temperature=0.9, seed=i, eos_token_id=[])
+            for i in range(900)
+        ]
+        outs = [handle.result(timeout=60) for handle in handles]
+    for out in outs:
+        counts[tuple(out.sequences[0, len(prompt) : len(prompt) + 3].tolist())] += 1
+    assert sum(out.stats.lookup_backups for out in outs) > 300
+    assert chi_square_pvalue(counts, exact_joint(target, 3, prompt=prompt, temperature=0.9)) > 1e-3
 
 
 def test_seeded_requests_repeat():

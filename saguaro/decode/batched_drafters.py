@@ -9,9 +9,21 @@ import torch
 
 from saguaro.decode.sampling import TokenSampler, check_drafted, drawable, greedy_choice
 from saguaro.draft.drafters import Drafter
-from saguaro.draft.stream import Draft
+from saguaro.draft.stream import Draft, DraftSource
+from saguaro.draft.suffix import NO_MATCH, SuffixHandle, SuffixIndex
 from saguaro.model.batched_runner import BatchedRunner
 from saguaro.model.prefix_cache import PrefixCache
+
+# Context tokens a repeat must match before its copy replaces the model's draft: shorter matches
+# (a common phrase, a bracket) predict less than the draft model does.
+SUFFIX_MATCH = 8
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class BatchedModelDrafter:
@@ -30,8 +42,14 @@ class BatchedModelDrafter:
         sampler: TokenSampler,
         vocab_size: int | None = None,
         prefix_cache: PrefixCache | None = None,
+        suffixes: SuffixIndex | None = None,
     ):
         self.runner = BatchedRunner(model, prefix_cache)
+        # Beside the model: every row's sequence, published into `suffixes` as it becomes final; a
+        # row whose context repeats what it holds (SUFFIX_MATCH tokens or more) drafts the copy.
+        self.suffixes = suffixes
+        self._published: list[SuffixHandle] = []
+        self._drafted: list[list[int]] = []  # each row's model draft, whose levels the cache was fed
         self.sampler = sampler
         self.samplers: list[TokenSampler] = []
         self.vocab_size = vocab_size  # the draft never proposes ids the target cannot emit
@@ -44,7 +62,7 @@ class BatchedModelDrafter:
 
     def reset(self, rows: list[list[int]]) -> None:
         self.runner.start(0)
-        self.committed, self.fed, self.samplers = [], [], []
+        self.committed, self.fed, self.samplers, self._published = [], [], [], []
         self._mark, self._drafted_fed = None, 0
         self.add_rows(rows)
 
@@ -66,6 +84,8 @@ class BatchedModelDrafter:
         self.committed += [list(row) for row in rows]
         self.fed += fed
         self.samplers += samplers or [self.sampler] * len(rows)
+        if self.suffixes is not None:
+            self._published += [self.suffixes.add(row) for row in rows]
 
     def propose(self, depths: list[int]) -> list[Draft]:
         pending = [row[fed:] for row, fed in zip(self.committed, self.fed)]
@@ -98,11 +118,26 @@ class BatchedModelDrafter:
         self._drafted_fed = max(max(depths) - 1, 0)
         check_drafted([], finite)
         tokens = torch.stack(tokens, 1).tolist()  # [B][levels], one host read
+        self._drafted = tokens
         drafts = []
         for row, depth in enumerate(depths):
             row_probs = [level[row] for level in probs[:depth] if level[row] is not None]
             drafts.append(Draft(tokens[row][:depth], torch.stack(row_probs) if row_probs else None))
+        if self.suffixes is not None:
+            drafts = [
+                self._copy_or(draft, row, depth) for row, (draft, depth) in enumerate(zip(drafts, depths))
+            ]
         return drafts
+
+    def _copy_or(self, draft: Draft, row: int, depth: int) -> Draft:
+        """The continuation of the row's context where `suffixes` saw it repeated at length, else
+        the model's `draft`. A copy is deterministic: verified as q = one-hot, exact when sampling.
+        The choice must not look at the model's draft: a sampled draft kept only where it agrees
+        with the copy (or differs from it) is no longer drawn from the q it reports."""
+        found = self.suffixes.lookup(self.committed[row], depth) if depth else NO_MATCH
+        if found.match_length >= SUFFIX_MATCH:
+            return Draft(found.tokens, None, DraftSource.LOOKUP)
+        return draft
 
     def _catch_up(self) -> torch.Tensor:
         """Feed every row what it lacks; its last logits [B, V].
@@ -160,11 +195,19 @@ class BatchedModelDrafter:
         """Each row's accepted drafts, then its next token (the whole of what the round emitted;
         nothing for a row that failed and leaves)."""
         if self._mark is not None:
-            kept = [max(0, min(len(emitted) - 1, self._drafted_fed)) for emitted in accepted]
+            # The cache was fed the model's own draft: of the accepted tokens, it keeps those that
+            # are that draft (all of them, unless the row drafted a copy instead).
+            kept = [
+                _common_prefix(emitted[:-1], drafted[: self._drafted_fed])
+                for emitted, drafted in zip(accepted, self._drafted)
+            ]
             self.runner.keep(self._mark, kept)
             self.fed = [fed + k for fed, k in zip(self.fed, kept)]
         for row, emitted in zip(self.committed, accepted):
             row += emitted
+        if self.suffixes is not None:
+            for handle, emitted in zip(self._published, accepted):
+                self.suffixes.extend(handle, emitted)
         self._mark, self._drafted_fed = None, 0
 
     def remember(self, index: int) -> None:
@@ -176,6 +219,7 @@ class BatchedModelDrafter:
         self.committed = [self.committed[i] for i in indices]
         self.fed = [self.fed[i] for i in indices]
         self.samplers = [self.samplers[i] for i in indices]
+        self._published = [self._published[i] for i in indices] if self.suffixes is not None else []
 
     def compact(self) -> None:
         self.runner.compact()

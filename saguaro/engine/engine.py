@@ -101,7 +101,8 @@ class Engine:
             0,
         )
         self._admission = Admission()
-        # Every prompt and answer, for the model-free drafter (method "prompt_lookup").
+        # Every prompt and answer, for suffix decoding: alone (method "prompt_lookup"), or beside
+        # the draft model, whose draft a long repeat's copy replaces.
         self.suffixes = SuffixIndex()
         self._thread = threading.Thread(target=self._serve, name="saguaro-engine", daemon=True)
         self._thread.start()
@@ -257,6 +258,7 @@ class Engine:
                 TokenSampler(SamplingConfig()),
                 self.target.config.vocab_size,
                 pool.draft_prefixes,
+                self.suffixes,
             )
         elif self.method is Method.PROMPT_LOOKUP:
             # Suffix decoding: copies from the row's own sequence and from every other the engine saw.
