@@ -178,7 +178,7 @@ class RequestHandle:
         self._finished = threading.Event()
         self._output: EngineOutput | None = None
         self._error: BaseException | None = None
-        sequence.stop.streamer = self  # StopRule.stream puts final tokens here
+        sequence.stop.streamer = self  # StopRule.stream puts the tokens that became final here
 
     @property
     def prompt(self) -> list[int]:
@@ -189,9 +189,6 @@ class RequestHandle:
         if self.sequence.stats.first_token_seconds is None:
             self.sequence.stats.first_token_seconds = time.perf_counter() - self.submitted
         self._deliver(tokens.tolist())
-
-    def end(self) -> None:
-        """HF's streamer protocol: the engine finishes the request itself (`finish`)."""
 
     def finish(self, output: EngineOutput | None, error: BaseException | None = None) -> None:
         self._output, self._error = output, error
