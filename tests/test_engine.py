@@ -17,7 +17,11 @@ import saguaro
 from saguaro.decode import batched
 from saguaro.decode.batched import BatchedModelDrafter
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [
+    pytest.mark.timeout(120),
+    # Requests meant to run until cancelled ask for more tokens than the tiny models' positions.
+    pytest.mark.filterwarnings("ignore:.*max_position_embeddings:saguaro.SaguaroWarning"),
+]
 
 PLAIN_DRAFT = {"draft_quantization": None, "draft_vocab_size": None}
 # Speculation every round (the adaptive schedule may turn it off on a tiny model): drafting is shown.
@@ -361,11 +365,20 @@ def test_async_engine_streams_and_returns_each_request_as_alone(pair):
     async def main():
         async with saguaro.AsyncEngine(target, draft, **SPECULATING) as engine:
             handles = [engine.submit(p, max_new_tokens=15, eos_token_id=[]) for p in prompts]
+            endless = engine.submit([1, 5], max_new_tokens=100_000, eos_token_id=[])
 
             async def consume(handle):
                 return [token async for tokens in handle for token in tokens], await handle.result()
 
-            return await asyncio.gather(*map(consume, handles))
+            async def cancel_after_first_tokens():
+                async for _ in endless:
+                    endless.cancel()
+                return await endless.result(timeout=30)
+
+            *outputs, cancelled = await asyncio.gather(*map(consume, handles), cancel_after_first_tokens())
+            assert cancelled.stats.finish_reason == "cancelled"
+            assert engine.metrics()["cancelled"] == 1
+            return outputs
 
     for prompt, (streamed, out) in zip(prompts, asyncio.run(main())):
         new = out.sequences[0, len(prompt) :].tolist()

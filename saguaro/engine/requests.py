@@ -25,7 +25,7 @@ from saguaro.decode.batched import Sequence
 from saguaro.decode.engines import StopRule
 from saguaro.decode.sampling import SamplingConfig, TokenSampler
 from saguaro.decode.stats import GenerationStats
-from saguaro.generator.requests import checked_max_new_tokens, eos_ids, prompt_rows
+from saguaro.generator.requests import checked_max_new_tokens, eos_ids, prompt_rows, warn_past_positions
 
 GENERATE_KEYWORDS = (
     "max_new_tokens",
@@ -123,6 +123,7 @@ def build_sequence(target, prompt: list[int], **kwargs) -> Sequence:
             f"{', '.join(GENERATE_KEYWORDS)}"
         )
     max_new_tokens = checked_max_new_tokens(kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    warn_past_positions(target, len(prompt), max_new_tokens)
     sampling = SamplingConfig(
         bool(kwargs.get("do_sample", False)),
         kwargs.get("temperature", 1.0),
