@@ -4,15 +4,18 @@ model-free drafters one per row. Rows join (`add_rows`) and leave (`keep_rows`) 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from saguaro.decode.sampling import TokenSampler, check_drafted, drawable, greedy_choice
-from saguaro.draft.drafters import Drafter
 from saguaro.draft.stream import Draft, DraftSource
-from saguaro.draft.suffix import NO_MATCH, SuffixHandle, SuffixIndex
 from saguaro.model.batched_runner import BatchedRunner
 from saguaro.model.prefix_cache import PrefixCache
+
+if TYPE_CHECKING:  # names for annotations only: importing them would lengthen every import chain
+    from saguaro.draft.drafters import Drafter
+    from saguaro.draft.suffix import SuffixHandle, SuffixIndex
 
 # Context tokens a repeat must match before its copy replaces the model's draft: shorter matches
 # (a common phrase, a bracket) predict less than the draft model does.
@@ -134,8 +137,8 @@ class BatchedModelDrafter:
         the model's `draft`. A copy is deterministic: verified as q = one-hot, exact when sampling.
         The choice must not look at the model's draft: a sampled draft kept only where it agrees
         with the copy (or differs from it) is no longer drawn from the q it reports."""
-        found = self.suffixes.lookup(self.committed[row], depth) if depth else NO_MATCH
-        if found.match_length >= SUFFIX_MATCH:
+        found = self.suffixes.lookup(self.committed[row], depth) if depth else None
+        if found is not None and found.match_length >= SUFFIX_MATCH:
             return Draft(found.tokens, None, DraftSource.LOOKUP)
         return draft
 
