@@ -3,7 +3,8 @@
 from saguaro.api import GenerateOutput, SpeculativeGenerator, generate
 from saguaro.config import METHODS, Method, Placement, Schedule
 from saguaro.decode.stats import GenerationStats
-from saguaro.engine import AsyncEngine, Engine, EngineClosed, QueueFull
+from saguaro.engine.engine import AsyncEngine, Engine
+from saguaro.engine.errors import EngineClosed, QueueFull
 from saguaro.faults import SaguaroWarning
 from saguaro.hf.drop_in import UnsupportedGenerateCall, disable, enable
 from saguaro.kernels import TREE_ATTENTION, TREE_BACKENDS

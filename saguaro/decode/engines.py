@@ -30,9 +30,9 @@ from saguaro.decode.verify import (
 from saguaro.decode.verify_walk import verify_tree_sampled_walk
 from saguaro.draft.stream import CatchUp, Draft, DraftRequest, DraftSource, DraftStream, Reset, Resolve
 from saguaro.faults import WorkerFailed, warn
-from saguaro.model.compiled_runner import growth_count
 from saguaro.model.placement import NoSplit, ThreadSplit
 from saguaro.model.runner import ModelRunner
+from saguaro.model.static_cache import growth_count
 from saguaro.tune.cost_model import LookaheadController
 
 

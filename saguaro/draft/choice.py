@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from saguaro.draft.options import QUANTIZATIONS
 from saguaro.draft.quantize import (
     DraftCompressionUnavailable,
     build_cpu_quantized,
@@ -29,7 +28,7 @@ from saguaro.draft.quantize import (
     fastest_of,
     streaming_slice,
 )
-from saguaro.draft.quantized_linear import INT4_GROUP_SIZE
+from saguaro.draft.quantized_linear import INT4_GROUP_SIZE, QUANTIZATIONS
 from saguaro.draft.vocabulary import default_draft_vocabulary, text_config
 from saguaro.model import weights
 from saguaro.model.runner import ModelRunner

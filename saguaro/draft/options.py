@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from saguaro.draft.quantized_linear import QUANTIZATIONS
 from saguaro.draft.vocabulary import text_config
-
-QUANTIZATIONS = ("int8", "int4")  # weight-only, per output channel (int8) or per group (int4)
 
 
 def check_draft_options(quantization, vocab_size, draft: nn.Module | None = None) -> None:

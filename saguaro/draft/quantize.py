@@ -22,9 +22,9 @@ import weakref
 import torch
 from torch import nn
 
-from saguaro.draft.options import QUANTIZATIONS
 from saguaro.draft.quantized_linear import (
     INT4_GROUP_SIZE,
+    QUANTIZATIONS,
     Int4WeightOnlyLinear,
     Int8WeightOnlyLinear,
     WeightOnlyLinear,

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+QUANTIZATIONS = ("int8", "int4")  # weight-only, per output channel (int8) or per group (int4)
 INT4_GROUP_SIZE = 128
 QUANTIZE_ROWS = 2048
 # torch's CPU int4 packing takes output features in multiples of 16.

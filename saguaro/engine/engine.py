@@ -19,10 +19,15 @@ method="prompt_lookup") rows draft by suffix decoding over everything the engine
 (draft/suffix.py).
 A row's own failure fails its request alone; an error no row owns (a forward failing) fails the
 requests in the batch at that moment, and the engine serves on with a fresh batch.
+
+`AsyncEngine` is the same engine with awaitable handles, for asyncio servers: the scheduler thread
+hands each event (final tokens, the end) to the handle's event loop with `call_soon_threadsafe`,
+into an `asyncio.Queue` and a future, so awaiting never polls and never blocks the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import numbers
 import threading
@@ -30,24 +35,20 @@ import time
 
 import torch
 
-from saguaro.api import SpeculativeGenerator
-from saguaro.config import Method
+from saguaro import distributed
+from saguaro.config import Method, Options
 from saguaro.decode.batched import LiveBatch
 from saguaro.decode.batched_drafters import BatchedModelDrafter, PerRowDrafters
 from saguaro.decode.sampling import SamplingConfig, TokenSampler
 from saguaro.draft.suffix import SuffixDrafter, SuffixIndex
 from saguaro.engine.admission import Admission
+from saguaro.engine.errors import EngineClosed, QueueFull
 from saguaro.engine.requests import EngineOutput, RequestHandle, build_sequence, finish_reason, prompt_tokens
+from saguaro.generator.draft_side import DraftSide
+from saguaro.generator.policy import MethodPolicy
+from saguaro.generator.pool import RunnerPool
 from saguaro.model import weights
 from saguaro.model.batched_runner import BatchedRunner
-
-
-class QueueFull(RuntimeError):
-    """The engine's queue of waiting requests is full: retry later."""
-
-
-class EngineClosed(RuntimeError):
-    """The engine was shut down and takes no more requests."""
 
 
 def _check_count(name: str, value) -> int:
@@ -79,7 +80,16 @@ class Engine:
         self.max_queue = _check_count("max_queue", max_queue)
         self.prefill_chunk_tokens = _check_count("prefill_chunk_tokens", prefill_chunk_tokens)
         self.target, self.draft_model = target, draft_model
-        self.generator = SpeculativeGenerator(target, draft_model, **options)
+        if distributed.tensor_parallel_target(target) is not None:
+            raise ValueError(
+                "Engine serves a target on one process; for a tensor-parallel target use "
+                "SpeculativeGenerator (its ranks replay one request at a time)"
+            )
+        # A SpeculativeGenerator's parts (saguaro/generator/), shared by every request.
+        self.options = Options.checked(target, draft_model, **options)
+        self.policy = MethodPolicy(self.options, target, draft_model is not None, tensor_parallel=False)
+        self.pool = RunnerPool(target, draft_model, self.options, tensor_parallel=False)
+        self.drafts = DraftSide(draft_model, self.options, target.config.vocab_size)
         self._auto = options.get("method", "auto") == "auto"
         self.method: Method | None = None  # the live batch's, once one runs
         self._condition = threading.Condition()
@@ -157,7 +167,7 @@ class Engine:
             self._condition.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
-        self.generator.close()
+        self.drafts.close()
 
     def close(self) -> None:
         self.shutdown(0)
@@ -239,7 +249,7 @@ class Engine:
 
     def _new_batch(self, first) -> LiveBatch:
         """A live batch for a busy spell: the method is settled per spell, as per generate call."""
-        policy, pool, drafts = self.generator.policy, self.generator.pool, self.generator.drafts
+        policy, pool, drafts = self.policy, self.pool, self.drafts
         weights.observe(self.target)
         weights.observe(self.draft_model)
         target = pool.target()
@@ -260,11 +270,11 @@ class Engine:
                 pool.draft_prefixes,
                 self.suffixes,
             )
-        elif self.method is Method.PROMPT_LOOKUP:
+        elif self.method in (Method.PROMPT_LOOKUP, Method.SUFFIX):
             # Suffix decoding: copies from the row's own sequence and from every other the engine saw.
             drafter = PerRowDrafters(functools.partial(SuffixDrafter, self.suffixes))
         lookaheads = policy.batch_lookaheads if policy.lookahead is not None and drafter else None
-        depth = self.generator.options.num_speculative_tokens
+        depth = self.options.num_speculative_tokens
         # Rows keep joining: each one's draft prefill runs as it joins (from the draft's prefix cache),
         # or speculation would weigh a new prompt's whole catch-up at every round.
         runner = BatchedRunner(target, pool.target_prefixes)
@@ -288,10 +298,72 @@ class Engine:
             self._counts["reused_prompt_tokens"] += stats.reused_prompt_tokens
             self._counts["drafted"] += stats.drafted
             self._counts["accepted"] += stats.accepted
-        if self.generator.policy.auto and error is None:
-            self.generator.policy.learn(stats)  # auto's acceptance estimate, for the next spell
+        if self.policy.auto and error is None:
+            self.policy.learn(stats)  # auto's acceptance estimate, for the next spell
         output = None
         if error is None:
             tail = torch.tensor([new], dtype=torch.long)
             output = EngineOutput(torch.cat([handle.ids.cpu(), tail], 1).to(handle.ids.device), stats)
         handle.finish(output, error)
+
+
+class AsyncRequestHandle(RequestHandle):
+    """`async for tokens in handle`, `await handle.result()`, `handle.cancel()`."""
+
+    def __init__(self, ids, sequence, engine, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._future: asyncio.Future = loop.create_future()
+        super().__init__(ids, sequence, engine)
+
+    def _deliver(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            if item is None:
+                self._loop.call_soon_threadsafe(self._resolve)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _resolve(self) -> None:
+        if not self._future.done():
+            self._future.set_result(None)
+
+    async def __aiter__(self):
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    async def result(self, timeout: float | None = None) -> EngineOutput:
+        await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        return RequestHandle.result(self, 0)
+
+
+class AsyncEngine:
+    """`Engine` (same arguments) for asyncio: `async with AsyncEngine(...) as engine`,
+    `handle = engine.submit(...)` from the event loop's thread."""
+
+    def __init__(self, *args, **kwargs):
+        self.engine = Engine(*args, **kwargs)
+
+    def submit(self, input_ids, attention_mask=None, **generate_kwargs) -> AsyncRequestHandle:
+        handle_type = functools.partial(AsyncRequestHandle, loop=asyncio.get_running_loop())
+        return self.engine.submit_as(handle_type, input_ids, attention_mask, generate_kwargs)
+
+    def metrics(self) -> dict:
+        return self.engine.metrics()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        await asyncio.to_thread(self.engine.shutdown, timeout)
+
+    async def close(self) -> None:
+        await self.shutdown(0)
+
+    async def __aenter__(self) -> AsyncEngine:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

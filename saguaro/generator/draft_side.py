@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from saguaro.config import Options
 from saguaro.draft.compression import DraftConfiguration, prepare_draft
 from saguaro.faults import WorkerFailed, logger, warn
 from saguaro.model import weights
 from saguaro.model.placement import ThreadSplit
-from saguaro.ssd.worker import DraftWorker
+
+if TYPE_CHECKING:
+    from saguaro.ssd.worker import DraftWorker
 
 
 class DraftSide:
@@ -66,6 +69,9 @@ class DraftSide:
             logger.info("saguaro: the draft's weights changed; restarting the drafter worker")
             self.close()
         if self._worker is None:
+            # Only method="saguaro" runs a worker: its process machinery loads with the first one.
+            from saguaro.ssd.worker import DraftWorker
+
             self._worker_draft = (self.draft, weights.epoch(self.model))
             self._worker = DraftWorker(
                 self.draft,

@@ -32,7 +32,7 @@ import torch
 from saguaro.model.hf_call import additive_masks, cache_keyword, logits
 from saguaro.model.prefix_cache import PrefixCache
 from saguaro.model.runner import ModelRunner
-from saguaro.model.static_cache import StaticKVCache
+from saguaro.model.static_cache import StaticKVCache, note_growth
 from saguaro.model.tree import TokenTree
 
 # Graphs per kind of model: every bucket and greedy chain length of one configuration (about 10,
@@ -57,14 +57,6 @@ GREEDY_BLOCK = 8
 CHAIN_FEED = 2
 
 logger = logging.getLogger("saguaro")
-# Growths of any static cache in this process: a round during which one happened (its time is
-# mostly compiling) is left out of the draft-length controller's measurements (decode/engines.py).
-_growths = 0
-
-
-def growth_count() -> int:
-    """Static-cache growths so far in this process (each one recompiles a runner's graphs)."""
-    return _growths
 
 
 def grown_capacity(capacity: int, needed: int) -> int:
@@ -260,8 +252,7 @@ class CompiledRunner(ModelRunner):
         old = self.cache.capacity
         if needed <= old:
             return False
-        global _growths
-        _growths += 1
+        note_growth()
         new = grown_capacity(old, needed)
         if self._compiled_buckets or self._compiled_chains:
             # Worth a warning: on a CPU this stalls the call for seconds to minutes.

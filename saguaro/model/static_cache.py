@@ -20,6 +20,21 @@ import torch
 
 from saguaro.model.slot_cache import BufferLayer, SlotCache
 
+# Growths of any static cache in this process (each recompiles a runner's graphs): a round during
+# which one happened (its time is mostly compiling) is left out of the draft-length controller's
+# measurements (decode/engines.py).
+_growths = 0
+
+
+def note_growth() -> None:
+    global _growths
+    _growths += 1
+
+
+def growth_count() -> int:
+    """Static-cache growths so far in this process."""
+    return _growths
+
 
 class StaticSlotLayer(BufferLayer):
     """One attention layer's keys and values, in buffers whose shape and address never change."""

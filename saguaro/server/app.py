@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from saguaro.engine.engine import EngineClosed, QueueFull
+from saguaro.engine.errors import EngineClosed, QueueFull
 from saguaro.server.generation import Generation
 from saguaro.server.metrics import CONTENT_TYPE, ServerMetrics
 from saguaro.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
@@ -23,7 +23,7 @@ from saguaro.server.responses import Answer
 from saguaro.server.text import TextStream
 
 if TYPE_CHECKING:
-    from saguaro.engine.async_engine import AsyncEngine
+    from saguaro.engine.engine import AsyncEngine
 
 logger = logging.getLogger("saguaro.server")
 RETRY_AFTER_SECONDS = "1"

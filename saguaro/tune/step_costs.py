@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from saguaro.model.compiled_runner import GREEDY_BLOCK, STATIC_CAPACITY, CompiledRunner
 from saguaro.model.runner import ModelRunner
 from saguaro.model.tree import static_tree
 from saguaro.tune.cost_model import CostCurve
@@ -51,6 +50,8 @@ def forward_costs(
     vocab = model.config.vocab_size
     prompt = _context_tokens(model, context)
     if compiled:
+        from saguaro.model.compiled_runner import STATIC_CAPACITY, CompiledRunner  # compile=True only
+
         runner = CompiledRunner(model, max(STATIC_CAPACITY, capacity), buckets=tuple(tokens))
         runner.feed(prompt)  # the prefill, then every bucket's graph
     else:
@@ -69,6 +70,12 @@ def forward_costs(
 def greedy_token_cost(model, repeats: int = 3, context: int = 256) -> float:
     """Median seconds per token of compiled greedy decoding, which runs GREEDY_BLOCK tokens per
     compiled call (argmax fed back in the graph): cheaper per token than a one-token forward."""
+    from saguaro.model.compiled_runner import (  # compile=True only
+        GREEDY_BLOCK,
+        STATIC_CAPACITY,
+        CompiledRunner,
+    )
+
     capacity = max(STATIC_CAPACITY, context + GREEDY_BLOCK + 1)
     runner = CompiledRunner(model, capacity, chains=((GREEDY_BLOCK, 1),))
     runner.feed(_context_tokens(model, context))  # the prefill, then the block's graph
