@@ -44,6 +44,20 @@ class SamplingConfig:
             raise ValueError(f"top_p must be >= 0 (1 or more, or None, disables it), got {self.top_p!r}")
 
 
+def sampling_warpers(config: SamplingConfig) -> list:
+    """HF's warpers for `config`, in HF's order (none when greedy)."""
+    if not config.do_sample:
+        return []
+    warpers = []
+    if config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    return warpers
+
+
 class TokenSampler:
     """Turns logits into choices: argmax when greedy, a draw from the shaped distribution otherwise.
 
@@ -64,13 +78,8 @@ class TokenSampler:
         self.history_prefix = list(history_prefix)
         self.uses_history = bool(processors)
         self._processors = processors if processors else LogitsProcessorList()
-        if config.do_sample and processors is None:
-            if config.temperature != 1.0:
-                self._processors.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k:
-                self._processors.append(TopKLogitsWarper(config.top_k))
-            if config.top_p is not None and config.top_p < 1.0:
-                self._processors.append(TopPLogitsWarper(config.top_p))
+        if processors is None:
+            self._processors.extend(sampling_warpers(config))
 
     @property
     def greedy(self) -> bool:

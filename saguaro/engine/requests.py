@@ -15,15 +15,12 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from saguaro.decode.batched import Sequence
 from saguaro.decode.engines import StopRule
-from saguaro.decode.sampling import SamplingConfig, TokenSampler
+from saguaro.decode.sampling import SamplingConfig, TokenSampler, sampling_warpers
 from saguaro.decode.stats import GenerationStats
 from saguaro.generator.requests import checked_max_new_tokens, eos_ids, prompt_rows, warn_past_positions
 
@@ -100,20 +97,6 @@ def stop_string_criteria(tokenizer, stop_strings) -> StopStringCriteria:
         return built[key]
 
 
-def _warpers(sampling: SamplingConfig) -> list:
-    """HF's sampling warpers for `sampling`, in HF's order (TokenSampler's own, without processors)."""
-    if not sampling.do_sample:
-        return []
-    warpers = []
-    if sampling.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(sampling.temperature))
-    if sampling.top_k:
-        warpers.append(TopKLogitsWarper(sampling.top_k))
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(sampling.top_p))
-    return warpers
-
-
 def build_sequence(target, prompt: list[int], **kwargs) -> Sequence:
     """The row a request decodes as: its sampler and stopping rule from HF generate keywords."""
     unknown = sorted(set(kwargs) - set(GENERATE_KEYWORDS))
@@ -139,7 +122,7 @@ def build_sequence(target, prompt: list[int], **kwargs) -> Sequence:
     processors = kwargs.get("logits_processor")
     if processors:
         # HF applies the caller's processors, then the sampling warpers.
-        processors = LogitsProcessorList([*processors, *_warpers(sampling)])
+        processors = LogitsProcessorList([*processors, *sampling_warpers(sampling)])
     sampler = TokenSampler(sampling, generator, processors or None)
     criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
     stop_strings = kwargs.get("stop_strings")
