@@ -12,6 +12,8 @@ import inspect
 
 import torch
 
+from saguaro.kernels.packed_gqa import register_packed_gqa
+
 
 def num_layers(config) -> int:
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
@@ -72,6 +74,19 @@ class HFCall:
         # stands in for them: what the draft proposes after them is only a guess that verification
         # checks, and it never proposes ids it lacks, as its logits do not cover them.
         self.embedding_rows = model.get_input_embeddings().num_embeddings
+        # A grouped-query model served by "sdpa" on CPU runs its forwards (a verification's few
+        # tokens) on kernels/packed_gqa.py's backend, which is "sdpa" for anything else. The user's
+        # model keeps its setting: it is switched for saguaro's own calls only.
+        config = model.config
+        grouped = getattr(config, "num_key_value_heads", None) not in (
+            None,
+            getattr(config, "num_attention_heads", None),
+        )
+        self.packed_gqa = (
+            register_packed_gqa()
+            if grouped and config._attn_implementation == "sdpa" and model.device.type == "cpu"
+            else None
+        )
 
     def embeddable(self, ids: torch.Tensor) -> torch.Tensor:
         """`ids` with every id beyond the embedding table replaced by 0 (see `embedding_rows`)."""
@@ -83,6 +98,12 @@ class HFCall:
 
     def logits(self, cache, ids, positions, mask, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         """`logits` of the model (ids beyond its embedding table fed as 0)."""
-        return logits(
-            self.model, self.cache_keyword, cache, self.embeddable(ids), positions, mask, logits_to_keep
-        )
+        ids = self.embeddable(ids)
+        if self.packed_gqa is None:
+            return logits(self.model, self.cache_keyword, cache, ids, positions, mask, logits_to_keep)
+        config = self.model.config
+        config._attn_implementation = self.packed_gqa
+        try:
+            return logits(self.model, self.cache_keyword, cache, ids, positions, mask, logits_to_keep)
+        finally:
+            config._attn_implementation = "sdpa"
