@@ -70,6 +70,16 @@ def test_a_catch_up_is_paid_only_where_the_remaining_tokens_repay_it():
     assert controller.worth_catching_up(0, 1)
 
 
+def test_drafting_says_whether_the_last_round_drafted():
+    # What a batch's draft model asks before prefilling a joining row (decode/batched.py).
+    assert LookaheadController(6).drafting  # nothing chosen yet: drafts, which measures
+    assert _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01).drafting
+    assert not _controller_after(lambda t: float(t), acceptance=0.7, draft_cost=0.1).drafting
+    paying = _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01)
+    paying.observe_catch_up(100, 10.0)
+    assert not paying.worth_catching_up(100, 5) and not paying.drafting  # a refused catch-up: plain
+
+
 def _row_counts(rounds: int, drafted: int, accepted: int) -> AcceptanceCounter:
     counts = AcceptanceCounter(4)
     for _ in range(rounds):

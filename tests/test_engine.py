@@ -174,6 +174,44 @@ def test_beside_the_draft_model_a_repeat_drafts_its_copy():
     assert again.stats.lookup_backups > 0 and again.stats.accepted > first.stats.accepted + 10
 
 
+def test_where_the_draft_model_does_not_pay_rows_draft_copies(monkeypatch):
+    # A machine where a draft token costs 100 plain steps, at every batch size: the model's
+    # controllers choose plain steps, so rows draft copies of what the engine has seen instead
+    # (free), the draft model neither drafts nor prefills a joining row, and every answer is still
+    # the target's own.
+    target, draft = tiny_model("qwen2", seed=3), tiny_model("qwen2", seed=4)
+    proposed, eager = [], []
+    real_propose, real_add_rows = BatchedModelDrafter.propose, BatchedModelDrafter.add_rows
+
+    def propose(self, depths):
+        proposed.append(depths)
+        return real_propose(self, depths)
+
+    def add_rows(self, rows, samplers=None, prefill=False):
+        eager.append(prefill)
+        return real_add_rows(self, rows, samplers, prefill)
+
+    monkeypatch.setattr(BatchedModelDrafter, "propose", propose)
+    monkeypatch.setattr(BatchedModelDrafter, "add_rows", add_rows)
+    prompts = [[1, *range(20, 32)], [1, *range(20, 32)], [1, *range(50, 58)]]
+    with saguaro.Engine(target, draft, method="speculative", max_batch_size=2, **PLAIN_DRAFT) as engine:
+        for rows in (1, 2):
+            model = engine.policy.batch_lookaheads(rows)
+            model.verify.observe(1, 0.01)
+            model.draft_seconds_per_unit = 1.0
+            assert model.choose(4) == 0 and not model.drafting
+        first = engine.submit(prompts[0], max_new_tokens=40, eos_token_id=[]).result(timeout=60)
+        handles = [engine.submit(prompt, max_new_tokens=40, eos_token_id=[]) for prompt in prompts[1:]]
+        outs = [first] + [handle.result(timeout=60) for handle in handles]
+    for prompt, out in zip(prompts, outs):
+        assert out.sequences[0, len(prompt) :].tolist() == alone(target, prompt, 40, eos_token_id=None)
+    drafted = sum(out.stats.drafted for out in outs)
+    accepted = sum(out.stats.accepted for out in outs)
+    assert outs[1].stats.accepted >= 30  # the repeat copies the first answer
+    assert 0 < accepted < drafted  # copies proposed, accepted and refused
+    assert proposed == [] and eager and not any(eager)
+
+
 @pytest.fixture(scope="module")
 def small_vocab_pair():
     target = tiny_model("llama", seed=0, vocab=VOCAB, layers=1, hidden=16, init=0.6)

@@ -53,6 +53,7 @@ class Sequence:
     prefilled: int | None = None  # prompt tokens whose target KV exists (None: not looked up yet)
     entries: KV = field(default_factory=list)  # that KV, while the prompt is not in the batch
     acceptance: AcceptanceCounter | None = None  # its own: the batch lasts as long as its slowest row
+    copy_acceptance: AcceptanceCounter | None = None  # that of its suffix copies (LiveBatch's fallback)
     started: float = 0.0  # when its prefill began (perf_counter)
 
     @property
@@ -71,9 +72,15 @@ class Sequence:
 
 class LiveBatch:
     """The rows decoding together on `target` (a `BatchedRunner`) and `drafter` (from
-    decode/batched_drafters.py, or None for plain batched steps). With `eager_draft` a joining
-    row's draft prefill runs as it joins, not when speculation first needs it (see
-    `BatchedModelDrafter.add_rows`)."""
+    decode/batched_drafters.py, or None for plain batched steps).
+
+    With `eager_draft` a joining row's draft prefill runs as it joins, not when speculation first
+    needs it (see `BatchedModelDrafter.add_rows`), where the draft model drafts at the batch's new
+    size. With `copy_lookaheads` (a draft model's drafter, which keeps a suffix index), a round
+    where the model's drafts do not pay (its controller chose a plain step) drafts suffix copies
+    instead, free, if their own controller for this size says they pay: on a CPU, a batch of a
+    few rows costs about one row's step, and there a draft model's forwards and prefills cost
+    more than its drafts save, while copies of repeated text cost nothing."""
 
     def __init__(
         self,
@@ -82,9 +89,10 @@ class LiveBatch:
         max_depth: int,
         lookaheads: BatchLookaheads | None = None,
         eager_draft: bool = False,
+        copy_lookaheads: BatchLookaheads | None = None,
     ):
         self.target, self.drafter, self.max_depth, self.lookaheads = target, drafter, max_depth, lookaheads
-        self.eager_draft = eager_draft
+        self.eager_draft, self.copy_lookaheads = eager_draft, copy_lookaheads
         self.rows: list[Sequence] = []
         target.start(0)
         if drafter is not None:
@@ -136,6 +144,7 @@ class LiveBatch:
         for sequence, row_logits in zip(joining, logits):
             sequence.entries = []
             sequence.acceptance = AcceptanceCounter(self.max_depth)
+            sequence.copy_acceptance = AcceptanceCounter(self.max_depth)
             try:
                 sequence.generated = [sequence.sampler.choose(row_logits, sequence.prompt)]
                 sequence.stop.stream(sequence.generated)
@@ -143,10 +152,9 @@ class LiveBatch:
                 sequence.error = error
         self.rows += joining
         if self.drafter is not None:
+            eager = self.eager_draft and (self.lookaheads is None or self.lookaheads(len(self.rows)).drafting)
             self.drafter.add_rows(
-                [s.prompt + s.generated for s in joining],
-                [s.sampler.drafting() for s in joining],
-                self.eager_draft,
+                [s.prompt + s.generated for s in joining], [s.sampler.drafting() for s in joining], eager
             )
 
     def leave(self, going: set[Sequence] = frozenset()) -> list[Sequence]:
@@ -187,23 +195,24 @@ class LiveBatch:
         rows, drafter = self.rows, self.drafter
         # Never draft past a row's max_new_tokens: its round emits at most depth + 1 tokens.
         limits = [min(self.max_depth, row.stop.remaining(row.generated) - 1) for row in rows]
-        lookahead = self.lookaheads(len(rows)) if self.lookaheads else None
-        if lookahead:
-            remaining = [(row.stop.remaining(row.generated), row.acceptance) for row in rows]
-            cost = functools.partial(self.lookaheads.round_seconds, current=lookahead)
-            depth = lookahead.choose(max(limits), remaining, cost)
-        else:
-            depth = max(limits)
+        lookahead, depth = self._depth(self.lookaheads, max(limits), copying=False)
         if depth and lookahead and drafter is not None:
             # The drafter first feeds what it lacks (the prompts, the tokens of plain steps): worth
             # it only if speculation saves more than that over what the longest row has left.
             longest = max(row.stop.remaining(row.generated) for row in rows)
             if not lookahead.worth_catching_up(drafter.catch_up_tokens(), longest):
                 depth = 0
+        copying = False
+        if not depth and lookahead and self.copy_lookaheads is not None and drafter is not None:
+            lookahead, depth = self._depth(self.copy_lookaheads, max(limits), copying=True)
+            copying = True
         depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(rows)
         tick = time.perf_counter()
         try:
-            proposals = drafter.propose(depths) if max(depths) else [Draft.off()] * len(rows)
+            if not max(depths):
+                proposals = [Draft.off()] * len(rows)
+            else:
+                proposals = drafter.copies(depths) if copying else drafter.propose(depths)
         except BrokenDraft as error:
             warn_broken_draft(error)
             self.drafter = drafter = None  # plain batched steps for the rest of the batch
@@ -227,10 +236,15 @@ class LiveBatch:
         if drafter is not None:  # after a plain step it catches up on its next propose
             drafter.commit(emitted)
         verify_seconds = time.perf_counter() - tock
-        for row, proposal, tokens in zip(rows, proposals, emitted):
+        for row, proposal, tokens, offered in zip(rows, proposals, emitted, depths):
             row.generated += tokens
             if proposal.tokens and tokens:
-                row.acceptance.observe(len(proposal.tokens), len(tokens) - 1)
+                counter = row.copy_acceptance if copying else row.acceptance
+                counter.observe(len(proposal.tokens), len(tokens) - 1)
+            elif copying and offered and lookahead:
+                # No copy found: for what copies are worth, as good as a first draft refused.
+                row.copy_acceptance.observe(1, 0)
+                lookahead.acceptance.observe(1, 0)
             row.stats.record_round(
                 len(proposal.tokens), max(len(tokens) - 1, 0), proposal.source, tock - tick, verify_seconds
             )
@@ -241,11 +255,28 @@ class LiveBatch:
                     row.error = error
         if lookahead:
             drafted = [len(proposal.tokens) for proposal in proposals]
-            draft_seconds = drafter.round_seconds if max(depths) else 0.0
+            draft_seconds = drafter.round_seconds if max(depths) and not copying else 0.0
             accepted = [max(len(tokens) - 1, 0) for tokens in emitted]
             lookahead.observe_rows(drafted, accepted, verify_seconds, draft_seconds)
-            if max(depths) and drafter.catch_up is not None:
+            for lookaheads in (self.lookaheads, self.copy_lookaheads):
+                other = lookaheads(len(rows)) if lookaheads is not None else lookahead
+                if other is not lookahead:  # a round of this width costs the same whoever drafted it
+                    other.verify.observe(max(drafted) + 1, verify_seconds)
+            if max(depths) and not copying and drafter.catch_up is not None:
                 lookahead.observe_catch_up(*drafter.catch_up)
+
+    def _depth(self, lookaheads: BatchLookaheads | None, limit: int, copying: bool):
+        """(the controller for this batch size or None, the draft depth it chooses up to `limit`),
+        from each row's acceptance of the model's drafts or, `copying`, of its suffix copies."""
+        if lookaheads is None:
+            return None, limit
+        lookahead = lookaheads(len(self.rows))
+        remaining = [
+            (row.stop.remaining(row.generated), row.copy_acceptance if copying else row.acceptance)
+            for row in self.rows
+        ]
+        cost = functools.partial(lookaheads.round_seconds, current=lookahead)
+        return lookahead, lookahead.choose(limit, remaining, cost)
 
 
 def batched_speculative(

@@ -142,6 +142,15 @@ class BatchedModelDrafter:
             return Draft(found.tokens, None, DraftSource.LOOKUP)
         return draft
 
+    def copies(self, depths: list[int]) -> list[Draft]:
+        """Suffix copies alone, of any match length (`suffixes` must be given), for a round where
+        the model's drafts do not pay (a large batch on a CPU): no draft forward runs, and the
+        model's cache falls behind, to catch up when it next drafts (see `catch_up_tokens`)."""
+        return [
+            Draft(self.suffixes.lookup(self.committed[row], depth).tokens, None, DraftSource.LOOKUP)
+            for row, depth in enumerate(depths)
+        ]
+
     def _catch_up(self) -> torch.Tensor:
         """Feed every row what it lacks; its last logits [B, V].
 

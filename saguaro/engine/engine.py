@@ -274,11 +274,16 @@ class Engine:
             # Suffix decoding: copies from the row's own sequence and from every other the engine saw.
             drafter = PerRowDrafters(functools.partial(SuffixDrafter, self.suffixes))
         lookaheads = policy.batch_lookaheads if policy.lookahead is not None and drafter else None
+        # Where the draft model's drafts do not pay at the batch's size, suffix copies may.
+        copies = (
+            policy.copy_lookaheads if lookaheads is not None and self.method is Method.SPECULATIVE else None
+        )
         depth = self.options.num_speculative_tokens
-        # Rows keep joining: each one's draft prefill runs as it joins (from the draft's prefix cache),
-        # or speculation would weigh a new prompt's whole catch-up at every round.
+        # Rows keep joining: each one's draft prefill runs as it joins (from the draft's prefix cache)
+        # where the model drafts at that size, or speculation would weigh a new prompt's whole
+        # catch-up at every round.
         runner = BatchedRunner(target, pool.target_prefixes)
-        return LiveBatch(runner, drafter, depth, lookaheads, eager_draft=True)
+        return LiveBatch(runner, drafter, depth, lookaheads, eager_draft=True, copy_lookaheads=copies)
 
     def _finish(
         self, handle: RequestHandle, error: BaseException | None = None, cancelled: bool = False

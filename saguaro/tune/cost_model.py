@@ -133,6 +133,7 @@ class LookaheadController:
         self._rounds_off = self._rounds_on = 0
         self._probe_interval = probe_every
         self._probe_acceptance = 1.0  # a probe's premise: drafts accepted this often could pay
+        self._last_choice: int | None = None  # the K choose() gave last
 
     def observe(
         self, drafted: int, accepted: int, verify_seconds: float, draft_seconds: float | None
@@ -187,7 +188,10 @@ class LookaheadController:
             return True
         best = max(range(1, self.max_k + 1), key=self.tokens_per_second)
         saved = remaining * (1 / self.tokens_per_second(0) - 1 / self.tokens_per_second(best))
-        return saved > tokens * self.catch_up_seconds_per_token
+        if saved > tokens * self.catch_up_seconds_per_token:
+            return True
+        self._last_choice = 0  # the round goes plain: see `drafting`
+        return False
 
     def round_seconds(self, k: int) -> float:
         units = {"per_token": k, "per_round": 1 if k else 0, "free": 0}[self.draft_cost]
@@ -217,6 +221,17 @@ class LookaheadController:
         """The best K for the next round, at most `limit` (what max_new_tokens still allows); for
         a batch's `rows` the K that finishes them soonest (`batch_seconds`; `round_seconds` by
         live rows, this controller's own cost by default)."""
+        self._last_choice = self._choose(limit, rows, round_seconds)
+        return self._last_choice
+
+    @property
+    def drafting(self) -> bool:
+        """Whether rounds draft at all here: nothing chosen yet, or the last round drafted (chose
+        K > 0 and, if asked, found the catch-up worth it). A drafter that must prepare for new rows
+        (a batch's draft model) prepares only then."""
+        return self._last_choice is None or self._last_choice > 0
+
+    def _choose(self, limit: int, rows, round_seconds) -> int:
         top = min(self.max_k, limit)
         if not self.verify or top == 0:
             return top  # nothing measured yet: start at full length, which measures the most
