@@ -98,6 +98,22 @@ def test_a_batch_drafts_for_the_rows_that_decide_when_it_ends():
     assert controller.choose(4, [(48, fast), (48, fast), (48, fast), (2, slow)]) == 4
 
 
+def test_copies_are_drafted_where_enough_rows_have_one():
+    # Suffix copies (free) on a CPU where each token a row verifies adds a fifth to the round: a
+    # round as wide as one row's copy is paid by all four rows, so it pays only where most have one.
+    controller = LookaheadController(4, "free")
+    for tokens in range(1, 6):
+        controller.verify.observe(tokens, 1.0 + 0.2 * (tokens - 1))
+    copied = _row_counts(20, 4, 4)
+
+    def rows(caps):
+        return [(40, copied, cap) for cap in caps]
+
+    assert controller.choose(4, rows([4, 0, 0, 0])) == 0
+    assert controller.choose(4, rows([4, 4, 4, 4])) == 4
+    assert controller.choose(4, rows([2, 2, 2, 2])) == 2  # no deeper than the copies go
+
+
 def test_rows_that_finish_early_make_the_later_rounds_cheaper():
     controller = _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01, max_k=4)
     fast, slow = _row_counts(50, 4, 4), _row_counts(50, 4, 0)

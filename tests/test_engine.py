@@ -178,7 +178,8 @@ def test_where_the_draft_model_does_not_pay_rows_draft_copies(monkeypatch):
     # A machine where a draft token costs 100 plain steps, at every batch size: the model's
     # controllers choose plain steps, so rows draft copies of what the engine has seen instead
     # (free), the draft model neither drafts nor prefills a joining row, and every answer is still
-    # the target's own.
+    # the target's own. (The copies' controllers draft every copy whole here: when copies pay is
+    # tune/cost_model.py's, tested there.)
     target, draft = tiny_model("qwen2", seed=3), tiny_model("qwen2", seed=4)
     proposed, eager = [], []
     real_propose, real_add_rows = BatchedModelDrafter.propose, BatchedModelDrafter.add_rows
@@ -200,6 +201,7 @@ def test_where_the_draft_model_does_not_pay_rows_draft_copies(monkeypatch):
             model.verify.observe(1, 0.01)
             model.draft_seconds_per_unit = 1.0
             assert model.choose(4) == 0 and not model.drafting
+            engine.policy.copy_lookaheads(rows).choose = lambda limit, *rest: limit
         first = engine.submit(prompts[0], max_new_tokens=40, eos_token_id=[]).result(timeout=60)
         handles = [engine.submit(prompt, max_new_tokens=40, eos_token_id=[]) for prompt in prompts[1:]]
         outs = [first] + [handle.result(timeout=60) for handle in handles]
@@ -210,6 +212,16 @@ def test_where_the_draft_model_does_not_pay_rows_draft_copies(monkeypatch):
     assert outs[1].stats.accepted >= 30  # the repeat copies the first answer
     assert 0 < accepted < drafted  # copies proposed, accepted and refused
     assert proposed == [] and eager and not any(eager)
+
+
+def test_a_batch_weighs_saguaros_batched_chains_per_draft_token(pair):
+    # A batch serves method="saguaro" with batched chains: one draft forward per token, which its
+    # controllers must count per token (counted per round, a 1-token draft would look as dear as a
+    # 4-token one, and short drafts would never run where verification grows with the tokens).
+    target, draft = pair
+    with saguaro.Engine(target, draft, method="saguaro", **PLAIN_DRAFT) as engine:
+        assert engine.policy.batch_lookaheads(4).draft_cost == "per_token"
+        assert engine.policy.copy_lookaheads(4).draft_cost == "free"
 
 
 @pytest.fixture(scope="module")

@@ -202,17 +202,23 @@ class LiveBatch:
             longest = max(row.stop.remaining(row.generated) for row in rows)
             if not lookahead.worth_catching_up(drafter.catch_up_tokens(), longest):
                 depth = 0
-        copying = False
+        copies = None
         if not depth and lookahead and self.copy_lookaheads is not None and drafter is not None:
-            lookahead, depth = self._depth(self.copy_lookaheads, max(limits), copying=True)
-            copying = True
+            # Copies cost nothing to find: the depth is chosen knowing which rows have one, and how
+            # long (a row without one gains nothing from a wider round, which all rows pay for).
+            copies = drafter.copies(limits)
+            caps = [len(copy.tokens) for copy in copies]
+            lookahead, depth = self._depth(self.copy_lookaheads, max(caps), copying=True, caps=caps)
+        copying = copies is not None
         depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(rows)
         tick = time.perf_counter()
         try:
             if not max(depths):
                 proposals = [Draft.off()] * len(rows)
+            elif copying:
+                proposals = [Draft(c.tokens[:d], None, c.source) for c, d in zip(copies, depths)]
             else:
-                proposals = drafter.copies(depths) if copying else drafter.propose(depths)
+                proposals = drafter.propose(depths)
         except BrokenDraft as error:
             warn_broken_draft(error)
             self.drafter = drafter = None  # plain batched steps for the rest of the batch
@@ -236,15 +242,11 @@ class LiveBatch:
         if drafter is not None:  # after a plain step it catches up on its next propose
             drafter.commit(emitted)
         verify_seconds = time.perf_counter() - tock
-        for row, proposal, tokens, offered in zip(rows, proposals, emitted, depths):
+        for row, proposal, tokens in zip(rows, proposals, emitted):
             row.generated += tokens
             if proposal.tokens and tokens:
                 counter = row.copy_acceptance if copying else row.acceptance
                 counter.observe(len(proposal.tokens), len(tokens) - 1)
-            elif copying and offered and lookahead:
-                # No copy found: for what copies are worth, as good as a first draft refused.
-                row.copy_acceptance.observe(1, 0)
-                lookahead.acceptance.observe(1, 0)
             row.stats.record_round(
                 len(proposal.tokens), max(len(tokens) - 1, 0), proposal.source, tock - tick, verify_seconds
             )
@@ -265,15 +267,16 @@ class LiveBatch:
             if max(depths) and not copying and drafter.catch_up is not None:
                 lookahead.observe_catch_up(*drafter.catch_up)
 
-    def _depth(self, lookaheads: BatchLookaheads | None, limit: int, copying: bool):
+    def _depth(self, lookaheads: BatchLookaheads | None, limit: int, copying: bool, caps=None):
         """(the controller for this batch size or None, the draft depth it chooses up to `limit`),
-        from each row's acceptance of the model's drafts or, `copying`, of its suffix copies."""
+        from each row's acceptance of the model's drafts or, `copying`, of its suffix copies, each
+        row drafting at most its cap (None: the depth)."""
         if lookaheads is None:
             return None, limit
         lookahead = lookaheads(len(self.rows))
         remaining = [
-            (row.stop.remaining(row.generated), row.copy_acceptance if copying else row.acceptance)
-            for row in self.rows
+            (row.stop.remaining(row.generated), row.copy_acceptance if copying else row.acceptance, cap)
+            for row, cap in zip(self.rows, caps or [None] * len(self.rows))
         ]
         cost = functools.partial(lookaheads.round_seconds, current=lookahead)
         return lookahead, lookahead.choose(limit, remaining, cost)

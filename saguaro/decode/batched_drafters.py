@@ -143,9 +143,9 @@ class BatchedModelDrafter:
         return draft
 
     def copies(self, depths: list[int]) -> list[Draft]:
-        """Suffix copies alone, of any match length (`suffixes` must be given), for a round where
-        the model's drafts do not pay (a large batch on a CPU): no draft forward runs, and the
-        model's cache falls behind, to catch up when it next drafts (see `catch_up_tokens`)."""
+        """Suffix copies alone, of any match length (`suffixes` must be given; empty where none),
+        for a round where the model's drafts do not pay (a large batch on a CPU): no draft forward
+        runs, and the model's cache falls behind, to catch up when it next drafts."""
         return [
             Draft(self.suffixes.lookup(self.committed[row], depth).tokens, None, DraftSource.LOOKUP)
             for row, depth in enumerate(depths)

@@ -59,8 +59,10 @@ class MethodPolicy:
         if self.options.speculation_schedule is Schedule.ADAPTIVE and self.method in ADAPTIVE_DRAFT_COST:
             controller = TreeDepthController if self.method is Method.TREE else LookaheadController
             self.lookahead = controller(self.tree_extent()[0], ADAPTIVE_DRAFT_COST[self.method])
+        # A batch runs Saguaro as batched chains (decode/batched.py): one draft forward per token.
         cost = ADAPTIVE_DRAFT_COST.get(self.method, "per_token")
-        self.batch_lookaheads = BatchLookaheads(self.options.num_speculative_tokens, cost)
+        batch_cost = "per_token" if cost == "per_round" else cost
+        self.batch_lookaheads = BatchLookaheads(self.options.num_speculative_tokens, batch_cost)
 
     def tree_extent(self) -> tuple[int, int]:
         """(deepest draft, most draft nodes) per round."""

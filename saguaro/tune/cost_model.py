@@ -200,24 +200,27 @@ class LookaheadController:
     def tokens_per_second(self, k: int) -> float:
         return expected_tokens(self.acceptance.rates(), k) / self.round_seconds(k)
 
-    def batch_seconds(self, k: int, rows: Sequence[tuple[int, AcceptanceCounter]], round_seconds) -> float:
+    def batch_seconds(self, k: int, rows: Sequence[tuple], round_seconds) -> float:
         """Expected seconds until every row of a batch is done, drafting k from now on. `rows`: each
-        row's tokens left and its own acceptance counts; `round_seconds(live rows, k)`: a round's
+        row's tokens left, its own acceptance counts and, optionally, the most it can draft (a
+        suffix copy's length: None for no limit); `round_seconds(live rows, k)`: a round's
         cost. The batch waits for its slowest row, while rows that finish leave and make later
         rounds cheaper: rounds are summed between the rows' expected finishes, each at the cost
         of the rows still live. (Pooled tokens per round would let fast rows pull K deeper than
         the slow rows, which decide the batch, can use.)"""
         pooled = self.acceptance.rates()
-        finishes = sorted(left / expected_tokens(counts.rates_near(pooled), k) for left, counts in rows)
+        finishes = sorted(
+            left
+            / expected_tokens(counts.rates_near(pooled), k if not cap or cap[0] is None else min(k, cap[0]))
+            for left, counts, *cap in rows
+        )
         total = done = 0.0
         for finished, rounds in enumerate(finishes):
             total += (rounds - done) * round_seconds(len(finishes) - finished, k)
             done = rounds
         return total
 
-    def choose(
-        self, limit: int, rows: Sequence[tuple[int, AcceptanceCounter]] = (), round_seconds=None
-    ) -> int:
+    def choose(self, limit: int, rows: Sequence[tuple] = (), round_seconds=None) -> int:
         """The best K for the next round, at most `limit` (what max_new_tokens still allows); for
         a batch's `rows` the K that finishes them soonest (`batch_seconds`; `round_seconds` by
         live rows, this controller's own cost by default)."""
