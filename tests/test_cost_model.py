@@ -78,6 +78,9 @@ def test_drafting_says_whether_the_last_round_drafted():
     paying = _controller_after(lambda t: 1.0, acceptance=0.9, draft_cost=0.01)
     paying.observe_catch_up(100, 10.0)
     assert not paying.worth_catching_up(100, 5) and not paying.drafting  # a refused catch-up: plain
+    assert paying.choose(6) > 0 and paying.drafting
+    paying.skip()  # another drafter's drafts served the round
+    assert not paying.drafting
 
 
 def _row_counts(rounds: int, drafted: int, accepted: int) -> AcceptanceCounter:

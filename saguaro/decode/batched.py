@@ -195,7 +195,7 @@ class LiveBatch:
         rows, drafter = self.rows, self.drafter
         # Never draft past a row's max_new_tokens: its round emits at most depth + 1 tokens.
         limits = [min(self.max_depth, row.stop.remaining(row.generated) - 1) for row in rows]
-        lookahead, depth = self._depth(self.lookaheads, max(limits), copying=False)
+        lookahead, depth, seconds = self._depth(self.lookaheads, max(limits), copying=False)
         if depth and lookahead and drafter is not None:
             # The drafter first feeds what it lacks (the prompts, the tokens of plain steps): worth
             # it only if speculation saves more than that over what the longest row has left.
@@ -203,12 +203,18 @@ class LiveBatch:
             if not lookahead.worth_catching_up(drafter.catch_up_tokens(), longest):
                 depth = 0
         copies = None
-        if not depth and lookahead and self.copy_lookaheads is not None and drafter is not None:
+        if lookahead and self.copy_lookaheads is not None and drafter is not None:
             # Copies cost nothing to find: the depth is chosen knowing which rows have one, and how
-            # long (a row without one gains nothing from a wider round, which all rows pay for).
-            copies = drafter.copies(limits)
-            caps = [len(copy.tokens) for copy in copies]
-            lookahead, depth = self._depth(self.copy_lookaheads, max(caps), copying=True, caps=caps)
+            # long (a row without one gains nothing from a wider round, which all rows pay for);
+            # they serve the round if they promise to finish the batch sooner than the model's drafts.
+            found = drafter.copies(limits)
+            caps = [len(copy.tokens) for copy in found]
+            copy_lookahead, copy_depth, copy_seconds = self._depth(
+                self.copy_lookaheads, max(caps), copying=True, caps=caps
+            )
+            if copy_depth and (not depth or copy_seconds < seconds):
+                lookahead.skip()
+                copies, lookahead, depth = found, copy_lookahead, copy_depth
         copying = copies is not None
         depths = [min(depth, limit) for limit in limits] if drafter is not None else [0] * len(rows)
         tick = time.perf_counter()
@@ -268,18 +274,20 @@ class LiveBatch:
                 lookahead.observe_catch_up(*drafter.catch_up)
 
     def _depth(self, lookaheads: BatchLookaheads | None, limit: int, copying: bool, caps=None):
-        """(the controller for this batch size or None, the draft depth it chooses up to `limit`),
+        """(the controller for this batch size or None, the draft depth it chooses up to `limit`,
+        the seconds it expects the batch to take at that depth: 0 before it has measured any),
         from each row's acceptance of the model's drafts or, `copying`, of its suffix copies, each
         row drafting at most its cap (None: the depth)."""
         if lookaheads is None:
-            return None, limit
+            return None, limit, 0.0
         lookahead = lookaheads(len(self.rows))
         remaining = [
             (row.stop.remaining(row.generated), row.copy_acceptance if copying else row.acceptance, cap)
             for row, cap in zip(self.rows, caps or [None] * len(self.rows))
         ]
         cost = functools.partial(lookaheads.round_seconds, current=lookahead)
-        return lookahead, lookahead.choose(limit, remaining, cost)
+        depth = lookahead.choose(limit, remaining, cost)
+        return lookahead, depth, lookahead.batch_seconds(depth, remaining, cost) if lookahead.verify else 0.0
 
 
 def batched_speculative(

@@ -227,6 +227,11 @@ class LookaheadController:
         self._last_choice = self._choose(limit, rows, round_seconds)
         return self._last_choice
 
+    def skip(self) -> None:
+        """This round goes without this controller's drafts (another drafter's promise more): see
+        `drafting`."""
+        self._last_choice = 0
+
     @property
     def drafting(self) -> bool:
         """Whether rounds draft at all here: nothing chosen yet, or the last round drafted (chose
