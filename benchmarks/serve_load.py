@@ -30,6 +30,8 @@ from pathlib import Path
 import openai
 from engine_load import CHAT, SESSIONS, SYSTEM, TURN_TOKENS, WARMUP, cpu_description, tiny_pair
 
+from saguaro.bench.memory_sampler import MemorySampler
+
 REQUEST_SECONDS = 600  # one request's limit; a phase's limit is --phase-seconds
 
 
@@ -276,6 +278,20 @@ def transformers_command(target: str, port: int, dtype: str) -> list[str]:
     ]
 
 
+def note_peak_memory(results: dict, server: str, memory: MemorySampler) -> None:
+    """The peak over the start of a server's run (loading, every workload, the stop): the machine's
+    used memory, and this benchmark's process tree (the server is its child)."""
+    machine, tree = memory.stop(), memory.tree_peak_over_baseline()
+    results["servers"].setdefault(server, {})["peak_memory_bytes"] = {
+        "machine": machine,
+        "process_tree": tree,
+    }
+    gib = [f"{value / 2**30:.2f} GiB" if value is not None else "unknown" for value in (machine, tree)]
+    results["notes"].append(
+        f"{server}: peak memory {gib[0]} machine-wide, {gib[1]} for the server and client"
+    )
+
+
 def report(results: dict) -> None:
     columns = [
         "requests",
@@ -341,6 +357,7 @@ def main() -> None:
         args.method,
     ]
     command += ["--draft", args.draft] if args.draft else []
+    memory = MemorySampler()
     saguaro_server = Server("saguaro", command, port, work)
     try:
         if not saguaro_server.wait_ready(args.ready_seconds):
@@ -352,9 +369,11 @@ def main() -> None:
         results["notes"].append(f"saguaro serve, SIGTERM with a request running: {stop}")
     finally:
         saguaro_server.stop()
+    note_peak_memory(results, "saguaro serve", memory)
 
     if not args.no_transformers:
         port = free_port()
+        memory = MemorySampler()
         hf_server = Server("transformers", transformers_command(args.target, port, args.dtype), port, work)
         try:
             if hf_server.wait_ready(args.ready_seconds):
@@ -367,6 +386,7 @@ def main() -> None:
                 )
         finally:
             hf_server.stop()
+        note_peak_memory(results, "transformers serve --cb", memory)
         measured = results["servers"]
         if "transformers serve --cb" in measured:
             ours = measured["saguaro serve"]["agentic"]["tokens_per_second"]
