@@ -76,11 +76,12 @@ class LiveBatch:
 
     With `eager_draft` a joining row's draft prefill runs as it joins, not when speculation first
     needs it (see `BatchedModelDrafter.add_rows`), where the draft model drafts at the batch's new
-    size. With `copy_lookaheads` (a draft model's drafter, which keeps a suffix index), a round
-    where the model's drafts do not pay (its controller chose a plain step) drafts suffix copies
-    instead, free, if their own controller for this size says they pay: on a CPU, a batch of a
-    few rows costs about one row's step, and there a draft model's forwards and prefills cost
-    more than its drafts save, while copies of repeated text cost nothing."""
+    size. With `copy_lookaheads` (a draft model's drafter, which keeps a suffix index), each round
+    also weighs the rows' suffix copies (free) with their own controller for this size, and they
+    serve the round where they promise to finish the batch sooner than the model's drafts or a
+    plain step: on a CPU, a few rows cost about one row's step but every token a row verifies adds
+    to it, and there a draft model's forwards and prefills often cost more than its drafts save,
+    while copies of repeated text cost nothing."""
 
     def __init__(
         self,

@@ -144,7 +144,7 @@ class BatchedModelDrafter:
 
     def copies(self, depths: list[int]) -> list[Draft]:
         """Suffix copies alone, of any match length (`suffixes` must be given; empty where none),
-        for a round where the model's drafts do not pay (a large batch on a CPU): no draft forward
+        for a round they serve instead of the model's drafts (decode/batched.py): no draft forward
         runs, and the model's cache falls behind, to catch up when it next drafts."""
         return [
             Draft(self.suffixes.lookup(self.committed[row], depth).tokens, None, DraftSource.LOOKUP)
