@@ -53,7 +53,7 @@ class Sequence:
     prefilled: int | None = None  # prompt tokens whose target KV exists (None: not looked up yet)
     entries: KV = field(default_factory=list)  # that KV, while the prompt is not in the batch
     acceptance: AcceptanceCounter | None = None  # its own: the batch lasts as long as its slowest row
-    copy_acceptance: AcceptanceCounter | None = None  # that of its suffix copies (LiveBatch's fallback)
+    copy_acceptance: AcceptanceCounter | None = None  # that of its suffix copies
     started: float = 0.0  # when its prefill began (perf_counter)
 
     @property

@@ -274,7 +274,7 @@ class Engine:
             # Suffix decoding: copies from the row's own sequence and from every other the engine saw.
             drafter = PerRowDrafters(functools.partial(SuffixDrafter, self.suffixes))
         lookaheads = policy.batch_lookaheads if policy.lookahead is not None and drafter else None
-        # Where the draft model's drafts do not pay at the batch's size, suffix copies may.
+        # Suffix copies, weighed each round against the draft model's chains and a plain step.
         copies = (
             policy.copy_lookaheads if lookaheads is not None and self.method is Method.SPECULATIVE else None
         )

@@ -35,8 +35,8 @@ class MethodPolicy:
         self.auto = options.method is Method.AUTO
         self.choice: auto.Choice | None = None
         self.counts = [0, 0, 0, 0]  # accepted, rejected, hits, rounds after the first
-        # A batch's suffix copies where its draft model's drafts do not pay (decode/batched.py),
-        # per batch size, whatever the method.
+        # A batch's suffix copies, weighed each round against its draft model's chains
+        # (decode/batched.py), per batch size, whatever the method.
         self.copy_lookaheads = BatchLookaheads(options.num_speculative_tokens, "free")
         first = options.method
         if self.auto:  # until the first call measures; without a draft, what earlier calls wrote
